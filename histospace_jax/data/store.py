@@ -1,0 +1,363 @@
+"""The tile store: the one on-disk format every dataset is converted into.
+
+Layout of a store directory::
+
+    manifest.json   genes, tile size, expression normalisation, microns per pixel, provenance
+    tiles/          zarr v3 array, uint8 [N, T, T, 3]
+    expression/     zarr v3 array, float32 [N, G]
+    obs.csv         one row per spot: spot_id, section, patient, array_x, array_y, pixel_x, pixel_y, label
+
+Stores are written through `StoreWriter`, which builds the store under a temporary sibling path and renames it
+into place only when `close()` succeeds, so a reader never sees a half-written store.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import tensorstore as ts
+
+FORMAT_NAME = "histospace-tile-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+OBS_FILE = "obs.csv"
+
+# Column name -> numpy dtype. `label` is the pathologist annotation ("" where none).
+OBS_COLUMNS: dict[str, Any] = {
+    "spot_id": str,
+    "section": str,
+    "patient": str,
+    "array_x": np.int32,
+    "array_y": np.int32,
+    "pixel_x": np.float64,
+    "pixel_y": np.float64,
+    "label": str,
+}
+REQUIRED_OBS = ("section", "patient", "array_x", "array_y", "pixel_x", "pixel_y")
+TILE_CHUNK = 16  # tiles per zarr chunk: ~0.8 MB uncompressed at 128 px, small enough for random access.
+
+
+class StoreError(ValueError):
+    """A tile store is missing, malformed or inconsistent; the message names the file and the fix."""
+
+
+def _spec(path: str, name: str) -> dict:
+    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(path, name)}}
+
+
+class ArrayView:
+    """Numpy-style read access to a zarr array: `view[i]`, `view[a:b]`, `view[[i, j]]` return numpy arrays."""
+
+    def __init__(self, array: ts.TensorStore, path: str):
+        self._array = array
+        self._path = path
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._array.dtype.numpy_dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        if isinstance(index, (list, np.ndarray)):
+            index = np.asarray(index)
+            if index.dtype == bool:
+                index = np.flatnonzero(index)
+            if index.size == 0:
+                return np.zeros((0,) + self.shape[1:], self.dtype)
+            # TensorStore reads sorted unique coordinates fastest; restore the caller's order afterwards.
+            uniq, inverse = np.unique(index, return_inverse=True)
+            return self._array.oindex[uniq].read().result()[inverse]
+        return self._array[index].read().result()
+
+    def __array__(self, dtype=None, copy=None):
+        out = self._array.read().result()
+        return out.astype(dtype) if dtype is not None else out
+
+    def __repr__(self) -> str:
+        return f"ArrayView({self._path}, shape={self.shape}, dtype={self.dtype})"
+
+
+@dataclasses.dataclass(frozen=True)
+class TileStore:
+    """An opened tile store. `tiles` and `expression` read lazily; `obs` and `manifest` are in memory."""
+
+    path: str
+    manifest: dict
+    tiles: ArrayView
+    expression: ArrayView
+    obs: dict[str, np.ndarray]
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.manifest["genes"])
+
+    @property
+    def n_spots(self) -> int:
+        return len(self.tiles)
+
+    @property
+    def patients(self) -> list[str]:
+        """Patients in order of first appearance."""
+        return list(dict.fromkeys(self.obs["patient"].tolist()))
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.manifest.get("synthetic", False))
+
+    def gene_index(self, genes: Sequence[str]) -> np.ndarray:
+        """Column indices of `genes`; raises naming every gene the store lacks."""
+        lookup = {g: i for i, g in enumerate(self.genes)}
+        missing = [g for g in genes if g not in lookup]
+        if missing:
+            raise StoreError(
+                f"{self.path}: {len(missing)} requested gene(s) not in this store, e.g. {missing[:10]}. "
+                "Prepare the store with the same gene list (prepare --genes-from=OTHER_STORE) or drop them."
+            )
+        return np.array([lookup[g] for g in genes], dtype=np.int64)
+
+
+def _read_obs(path: str, n: int) -> dict[str, np.ndarray]:
+    obs_path = os.path.join(path, OBS_FILE)
+    try:
+        with open(obs_path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise StoreError(f"{obs_path}: cannot read spot table ({e}); the store is incomplete, prepare it again.") from e
+    if not rows:
+        raise StoreError(f"{obs_path}: empty spot table; prepare the store again.")
+    header, body = rows[0], rows[1:]
+    missing = [c for c in REQUIRED_OBS if c not in header]
+    if missing:
+        raise StoreError(f"{obs_path}: missing column(s) {missing}; prepare the store again.")
+    if len(body) != n:
+        raise StoreError(f"{obs_path}: {len(body)} rows but tiles/ holds {n} tiles; the store is corrupt, prepare it again.")
+    cols = list(zip(*body)) if body else [()] * len(header)
+    obs = {}
+    for name, values in zip(header, cols):
+        dtype = OBS_COLUMNS.get(name, str)
+        obs[name] = np.array(values, dtype=dtype) if dtype is not str else np.array(values, dtype=object).astype(str)
+    return obs
+
+
+def open_store(path: str | os.PathLike) -> TileStore:
+    """Opens the tile store at `path` for reading."""
+    path = os.fspath(path)
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isdir(path):
+        raise StoreError(f"{path}: no such tile store. Create one with `python -m histospace_jax.prepare` or use the demo.")
+    try:
+        with open(manifest_path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError as e:
+        raise StoreError(f"{manifest_path}: missing; {path} is not a tile store (or was never finished). Prepare it again.") from e
+    except json.JSONDecodeError as e:
+        raise StoreError(f"{manifest_path}: not valid JSON ({e}); prepare the store again.") from e
+    if manifest.get("format") != FORMAT_NAME:
+        raise StoreError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}.")
+    try:
+        tiles = ts.open(_spec(path, "tiles"), read=True).result()
+        expression = ts.open(_spec(path, "expression"), read=True).result()
+    except Exception as e:  # tensorstore raises ValueError subclasses with its own text
+        raise StoreError(f"{path}: cannot open tiles/ or expression/ ({e}); prepare the store again.") from e
+    n = int(tiles.shape[0])
+    if int(expression.shape[0]) != n:
+        raise StoreError(f"{path}: tiles/ has {n} rows but expression/ has {expression.shape[0]}; prepare it again.")
+    if int(expression.shape[1]) != len(manifest["genes"]):
+        raise StoreError(
+            f"{path}: expression/ has {expression.shape[1]} columns but manifest lists {len(manifest['genes'])} genes."
+        )
+    obs = _read_obs(path, n)
+    return TileStore(path, manifest, ArrayView(tiles, os.path.join(path, "tiles")),
+                     ArrayView(expression, os.path.join(path, "expression")), obs)
+
+
+def _format_obs_value(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        return repr(float(v))
+    return str(v)
+
+
+class StoreWriter:
+    """Builds a tile store section by section in bounded memory.
+
+        with StoreWriter(path, genes=genes, manifest={...}) as w:
+            w.append(tiles, expression, obs)   # any number of times
+        # the store appears at `path` only after a clean exit from the block
+
+    An exception inside the block removes the temporary directory and leaves `path` untouched.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        genes: Sequence[str],
+        tile_size: int = 128,
+        manifest: Mapping[str, Any] | None = None,
+        overwrite: bool = False,
+    ):
+        self.path = os.path.abspath(os.fspath(path))
+        if os.path.exists(self.path) and not overwrite:
+            raise StoreError(f"{self.path}: already exists. Pass overwrite (prepare --overwrite) to replace it.")
+        genes = [str(g) for g in genes]
+        if not genes:
+            raise StoreError(f"{self.path}: empty gene list; relax the gene selection.")
+        dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) != len(genes) else []
+        if dup:
+            raise StoreError(f"{self.path}: duplicated gene names {dup[:10]}; make gene names unique before writing.")
+        self.genes = genes
+        self.tile_size = int(tile_size)
+        self.overwrite = overwrite
+        self._manifest = dict(manifest or {})
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp_path = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.makedirs(self.tmp_path)
+        t = self.tile_size
+        self._tiles = ts.open(
+            {
+                **_spec(self.tmp_path, "tiles"),
+                "metadata": {
+                    "shape": [0, t, t, 3],
+                    "data_type": "uint8",
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [TILE_CHUNK, t, t, 3]}},
+                    "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+                },
+            },
+            create=True,
+        ).result()
+        g = len(genes)
+        self._expr = ts.open(
+            {
+                **_spec(self.tmp_path, "expression"),
+                "metadata": {
+                    "shape": [0, g],
+                    "data_type": "float32",
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1024, min(g, 1024)]}},
+                    "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+                },
+            },
+            create=True,
+        ).result()
+        self._obs_file = open(os.path.join(self.tmp_path, OBS_FILE), "w", newline="")
+        self._obs_writer = csv.writer(self._obs_file)
+        self._obs_writer.writerow(list(OBS_COLUMNS))
+        self.n = 0
+        self._closed = False
+
+    def append(self, tiles: np.ndarray, expression: np.ndarray, obs: Mapping[str, Iterable]) -> None:
+        """Appends n spots: tiles uint8 [n,T,T,3], expression float32 [n,G], obs columns of length n."""
+        tiles = np.asarray(tiles)
+        expression = np.asarray(expression, dtype=np.float32)
+        n = tiles.shape[0]
+        t = self.tile_size
+        where = obs.get("section", ["?"])
+        where = f"section {np.asarray(where)[0] if n else '?'}"
+        if tiles.dtype != np.uint8 or tiles.shape[1:] != (t, t, 3):
+            raise StoreError(f"{self.path}: {where}: tiles must be uint8 [n,{t},{t},3], got {tiles.dtype} {tiles.shape}.")
+        if expression.shape != (n, len(self.genes)):
+            raise StoreError(
+                f"{self.path}: {where}: expression shape {expression.shape} != ({n}, {len(self.genes)} genes)."
+            )
+        bad = ~np.isfinite(expression)
+        if bad.any():
+            i, j = np.argwhere(bad)[0]
+            raise StoreError(
+                f"{self.path}: {where}: non-finite expression ({expression[i, j]}) at spot row {i}, gene "
+                f"{self.genes[j]!r}; fix or drop that spot in the input before preparing."
+            )
+        columns = {}
+        for name in REQUIRED_OBS:
+            if name not in obs:
+                raise StoreError(f"{self.path}: {where}: obs column {name!r} missing.")
+        for name in OBS_COLUMNS:
+            col = np.asarray(obs[name]) if name in obs else np.array([""] * n if OBS_COLUMNS[name] is str else [0] * n)
+            if name == "spot_id" and name not in obs:
+                col = np.array([f"{x}x{y}" for x, y in zip(obs["array_x"], obs["array_y"])])
+            if len(col) != n:
+                raise StoreError(f"{self.path}: {where}: obs column {name!r} has {len(col)} values for {n} spots.")
+            columns[name] = col
+        if n == 0:
+            return
+        new_n = self.n + n
+        self._tiles = self._tiles.resize(exclusive_max=[new_n, t, t, 3]).result()
+        self._expr = self._expr.resize(exclusive_max=[new_n, len(self.genes)]).result()
+        self._tiles[self.n:new_n].write(tiles).result()
+        self._expr[self.n:new_n].write(expression).result()
+        for row in zip(*(columns[c] for c in OBS_COLUMNS)):
+            self._obs_writer.writerow([_format_obs_value(v) for v in row])
+        self.n = new_n
+
+    def close(self) -> str:
+        """Writes the manifest and moves the finished store into place; returns its path."""
+        if self._closed:
+            return self.path
+        self._obs_file.close()
+        if self.n == 0:
+            self.abort()
+            raise StoreError(f"{self.path}: no spots were written; check the input selection.")
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "n_spots": self.n,
+            "tile_size": self.tile_size,
+            "genes": self.genes,
+            **self._manifest,
+        }
+        manifest.setdefault("synthetic", False)
+        with open(os.path.join(self.tmp_path, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+        _replace_dir(self.tmp_path, self.path, self.overwrite)
+        self._closed = True
+        return self.path
+
+    def abort(self) -> None:
+        if not self._obs_file.closed:
+            self._obs_file.close()
+        shutil.rmtree(self.tmp_path, ignore_errors=True)
+        self._closed = True
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _replace_dir(src: str, dst: str, overwrite: bool) -> None:
+    """Moves directory `src` to `dst`; an existing `dst` is swapped out first so there is no moment without one."""
+    if os.path.exists(dst):
+        if not overwrite:
+            shutil.rmtree(src, ignore_errors=True)
+            raise StoreError(f"{dst}: already exists. Pass overwrite to replace it.")
+        trash = f"{dst}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(dst, trash)
+        os.rename(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(src, dst)
+
+
+def write_store(path, tiles, expression, genes, obs, *, manifest=None, overwrite=False, tile_size=None) -> str:
+    """Writes a whole store in one call (small stores, tests)."""
+    tiles = np.asarray(tiles)
+    with StoreWriter(path, genes=genes, tile_size=tile_size or tiles.shape[1], manifest=manifest,
+                     overwrite=overwrite) as w:
+        w.append(tiles, expression, obs)
+    return w.path
