@@ -41,7 +41,9 @@ OBS_COLUMNS: dict[str, Any] = {
     "label": str,
 }
 REQUIRED_OBS = ("section", "patient", "array_x", "array_y", "pixel_x", "pixel_y")
-TILE_CHUNK = 16  # tiles per zarr chunk: ~0.8 MB uncompressed at 128 px, small enough for random access.
+# Tiles are compressed one per inner chunk, so a random read decodes exactly one tile, and grouped into shard
+# files of TILES_PER_SHARD so a large store is not hundreds of thousands of small files.
+TILES_PER_SHARD = 256
 
 
 class StoreError(ValueError):
@@ -213,8 +215,7 @@ class StoreWriter:
         if os.path.exists(self.path) and not overwrite:
             raise StoreError(f"{self.path}: already exists. Pass overwrite (prepare --overwrite) to replace it.")
         genes = [str(g) for g in genes]
-        if not genes:
-            raise StoreError(f"{self.path}: empty gene list; relax the gene selection.")
+        # An empty gene list is allowed: image-only stores (autoencoder pretraining) carry no expression.
         dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) != len(genes) else []
         if dup:
             raise StoreError(f"{self.path}: duplicated gene names {dup[:10]}; make gene names unique before writing.")
@@ -233,8 +234,16 @@ class StoreWriter:
                 "metadata": {
                     "shape": [0, t, t, 3],
                     "data_type": "uint8",
-                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [TILE_CHUNK, t, t, 3]}},
-                    "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [TILES_PER_SHARD, t, t, 3]}},
+                    "codecs": [{
+                        "name": "sharding_indexed",
+                        "configuration": {
+                            "chunk_shape": [1, t, t, 3],
+                            "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+                            "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                             {"name": "crc32c"}],
+                        },
+                    }],
                 },
             },
             create=True,
@@ -246,7 +255,7 @@ class StoreWriter:
                 "metadata": {
                     "shape": [0, g],
                     "data_type": "float32",
-                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1024, min(g, 1024)]}},
+                    "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1024, max(1, min(g, 1024))]}},
                     "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
                 },
             },

@@ -1,0 +1,58 @@
+"""Default configuration: leave-one-patient-out on the built-in synthetic demo data.
+
+Every other config imports this one and changes what it needs. Override any key on the command line,
+e.g. `--config.train.epochs=3 --config.data.store=/data/her2st_store`; unknown keys are rejected.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "loo"  # "loo" | "pretrain_ae"
+    c.seed = 0
+    c.log_every_steps = 20
+    c.eval_batch_size = 128
+
+    c.data = ml_collections.ConfigDict()
+    c.data.store = ""  # tile store path; "" = the built-in SYNTHETIC demo
+    c.data.demo_root = ""  # where demo stores are written once and reused; "" = ~/.cache/histospace_jax/demo
+    c.data.tile_size = 128
+    c.data.worker_count = 0  # Grain worker processes (0 = read in the main process)
+    c.data.demo = ml_collections.ConfigDict(dict(
+        n_patients=6, sections_per_patient=2, grid=(14, 14), n_genes=64,
+        n_pretrain_patients=2, pretrain_grid=(16, 16), noise_sd=0.35, seed=0))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "relu_bn"  # "pool" | "relu" | "relu_bn" (the paper's three autoencoders)
+    c.model.encoder_features = (32, 64, 128)
+    c.model.head_conv_features = (128,)  # more entries = the paper's deeper heads
+    c.model.head_fc_features = (256,)
+    c.model.dropout_rate = 0.0
+    c.model.upconv_impl = "subpixel"  # "subpixel" (fast, same function) | "transpose" (lax reference)
+
+    c.ae = ml_collections.ConfigDict()
+    c.ae.checkpoint = ""  # load a pretrained autoencoder (Orbax dir, e.g. WORKDIR/checkpoints/ae) instead
+    c.ae.store = ""  # image store for pretraining; "" = demo pretraining store, or the regression store
+    c.ae.epochs = 3
+    c.ae.batch_size = 32
+    c.ae.learning_rate = 1e-3
+    c.ae.weight_decay = 0.0
+    c.ae.val_fraction = 0.1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 10  # fixed: no model selection on the held-out patient
+    c.train.batch_size = 32
+    c.train.learning_rate = 1e-3
+    c.train.weight_decay = 1e-4
+    c.train.huber_delta = 1.0
+
+    c.loo = ml_collections.ConfigDict()
+    c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
+    c.loo.feature_cache = True  # encode every tile once; heads train on cached features
+    c.loo.folds_per_program = 0  # folds trained together in one compiled program; 0 = all
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.max_to_keep = 2
+    return c

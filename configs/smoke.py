@@ -1,0 +1,17 @@
+"""The LOO path end to end on a tiny synthetic demo: minutes-scale on a CPU, for smoke tests."""
+
+from configs import default
+
+
+def get_config():
+    c = default.get_config()
+    c.data.demo.update(dict(n_patients=3, sections_per_patient=2, grid=(6, 6), n_genes=16,
+                            n_pretrain_patients=1, pretrain_grid=(8, 8)))
+    c.ae.epochs = 1
+    c.ae.batch_size = 16
+    c.train.epochs = 2
+    c.train.batch_size = 16
+    c.eval_batch_size = 64
+    c.log_every_steps = 5
+    c.checkpoint.every_steps = 5
+    return c

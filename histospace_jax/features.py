@@ -1,0 +1,88 @@
+"""Frozen-feature cache: the encoder's output for every spot of a store, computed once.
+
+The regression head only ever sees the frozen encoder's output, so recomputing the encoder for every tile in
+every epoch of every fold (as the original protocol does) is wasted work. The cache is keyed by the store's
+manifest and the encoder's weights: a different store or autoencoder gives a different key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from histospace_jax import models, steps
+from histospace_jax.data import pipeline
+
+
+def cache_key(store, encoder_variables: dict, variant: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(store.manifest, sort_keys=True).encode())
+    h.update(str(store.n_spots).encode())
+    h.update(variant.encode())
+    for leaf in jax.tree_util.tree_leaves(encoder_variables):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:20]
+
+
+def compute_features(store, encoder_variables: dict, *, variant: str, encoder_features=(32, 64, 128),
+                     batch_size: int = 128, log=None) -> np.ndarray:
+    """Encoder features of every spot, float32 [N, h, w, C], in store order."""
+    n_dev = jax.local_device_count()
+    batch_size = max(n_dev, batch_size // n_dev * n_dev)
+    encode = jax.pmap(lambda v, x: models.Encoder(variant, tuple(encoder_features)).apply(
+        v, models.to_unit_range(x), train=False))
+    variables = steps.replicate(encoder_variables)
+    source = pipeline.ArraySource({"image": store.tiles})
+    out = None
+    done = 0
+    for batch in pipeline.ordered_batches(source, batch_size, pad_to_multiple=n_dev):
+        tiles = batch["image"]
+        feats = encode(variables, tiles.reshape((n_dev, -1) + tiles.shape[1:]))
+        feats = np.asarray(feats).reshape((-1,) + feats.shape[2:])
+        n_real = int(batch["mask"].sum())
+        if out is None:
+            out = np.empty((store.n_spots,) + feats.shape[1:], np.float32)
+        out[done:done + n_real] = feats[:n_real]
+        done += n_real
+        if log is not None and (done == store.n_spots or done % (batch_size * 20) < batch_size):
+            log(f"[features] {done}/{store.n_spots} tiles encoded")
+    return out
+
+
+def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: str,
+                    encoder_features=(32, 64, 128), batch_size: int = 128, log=None) -> tuple[np.ndarray, str]:
+    """Features from the on-disk cache, computing and storing them on a miss. Returns (features, path)."""
+    key = cache_key(store, encoder_variables, variant)
+    path = os.path.join(os.path.abspath(cache_dir), f"features-{key}")
+    spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    if os.path.exists(os.path.join(path, "zarr.json")):
+        try:
+            arr = ts.open(spec, read=True).result()
+            if int(arr.shape[0]) == store.n_spots:
+                if log:
+                    log(f"[features] cache hit {path}")
+                return arr.read().result(), path
+        except Exception:  # unreadable cache entry: recompute and replace it
+            pass
+    feats = compute_features(store, encoder_variables, variant=variant, encoder_features=encoder_features,
+                             batch_size=batch_size, log=log)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": tmp},
+                   "metadata": {"shape": list(feats.shape), "data_type": "float32",
+                                "chunk_grid": {"name": "regular",
+                                               "configuration": {"chunk_shape": [64] + list(feats.shape[1:])}}}},
+                  create=True).result()
+    arr.write(feats).result()
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.rename(tmp, path)
+    return feats, path

@@ -1,0 +1,551 @@
+"""The two-pass prepare job: public release on disk -> tile store (+ report).
+
+Pass 1 reads every section's spot table and count matrix (no images) to choose the genes from statistics over
+all spots of the job, and to settle which spots are kept (missing counts, empty libraries, tiles leaving the
+image) together with each slide's scale and image hash. Pass 2 reads each slide image once, removes its colour
+cast, normalises its stains, cuts the tiles, and appends the section to a `StoreWriter`. One slide is in memory
+per worker (default one worker); with --workers=N, N sections are processed at once in spawned processes and
+appended in input order, so the store does not depend on the worker count.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import datetime
+import functools
+import itertools
+import multiprocessing
+import os
+import sys
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from histospace_jax.data.store import StoreWriter
+from histospace_jax.ingest import colour, expression, her2st, image_folder, images, report, stain, stnet, visium
+from histospace_jax.ingest.common import IngestError, SectionSource, SectionTable
+
+FORMATS = ("stnet", "her2st", "visium", "images")
+EDGE_MODES = ("pad", "drop")
+DEFAULT_TILE_UM = 100.0  # default tile side in micrometres: one ST spot diameter (100 um)
+DEFAULT_MIN_TISSUE_IMAGES = 0.5
+MOSTLY_TISSUE = 0.5  # a tile is "tissue" in the report when at least half its pixels are tissue
+NO_EXPRESSION_GENE = "NO_EXPRESSION"
+CHUNK = 64  # crops normalised at a time: bounds the float64 OD buffers to ~25 MB at 128 px
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    format: str
+    input: str
+    output: str
+    sections: tuple[str, ...] | None = None
+    overwrite: bool = False
+    tile_size: int = 128
+    target_mpp: float | None = None  # None: DEFAULT_TILE_UM / tile_size
+    edge: str = "pad"
+    min_tissue: float | None = None  # None: 0 for spot formats, 0.5 for images
+    colour_cast: bool = True
+    colour_percentile: float = colour.DEFAULT_PERCENTILE
+    stain: str = "macenko"
+    stain_reference: str | None = None
+    gene_filter: str = "expressed"
+    min_expressed_pct: float = 50.0
+    n_genes: int = 1000
+    gene_list: str | None = None
+    genes_from: str | None = None
+    gene_map: str | None = None
+    gene_ids: str = "native"
+    norm_scale: float = 1e4
+    log_base: str = "e"
+    workers: int = 1
+    missing_counts: str = "drop"
+    image: tuple[str, ...] = ()
+    section_name: tuple[str, ...] = ()
+    patient: tuple[str, ...] = ()
+    source_mpp: float | None = None
+    skip_unreadable: bool = False
+    thumbnail_px: int = 1024
+
+    @property
+    def resolved_target_mpp(self) -> float:
+        return float(self.target_mpp) if self.target_mpp else DEFAULT_TILE_UM / self.tile_size
+
+    @property
+    def resolved_min_tissue(self) -> float:
+        if self.min_tissue is not None:
+            return float(self.min_tissue)
+        return DEFAULT_MIN_TISSUE_IMAGES if self.format == "images" else 0.0
+
+
+def validate(opts: PrepareOptions) -> None:
+    checks = [
+        (opts.format in FORMATS, f"--format={opts.format!r}: use one of {FORMATS}."),
+        (opts.edge in EDGE_MODES, f"--edge={opts.edge!r}: use one of {EDGE_MODES}."),
+        (opts.stain in stain.METHODS, f"--stain={opts.stain!r}: use one of {stain.METHODS}."),
+        (opts.gene_filter in expression.GENE_FILTERS, f"--gene_filter={opts.gene_filter!r}: use one of "
+                                                      f"{expression.GENE_FILTERS}."),
+        (opts.gene_ids in ("native", "symbol", "ensembl"), f"--gene_ids={opts.gene_ids!r}: native|symbol|ensembl."),
+        (opts.log_base in expression.LOG_BASES, f"--log_base={opts.log_base!r}: use one of "
+                                                f"{list(expression.LOG_BASES)}."),
+        (opts.missing_counts in ("drop", "error"), f"--missing_counts={opts.missing_counts!r}: drop|error."),
+        (opts.tile_size >= 8, f"--tile_size={opts.tile_size}: use at least 8 px."),
+        (opts.resolved_target_mpp > 0, f"--target_mpp={opts.target_mpp}: must be positive."),
+        (opts.norm_scale > 0, f"--norm_scale={opts.norm_scale}: must be positive."),
+        (0.0 <= opts.resolved_min_tissue <= 1.0, f"--min_tissue={opts.min_tissue}: a fraction in [0, 1]."),
+        (opts.workers >= 1, f"--workers={opts.workers}: at least 1."),
+        (not (opts.gene_filter == "list" and not opts.gene_list), "--gene_filter=list needs --gene_list=FILE."),
+        (opts.format != "images" or bool(opts.source_mpp),
+         "--format=images needs --source_mpp (the images' microns per pixel; BACH/ICIAR-2018 is 0.42)."),
+        (opts.format != "visium" or bool(opts.image),
+         "--format=visium needs --image=FULL_RES_HE (Space Ranger does not keep the full-resolution image)."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise IngestError(message)
+    for path, flag in ((opts.stain_reference, "--stain_reference"), (opts.gene_list, "--gene_list"),
+                       (opts.gene_map, "--gene_map")):
+        if path and not os.path.isfile(path):
+            raise IngestError(f"{flag}={path}: no such file.")
+
+
+# ----------------------------------------------------------------------------------------------- section loading
+
+def discover(opts: PrepareOptions) -> list[SectionSource]:
+    sections = list(opts.sections) if opts.sections else None
+    if opts.format == "her2st":
+        return her2st.discover(opts.input, sections)
+    if opts.format == "stnet":
+        return stnet.discover(opts.input, sections)
+    if opts.format == "images":
+        return image_folder.discover(opts.input, sections)
+    inputs = [p for p in opts.input.split(",") if p]
+    srcs = visium.discover(inputs, list(opts.image), list(opts.section_name) or None, list(opts.patient) or None)
+    if sections:
+        srcs = [s for s in srcs if s.section in sections]
+    return srcs
+
+
+@functools.lru_cache(maxsize=4)
+def _gene_map(path: str | None):
+    return expression.read_hgnc_map(path) if path else None
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError as e:
+        raise IngestError(f"{path}: image not found; check the release layout (or --image).") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise IngestError(f"{path}: unreadable image ({e}); download or re-export it, or leave the section out "
+                          "with --sections.") from e
+
+
+@dataclasses.dataclass
+class LoadedSection:
+    table: SectionTable
+    library_size: np.ndarray
+    x0: np.ndarray  # top-left corners of the source boxes of kept spots (full-res pixels)
+    y0: np.ndarray
+    padded: np.ndarray  # bool per kept spot: its box leaves the image and is padded white
+    box: int  # source box side in pixels
+    dropped_boxes: tuple[np.ndarray, np.ndarray]
+    dropped: dict
+    width: int
+    height: int
+    gene_info: dict
+
+
+def _subset(t: SectionTable, idx: np.ndarray) -> SectionTable:
+    return dataclasses.replace(t, spot_ids=t.spot_ids[idx], array_x=t.array_x[idx], array_y=t.array_y[idx],
+                               pixel_x=t.pixel_x[idx], pixel_y=t.pixel_y[idx], labels=t.labels[idx],
+                               counts=t.counts.take_rows(idx))
+
+
+def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
+    """Reads a section's spots and counts and settles which spots are kept (deterministic: both passes call it)."""
+    kw = dict(missing_counts=opts.missing_counts, source_mpp=opts.source_mpp)
+    if src.format == "her2st":
+        table = her2st.read_section(src, **kw)
+    elif src.format == "stnet":
+        table = stnet.read_section(src, **kw)
+    else:
+        table = visium.read_section(src, use_ids=opts.gene_ids == "ensembl", **kw)
+    where = f"section {src.section} ({src.files.get('counts', src.files.get('h5', src.files.get('mtx', '')))})"
+    counts, gene_info = expression.harmonise(table.counts, table.notes["native_ids"], opts.gene_ids,
+                                             _gene_map(opts.gene_map), where)
+    table = dataclasses.replace(table, counts=counts)
+    dropped = dict(table.dropped)
+    lib = counts.row_sums()
+    nonzero = np.flatnonzero(lib > 0)
+    dropped["zero_library"] = int(len(lib) - len(nonzero))
+    if len(nonzero) < len(lib):
+        table, lib = _subset(table, nonzero), lib[nonzero]
+
+    width, height = image_size(src.image_path)
+    outside = ~((table.pixel_x >= 0) & (table.pixel_x < width) & (table.pixel_y >= 0) & (table.pixel_y < height))
+    if outside.any():
+        i = int(np.argmax(outside))
+        raise IngestError(
+            f"{src.image_path}: spot {table.spot_ids[i]!r} of section {src.section} has its centre at pixel "
+            f"({table.pixel_x[i]:.1f}, {table.pixel_y[i]:.1f}), outside the {width}x{height} image; the spot "
+            "coordinates and the image do not match (wrong image, or a downscaled one: give the full-resolution "
+            "image)."
+        )
+    box = images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, table.microns_per_pixel)
+    x0, y0 = images.crop_boxes(table.pixel_x, table.pixel_y, box)
+    inside = images.box_inside(x0, y0, box, width, height)
+    dropped_boxes = (x0[:0], y0[:0])
+    if opts.edge == "drop":
+        dropped["tile_outside_image"] = int((~inside).sum())
+        dropped_boxes = (x0[~inside], y0[~inside])
+        keep = np.flatnonzero(inside)
+        if len(keep) < len(inside):
+            table, lib, x0, y0, inside = _subset(table, keep), lib[keep], x0[keep], y0[keep], inside[keep]
+    else:
+        dropped["tile_outside_image"] = 0
+    return LoadedSection(table, lib, x0, y0, ~inside, box, dropped_boxes, dropped, width, height, gene_info)
+
+
+# ----------------------------------------------------------------------------------------------------- pass one
+
+def pass1_section(src: SectionSource, opts: PrepareOptions) -> dict:
+    if src.format == "images":
+        width, height = image_size(src.image_path) if not opts.skip_unreadable else _size_or_zero(src.image_path)
+        return {"info": _section_info(src, opts, opts.source_mpp, "given by --source_mpp", width, height)}
+    s = load_section(src, opts)
+    stats = expression.section_gene_stats(s.table.counts, s.library_size, opts.norm_scale, opts.log_base)
+    info = _section_info(src, opts, s.table.microns_per_pixel, s.table.mpp_method, s.width, s.height)
+    info.update({
+        "spots": int(s.table.n_spots),
+        "dropped": s.dropped,
+        "padded": int(s.padded.sum()),
+        "gene_ids": s.gene_info,
+        "genes_in_matrix": len(s.table.counts.genes),
+        "labels_file": s.table.notes.get("labels_file", ""),
+        "reader_notes": {k: v for k, v in s.table.notes.items() if k not in ("labels_file",)},
+    })
+    return {"info": info, "stats": stats}
+
+
+def _size_or_zero(path: str) -> tuple[int, int]:
+    try:
+        return image_size(path)
+    except IngestError:
+        return 0, 0
+
+
+def _section_info(src, opts, mpp, how, width, height) -> dict:
+    return {
+        "section": src.section,
+        "patient": src.patient,
+        "image": os.path.abspath(src.image_path),
+        "image_sha256": images.file_sha256(src.image_path) if os.path.isfile(src.image_path) else "",
+        "image_width": int(width),
+        "image_height": int(height),
+        "source_microns_per_pixel": float(mpp),
+        "source_mpp_method": how,
+        "resample_factor": float(mpp) / opts.resolved_target_mpp,
+        "source_tile_px": images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(mpp)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- pass two
+
+class SlideNormaliser:
+    """Colour-cast removal and stain normalisation fitted once per slide and applied to crops of it."""
+
+    def __init__(self, rgb: np.ndarray, mode: str, opts: PrepareOptions, reference: stain.StainParams | None,
+                 path: str, allow_fallback: bool = False):
+        self.method = opts.stain
+        self.reference = reference
+        if images.is_grayscale_mode(mode) and opts.stain != "none":
+            raise IngestError(f"{path}: grayscale image (mode {mode}); stain normalisation needs colour. Re-export it "
+                              "in colour, pass --stain=none, or leave it out with --sections.")
+        sample = images.sample_pixels(rgb)
+        self.percentiles = colour.channel_percentiles(sample, opts.colour_percentile) if opts.colour_cast else None
+        if self.percentiles is not None:
+            sample = colour.remove_colour_cast(sample, self.percentiles)
+        self.params = None
+        self.fallback = ""
+        if opts.stain != "none":
+            try:
+                self.params = stain.estimate(opts.stain, sample)
+            except stain.StainFitError as e:
+                if not allow_fallback:
+                    raise IngestError(f"{path}: cannot estimate {opts.stain} stain vectors ({e}); check that the image "
+                                      "shows H&E-stained tissue, or pass --stain=none.") from e
+                self.fallback = str(e)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        out = np.empty_like(crops)
+        for a in range(0, len(crops), CHUNK):
+            x = crops[a:a + CHUNK].astype(np.float32)
+            if self.percentiles is not None:
+                x = colour.remove_colour_cast(x, self.percentiles)
+            if self.params is not None:
+                x = stain.normalise(x, self.method, self.params, self.reference)
+            out[a:a + CHUNK] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+        return out
+
+    def describe(self) -> dict:
+        d = {"colour_percentiles": None if self.percentiles is None else np.round(self.percentiles, 2).tolist()}
+        if self.params is not None:
+            d["stain"] = self.params.to_json()
+        if self.fallback:
+            d["stain_fit_failed"] = self.fallback
+        return d
+
+
+def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
+                reference: stain.StainParams | None) -> dict:
+    s = load_section(src, opts)
+    t = s.table
+    rgb, mode = images.read_rgb(src.image_path)
+    if (rgb.shape[1], rgb.shape[0]) != (s.width, s.height):
+        raise IngestError(f"{src.image_path}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from its header "
+                          f"{s.width}x{s.height}; the file is corrupt, download it again.")
+    norm = SlideNormaliser(rgb, mode, opts, reference, src.image_path)
+    crops = images.cut_crops(rgb, s.x0, s.y0, s.box)
+    tiles = images.resize_tiles(norm(crops), opts.tile_size)
+    del crops
+    tissue = images.tissue_fraction(tiles)
+    keep = tissue >= opts.resolved_min_tissue
+    dense, missing = t.counts.dense_columns(genes)
+    expr = expression.normalise(dense, s.library_size, opts.norm_scale, opts.log_base)
+    thumb = report.thumbnail_png(
+        rgb,
+        {"kept": (s.x0[keep & ~s.padded], s.y0[keep & ~s.padded]), "padded": (s.x0[keep & s.padded],
+                                                                                s.y0[keep & s.padded]),
+         "background": (s.x0[~keep], s.y0[~keep]), "dropped_edge": s.dropped_boxes},
+        s.box, (t.pixel_x, t.pixel_y), opts.thumbnail_px)
+    del rgb
+    idx = np.flatnonzero(keep)
+    obs = {
+        "spot_id": t.spot_ids[idx], "section": np.array([src.section] * len(idx)),
+        "patient": np.array([src.patient] * len(idx)), "array_x": t.array_x[idx], "array_y": t.array_y[idx],
+        "pixel_x": t.pixel_x[idx], "pixel_y": t.pixel_y[idx], "label": t.labels[idx],
+    }
+    dropped = dict(s.dropped, background=int((~keep).sum()))
+    entry = {
+        "section": src.section, "patient": src.patient, "spots_written": int(len(idx)),
+        "dropped": dropped, "padded": int((s.padded & keep).sum()),
+        "tissue_fraction_mean": float(tissue[idx].mean()) if len(idx) else 0.0,
+        "tissue_fraction_min": float(tissue[idx].min()) if len(idx) else 0.0,
+        "tiles_mostly_tissue_fraction": float((tissue[idx] >= MOSTLY_TISSUE).mean()) if len(idx) else 0.0,
+        "labelled_spots": int((t.labels[idx] != "").sum()),
+        "genes_absent_in_section": len(missing), "genes_absent_examples": missing[:20],
+        **norm.describe(),
+    }
+    return {"tiles": tiles[idx], "expression": expr[idx], "obs": obs, "entry": entry, "thumbnail": thumb}
+
+
+def pass2_image(src: SectionSource, opts: PrepareOptions, genes: list[str],
+                reference: stain.StainParams | None) -> dict:
+    try:
+        rgb, mode = images.read_rgb(src.image_path)
+    except IngestError as e:
+        if not opts.skip_unreadable:
+            raise IngestError(f"{e} (or pass --skip_unreadable to leave such images out)") from e
+        return {"skipped": str(e), "entry": {"section": src.section, "skipped": str(e), "spots_written": 0}}
+    norm = SlideNormaliser(rgb, mode, opts, reference, src.image_path, allow_fallback=True)
+    h, w = rgb.shape[:2]
+    box = images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(opts.source_mpp))
+    x0, y0, cols, rows = image_folder.grid_boxes(w, h, box)
+    tiles = images.resize_tiles(norm(images.cut_crops(rgb, x0, y0, box)), opts.tile_size) if len(x0) else \
+        np.zeros((0, opts.tile_size, opts.tile_size, 3), np.uint8)
+    tissue = images.tissue_fraction(tiles)
+    keep = tissue >= opts.resolved_min_tissue
+    thumb = report.thumbnail_png(rgb, {"kept": (x0[keep], y0[keep]), "background": (x0[~keep], y0[~keep])}, box,
+                                 None, opts.thumbnail_px)
+    idx = np.flatnonzero(keep)
+    label = src.extra.get("label", "")
+    n = len(idx)
+    obs = {
+        "spot_id": np.array([f"{src.section}:{c}x{r}" for c, r in zip(cols[idx], rows[idx])]),
+        "section": np.array([src.section] * n), "patient": np.array([src.patient] * n),
+        "array_x": cols[idx].astype(np.int32), "array_y": rows[idx].astype(np.int32),
+        "pixel_x": (x0[idx] + box / 2.0).astype(np.float64), "pixel_y": (y0[idx] + box / 2.0).astype(np.float64),
+        "label": np.array([label] * n),
+    }
+    entry = {
+        "section": src.section, "label": label, "image_mode": mode, "grid_tiles": int(len(x0)),
+        "spots_written": n, "dropped": {"background": int((~keep).sum())},
+        "tissue_fraction_mean": float(tissue[idx].mean()) if n else 0.0,
+        "tiles_mostly_tissue_fraction": float((tissue[idx] >= MOSTLY_TISSUE).mean()) if n else 0.0,
+        **norm.describe(),
+    }
+    return {"tiles": tiles[idx], "expression": np.zeros((n, len(genes)), np.float32), "obs": obs, "entry": entry,
+            "thumbnail": thumb}
+
+
+def _pass2(src: SectionSource, opts: PrepareOptions, genes, reference) -> dict:
+    if src.format == "images":
+        return pass2_image(src, opts, genes, reference)
+    return pass2_spots(src, opts, genes, reference)
+
+
+# ------------------------------------------------------------------------------------------------- orchestration
+
+def ordered_map(fn: Callable, items: Iterable, workers: int, *args) -> Iterator:
+    """fn(item, *args) for each item, results in input order; with workers > 1, at most `workers` items are in
+    flight in spawned processes (spawn, not fork: the parent may hold TensorStore threads)."""
+    items = list(items)
+    if workers <= 1 or len(items) <= 1:
+        for item in items:
+            yield fn(item, *args)
+        return
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx) as pool:
+        it = iter(items)
+        pending = collections.deque(pool.submit(fn, item, *args) for item in itertools.islice(it, workers))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(fn, nxt, *args))
+            yield result
+
+
+def stain_reference(opts: PrepareOptions) -> tuple[stain.StainParams | None, str]:
+    if opts.stain == "none":
+        return None, ""
+    if not opts.stain_reference:
+        return stain.builtin_reference(), "builtin (standard H&E reference stain matrix and max concentrations)"
+    rgb, mode = images.read_rgb(opts.stain_reference)
+    sample = images.sample_pixels(rgb)
+    if opts.colour_cast:
+        sample = colour.remove_colour_cast(sample, colour.channel_percentiles(sample, opts.colour_percentile))
+    try:
+        return stain.estimate(opts.stain, sample), os.path.abspath(opts.stain_reference)
+    except stain.StainFitError as e:
+        raise IngestError(f"--stain_reference={opts.stain_reference}: cannot estimate stain vectors ({e}); choose a "
+                          "reference image with plenty of H&E tissue.") from e
+
+
+def choose_genes(opts: PrepareOptions, stats: expression.GeneStats) -> tuple[list[str], dict, dict | None]:
+    """(genes, selection info, expression settings of --genes_from store or None)."""
+    other_expr = None
+    if opts.genes_from:
+        genes, other_expr = expression.gene_list_from_store(opts.genes_from)
+        info = {"mode": "genes_from", "store": os.path.abspath(opts.genes_from), "n_genes_selected": len(genes),
+                "n_spots_considered": stats.n_spots, "n_genes_in_input": len(stats.genes)}
+        present = set(stats.genes)
+        info["missing_from_input"] = [g for g in genes if g not in present]
+        return genes, info, other_expr
+    gene_list = expression.read_gene_list(opts.gene_list) if opts.gene_filter == "list" else None
+    genes, info = expression.select_genes(stats, opts.gene_filter, min_expressed_pct=opts.min_expressed_pct,
+                                          n_genes=opts.n_genes, gene_list=gene_list, where=opts.input)
+    return genes, info, None
+
+
+def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -> dict:
+    """Runs the whole job; returns the report dict. The store appears at opts.output only on success."""
+    validate(opts)
+    out = os.path.abspath(opts.output)
+    if os.path.exists(out) and not opts.overwrite:
+        raise IngestError(f"{out}: already exists; pass --overwrite to replace it, or choose another --output.")
+    sources = discover(opts)
+    if not sources:
+        raise IngestError(f"{opts.input}: no sections selected; check --sections.")
+    log(f"{len(sources)} section(s) of {opts.format} from {opts.input}")
+
+    # Pass 1: spot tables and counts (no images).
+    stats = expression.GeneStats()
+    section_infos = []
+    for i, res in enumerate(ordered_map(pass1_section, sources, opts.workers, opts)):
+        section_infos.append(res["info"])
+        if "stats" in res:
+            st = res["stats"]
+            stats.add_partial(st["genes"], st["n_spots"], st["expressed"], st["total"], st["total_sq"])
+        log(f"pass 1: {sources[i].section}: {res['info'].get('spots', '-')} spots")
+
+    expr_settings = {"normalisation": "library_size", "scale": opts.norm_scale,
+                     "log": "none" if opts.log_base == "none" else "log1p", "log_base": opts.log_base,
+                     "library_size": "total counts of the spot over all genes of its count matrix, before gene "
+                                     "selection",
+                     "formula": "log_b(1 + counts / library_size * scale)"}
+    if opts.format == "images":
+        genes, selection = [NO_EXPRESSION_GENE], {"mode": "none (image-only store; expression is a zero placeholder)"}
+        expr_settings = {"has_expression": False}
+    else:
+        genes, selection, other = choose_genes(opts, stats)
+        if other and (other.get("scale") != opts.norm_scale or other.get("log_base", "e") != opts.log_base):
+            log(f"note: --genes_from store was normalised with {other}; this store uses scale={opts.norm_scale}, "
+                f"log_base={opts.log_base}")
+            selection["genes_from_expression"] = other
+        if selection.get("missing_from_input"):
+            log(f"{len(selection['missing_from_input'])} selected gene(s) absent from every input section (stored "
+                f"as 0): {selection['missing_from_input'][:10]}")
+    log(f"{len(genes)} gene(s) selected ({selection['mode']})")
+
+    reference, reference_name = stain_reference(opts)
+    manifest = {
+        "source_format": opts.format,
+        "microns_per_pixel": opts.resolved_target_mpp,
+        "tile_microns": opts.resolved_target_mpp * opts.tile_size,
+        "pixel_coordinates": "obs pixel_x (column) / pixel_y (row): spot or tile centre in the ORIGINAL "
+                             "full-resolution image of its section, before any resampling",
+        "expression": expr_settings,
+        "gene_ids": opts.gene_ids,
+        "gene_map": os.path.abspath(opts.gene_map) if opts.gene_map else None,
+        "gene_selection": selection,
+        "genes_missing_from_input": selection.get("missing_from_input", []),
+        "colour_cast": {"enabled": opts.colour_cast, "method": "per-channel percentile scaling",
+                        "percentile": opts.colour_percentile},
+        "stain_normalisation": {"method": opts.stain, "reference": reference_name,
+                                **(reference.to_json() if reference is not None else {})},
+        "tiles": {"edge": opts.edge, "pad_value": 255, "min_tissue": opts.resolved_min_tissue,
+                  "resampling": "PIL BOX when shrinking, BICUBIC when enlarging"},
+        "sections": section_infos,
+        "provenance": {"input": os.path.abspath(opts.input), "command": " ".join(sys.argv),
+                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "options": {k: v for k, v in dataclasses.asdict(opts).items()}},
+        "synthetic": False,
+    }
+    if opts.format == "images":
+        manifest["has_expression"] = False
+
+    entries = []
+    with StoreWriter(out, genes=genes, tile_size=opts.tile_size, manifest=manifest, overwrite=opts.overwrite) as w:
+        for src, res in zip(sources, ordered_map(_pass2, sources, opts.workers, opts, genes, reference)):
+            entry = res["entry"]
+            if "skipped" not in res:
+                w.append(res["tiles"], res["expression"], res["obs"])
+                entry["thumbnail"] = report.write_thumbnail(w.tmp_path, src.section, res["thumbnail"])
+            entries.append(entry)
+            log(f"pass 2: {src.section}: {entry['spots_written']} tiles")
+        written = [e for e in entries if "skipped" not in e]
+        rep = {
+            "store": out, "format": opts.format, "n_sections": len(written),
+            "n_sections_skipped": len(entries) - len(written),
+            "n_spots": int(sum(e["spots_written"] for e in entries)),
+            "dropped": _sum_dicts(e.get("dropped", {}) for e in entries),
+            "padded": int(sum(e.get("padded", 0) for e in entries)),
+            "tiles_mostly_tissue_fraction": _weighted(entries, "tiles_mostly_tissue_fraction"),
+            "tissue_fraction_mean": _weighted(entries, "tissue_fraction_mean"),
+            "genes": {"n": len(genes), "selection": selection},
+            "microns_per_pixel": opts.resolved_target_mpp, "tile_size": opts.tile_size,
+            "sections": entries,
+        }
+        report.write_report(w.tmp_path, rep)
+    return rep
+
+
+def _sum_dicts(ds: Iterable[dict]) -> dict:
+    out: dict = collections.Counter()
+    for d in ds:
+        out.update(d)
+    return dict(out)
+
+
+def _weighted(entries: list[dict], key: str) -> float:
+    n = sum(e["spots_written"] for e in entries if key in e)
+    if not n:
+        return 0.0
+    return float(sum(e[key] * e["spots_written"] for e in entries if key in e) / n)

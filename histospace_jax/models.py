@@ -1,0 +1,222 @@
+"""HistoSPACE models as pure Flax linen modules.
+
+Shapes with the defaults: 128x128x3 tile -> Encoder -> 16x16x128 -> RegressionHead conv block -> 8x8x128
+-> 8192 -> 256 -> G genes. Images enter as float32 in [0, 1], the range of the decoder's sigmoid output.
+
+The paper's three autoencoder variants are selected by `variant`:
+  "pool"     conv -> maxpool                  (pooling only)
+  "relu"     conv -> ReLU -> maxpool
+  "relu_bn"  conv -> BatchNorm -> ReLU -> maxpool (the paper's choice; the default)
+The decoder mirrors the encoder's variant with 4x4 stride-2 transposed convolutions.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from histospace_jax.layers import UpConv, max_pool_2x2
+
+VARIANTS = ("pool", "relu", "relu_bn")
+
+
+class BatchNorm(nn.Module):
+    """Batch normalisation whose statistics are exact over the global batch.
+
+    Unlike averaging per-device means, sums and counts are added across devices (`axis_name`), so a batch split
+    over 1 or N devices, or with masked rows (padding, a held-out patient's spots), normalises identically.
+    Variables match flax.linen.BatchNorm: params {scale, bias}, batch_stats {mean, var} (biased variance).
+    """
+
+    use_running_average: bool = False
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        if self.use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            axes = tuple(range(x.ndim - 1))
+            rows = jnp.ones((x.shape[0],), bool) if mask is None else mask.reshape(x.shape[0]).astype(bool)
+            rows = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+            per_row = 1
+            for d in x.shape[1:-1]:
+                per_row *= d
+            count = rows.sum().astype(jnp.float32) * per_row
+            total = jnp.where(rows, x, 0.0).sum(axes)
+            if self.axis_name is not None:
+                count, total = jax.lax.psum((count, total), self.axis_name)
+            count = jnp.maximum(count, 1.0)
+            mean = total / count
+            centred = jnp.where(rows, x - mean, 0.0)  # two-pass variance: no cancellation
+            sq = jnp.square(centred).sum(axes)
+            if self.axis_name is not None:
+                sq = jax.lax.psum(sq, self.axis_name)
+            var = sq / count
+            if not self.is_initializing():
+                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown autoencoder variant {variant!r}; choose one of {VARIANTS}")
+
+
+class ConvBlock(nn.Module):
+    """conv3x3 -> [BatchNorm] -> [ReLU] -> [maxpool 2x2]."""
+
+    features: int
+    use_bn: bool = True
+    use_relu: bool = True
+    pool: bool = True
+    axis_name: str | None = None  # set under pmap so BatchNorm statistics are averaged across devices
+
+    @nn.compact
+    def __call__(self, x, train: bool, mask=None):
+        x = nn.Conv(self.features, (3, 3), padding="SAME")(x)
+        if self.use_bn:
+            # `mask` excludes rows (padding, a held-out patient) from the batch statistics.
+            x = BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x, mask)
+        if self.use_relu:
+            x = nn.relu(x)
+        if self.pool:
+            x = max_pool_2x2(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Three conv blocks, 128x128x3 -> 16x16x128."""
+
+    variant: str = "relu_bn"
+    features: Sequence[int] = (32, 64, 128)
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        _check_variant(self.variant)
+        for i, f in enumerate(self.features):
+            x = ConvBlock(
+                f,
+                use_bn=self.variant == "relu_bn",
+                use_relu=self.variant != "pool",
+                axis_name=self.axis_name,
+                name=f"block{i}",
+            )(x, train)
+        return x
+
+
+class Decoder(nn.Module):
+    """Mirror of the encoder: 4x4 stride-2 transposed convs, 16x16x128 -> 128x128x3 in [0, 1]."""
+
+    variant: str = "relu_bn"
+    features: Sequence[int] = (64, 32)
+    out_channels: int = 3
+    upconv_impl: str = "subpixel"
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, z, train: bool = False):
+        _check_variant(self.variant)
+        x = z
+        for i, f in enumerate(self.features):
+            x = UpConv(f, impl=self.upconv_impl, name=f"up{i}")(x)
+            if self.variant == "relu_bn":
+                x = BatchNorm(use_running_average=not train, axis_name=self.axis_name, name=f"bn{i}")(x)
+            if self.variant != "pool":
+                x = nn.relu(x)
+        x = UpConv(self.out_channels, impl=self.upconv_impl, name=f"up{len(self.features)}")(x)
+        return nn.sigmoid(x)
+
+
+class Autoencoder(nn.Module):
+    variant: str = "relu_bn"
+    encoder_features: Sequence[int] = (32, 64, 128)
+    upconv_impl: str = "subpixel"
+    axis_name: str | None = None
+
+    def setup(self):
+        self.encoder = Encoder(self.variant, self.encoder_features, axis_name=self.axis_name)
+        decoder_features = tuple(reversed(self.encoder_features[:-1]))
+        self.decoder = Decoder(self.variant, decoder_features, upconv_impl=self.upconv_impl,
+                               axis_name=self.axis_name)
+
+    def __call__(self, x, train: bool = False):
+        return self.decoder(self.encoder(x, train), train)
+
+    def encode(self, x, train: bool = False):
+        return self.encoder(x, train)
+
+
+class RegressionHead(nn.Module):
+    """Encoder features -> conv blocks -> flatten -> FC layers -> G genes.
+
+    The first conv block pools (16x16 -> 8x8, so the flattened size is 8192 with 128 channels); further
+    blocks (the paper's head-complexity sweep) keep the 8x8 grid so the FC input size stays the same.
+    """
+
+    n_genes: int
+    conv_features: Sequence[int] = (128,)
+    fc_features: Sequence[int] = (256,)
+    dropout_rate: float = 0.0
+    axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, features, train: bool = False, mask=None):
+        x = features
+        for i, f in enumerate(self.conv_features):
+            x = ConvBlock(f, pool=(i == 0), axis_name=self.axis_name, name=f"conv{i}")(x, train, mask)
+        x = x.reshape((x.shape[0], -1))
+        for i, f in enumerate(self.fc_features):
+            x = nn.relu(nn.Dense(f, name=f"fc{i}")(x))
+            if self.dropout_rate > 0:
+                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        return nn.Dense(self.n_genes, name="out")(x)
+
+
+class HistoSpace(nn.Module):
+    """Frozen encoder + regression head. Params: {'encoder': ..., 'head': ...}.
+
+    The encoder always runs on its BatchNorm running averages and behind `stop_gradient`: it is a fixed
+    feature extractor. (The optimizer must also zero its updates; see steps.make_regression_optimizer.)
+    """
+
+    n_genes: int
+    variant: str = "relu_bn"
+    encoder_features: Sequence[int] = (32, 64, 128)
+    conv_features: Sequence[int] = (128,)
+    fc_features: Sequence[int] = (256,)
+    dropout_rate: float = 0.0
+    axis_name: str | None = None
+
+    def setup(self):
+        self.encoder = Encoder(self.variant, self.encoder_features)
+        self.head = RegressionHead(self.n_genes, self.conv_features, self.fc_features, self.dropout_rate,
+                                   axis_name=self.axis_name)
+
+    def __call__(self, images, train: bool = False, mask=None):
+        features = self.encoder(images, train=False)
+        return self.head(jax.lax.stop_gradient(features), train, mask)
+
+    def encode(self, images):
+        return self.encoder(images, train=False)
+
+    def from_features(self, features, train: bool = False, mask=None):
+        """The head alone, on precomputed (cached) encoder features."""
+        return self.head(features, train, mask)
+
+
+def to_unit_range(images_uint8):
+    """uint8 tiles -> float32 in [0, 1], the range the sigmoid decoder reproduces."""
+    return jnp.asarray(images_uint8, jnp.float32) / 255.0

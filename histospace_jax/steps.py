@@ -1,0 +1,222 @@
+"""Train states, optimizers and the jit/pmap-able train, eval and predict steps.
+
+Every step is a pure function `(state, batch, ...) -> (new_state, metrics)` or `-> outputs`: no globals, no I/O.
+Batches are dicts of arrays:
+  'image'      uint8 [B, T, T, 3] tiles (scaled to [0, 1] inside the step), or
+  'features'   float32 [B, 16, 16, 128] precomputed frozen-encoder outputs (the feature cache),
+  'expression' float32 [B, G] targets,
+  'mask'       optional [B] weights (1 = row counts, 0 = padding or a held-out patient's spot).
+
+Data parallelism: pass `axis_name` and map the step with `jax.pmap(..., axis_name=...)` over a leading device
+axis. Each device's loss is its local sum divided by the *global* row count, and gradients are summed across
+devices, so the update equals the single-device update on the whole batch. The model must be built with the
+same `axis_name` so BatchNorm statistics are global too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from histospace_jax import losses
+from histospace_jax.models import to_unit_range
+
+
+class TrainState(train_state.TrainState):
+    """flax TrainState plus BatchNorm statistics and a PRNG key (dropout)."""
+
+    batch_stats: Any = None
+    key: jax.Array | None = None
+
+
+def _variables(state: TrainState, params=None) -> dict:
+    v = {"params": state.params if params is None else params}
+    if state.batch_stats:
+        v["batch_stats"] = state.batch_stats
+    return v
+
+
+def _psum(x, axis_name):
+    return x if axis_name is None else jax.lax.psum(x, axis_name)
+
+
+def _dropout_key(state: TrainState, axis_name):
+    key = jax.random.fold_in(state.key, state.step)
+    if axis_name is not None:
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+    return key
+
+
+# ----------------------------------------------------------------------------------------------- optimizers
+
+
+def make_ae_optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    return optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay else optax.adam(learning_rate)
+
+
+def frozen_encoder_labels(params) -> Any:
+    """'frozen' for every leaf under params['encoder'], 'trainable' elsewhere."""
+    return {k: jax.tree_util.tree_map(lambda _: "frozen" if k == "encoder" else "trainable", v)
+            for k, v in params.items()}
+
+
+def make_regression_optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
+    """Adam(W) on the head; the encoder's updates are set to zero.
+
+    `stop_gradient` alone is not enough: decoupled weight decay would still shrink the encoder's weights.
+    """
+    head_tx = optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay else optax.adam(learning_rate)
+    return optax.multi_transform({"trainable": head_tx, "frozen": optax.set_to_zero()}, frozen_encoder_labels)
+
+
+# ----------------------------------------------------------------------------------------------- states
+
+
+def create_train_state(model, key, sample_input, tx, *, init_kwargs=None) -> TrainState:
+    init_key, state_key = jax.random.split(key)
+    variables = model.init(init_key, sample_input, **(init_kwargs or {}))
+    return TrainState.create(
+        apply_fn=model.apply,
+        params=variables["params"],
+        batch_stats=variables.get("batch_stats", {}),
+        tx=tx,
+        key=state_key,
+    )
+
+
+def create_regression_state(model, key, encoder_variables: dict, tx, tile_size: int = 128) -> TrainState:
+    """HistoSpace state with the head freshly initialised and the encoder taken from `encoder_variables`
+    ({'params': ..., 'batch_stats': ...} of an Encoder, e.g. the pretrained autoencoder's encoder)."""
+    sample = jnp.zeros((1, tile_size, tile_size, 3), jnp.float32)
+    state = create_train_state(model, key, sample, tx)
+    params = flax.core.unfreeze(state.params)
+    params["encoder"] = encoder_variables["params"]
+    batch_stats = flax.core.unfreeze(state.batch_stats)
+    if encoder_variables.get("batch_stats"):
+        batch_stats["encoder"] = encoder_variables["batch_stats"]
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+
+
+# ----------------------------------------------------------------------------------------------- autoencoder
+
+
+def ae_train_step(state: TrainState, batch: dict, *, axis_name: str | None = None):
+    """One autoencoder step on MSE between the tile (in [0, 1]) and its reconstruction."""
+    images = to_unit_range(batch["image"])
+    global_count = _psum(jnp.asarray(images.size, jnp.float32), axis_name)
+
+    def loss_fn(params):
+        recon, updates = state.apply_fn(_variables(state, params), images, train=True, mutable=["batch_stats"])
+        local_sum = jnp.square(recon - images).sum()
+        return local_sum / global_count, updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, loss = _psum((grads, loss), axis_name)
+    state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+    return state, {"loss": loss}
+
+
+def ae_eval_step(state: TrainState, batch: dict, *, axis_name: str | None = None):
+    """Summed squared error and element count on BatchNorm running averages (masked rows excluded)."""
+    images = to_unit_range(batch["image"])
+    recon = state.apply_fn(_variables(state), images, train=False)
+    sse, rows = losses.masked_sum(losses.row_mse(recon, images), batch.get("mask"))
+    per_row = images[0].size
+    return _psum({"sse": sse * per_row, "count": rows * per_row}, axis_name)
+
+
+def ae_reconstruct(state: TrainState, images_uint8):
+    return state.apply_fn(_variables(state), to_unit_range(images_uint8), train=False)
+
+
+# ----------------------------------------------------------------------------------------------- regression
+
+
+def _regression_forward(state, params, batch, train: bool, rngs=None, mutable=False):
+    mask = batch.get("mask")
+    if "features" in batch:
+        return state.apply_fn(_variables(state, params), batch["features"], train, mask,
+                              method="from_features", rngs=rngs, mutable=mutable)
+    return state.apply_fn(_variables(state, params), to_unit_range(batch["image"]), train, mask,
+                          rngs=rngs, mutable=mutable)
+
+
+def regression_train_step(state: TrainState, batch: dict, *, huber_delta: float = 1.0,
+                          axis_name: str | None = None):
+    """One step of the regression head on the mean Huber loss; the encoder stays frozen.
+
+    Frozen means: its output is behind stop_gradient (HistoSpace), its BatchNorm uses running averages, and
+    the optimizer (make_regression_optimizer) zeroes its updates. Only the head's batch statistics change.
+    """
+    row_count = jnp.asarray(batch["expression"].shape[0], jnp.float32)
+    count = batch["mask"].astype(bool).sum().astype(jnp.float32) if "mask" in batch else row_count
+    global_count = jnp.maximum(_psum(count, axis_name), 1.0)
+    rngs = {"dropout": _dropout_key(state, axis_name)}
+
+    def loss_fn(params):
+        pred, updates = _regression_forward(state, params, batch, True, rngs=rngs, mutable=["batch_stats"])
+        local_sum, _ = losses.masked_sum(losses.row_huber(pred, batch["expression"], huber_delta), batch.get("mask"))
+        return local_sum / global_count, updates
+
+    (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, loss = _psum((grads, loss), axis_name)
+    new_stats = flax.core.unfreeze(state.batch_stats)
+    new_stats["head"] = updates["batch_stats"]["head"]  # the encoder's running averages never change
+    state = state.apply_gradients(grads=grads, batch_stats=new_stats)
+    return state, {"loss": loss}
+
+
+def regression_eval_step(state: TrainState, batch: dict, *, huber_delta: float = 1.0,
+                         axis_name: str | None = None):
+    """Summed Huber loss, squared error and row count on running averages (masked rows excluded)."""
+    pred = _regression_forward(state, state.params, batch, False)
+    mask = batch.get("mask")
+    huber, count = losses.masked_sum(losses.row_huber(pred, batch["expression"], huber_delta), mask)
+    sse, _ = losses.masked_sum(losses.row_mse(pred, batch["expression"]), mask)
+    return _psum({"huber_sum": huber, "sse_rows": sse, "count": count}, axis_name)
+
+
+def predict_step(state: TrainState, batch: dict):
+    """Predicted expression [B, G] (inference: BatchNorm on running averages)."""
+    return _regression_forward(state, state.params, batch, False)
+
+
+def encode_step(state: TrainState, images_uint8):
+    """Frozen-encoder features of uint8 tiles, for the feature cache."""
+    return state.apply_fn(_variables(state), to_unit_range(images_uint8), method="encode")
+
+
+# ----------------------------------------------------------------------------------------------- parallel
+
+
+def pmap_step(step_fn: Callable, axis_name: str = "batch", donate_state: bool = True, **static_kwargs):
+    """Maps a step over all local devices; inputs carry a leading device axis (see shard_batch)."""
+    fn = functools.partial(step_fn, axis_name=axis_name, **static_kwargs)
+    return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate_state else ())
+
+
+def shard_batch(batch: dict, n_devices: int) -> dict:
+    """[B, ...] -> [n_devices, B / n_devices, ...] for every array in the batch."""
+    def split(x):
+        if x.shape[0] % n_devices:
+            raise ValueError(f"batch of {x.shape[0]} rows does not split over {n_devices} devices; "
+                             "choose a batch size divisible by the device count")
+        return x.reshape((n_devices, x.shape[0] // n_devices) + x.shape[1:])
+    return jax.tree_util.tree_map(split, batch)
+
+
+def replicate(tree, n_devices: int | None = None):
+    """A copy of every leaf per local device (leading axis), the input layout pmap expects for state."""
+    n = n_devices or jax.local_device_count()
+    return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+
+
+def unreplicate(tree):
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
