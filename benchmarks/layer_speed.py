@@ -25,6 +25,8 @@ import subprocess
 import sys
 import time
 
+REF = "jax reference: nn.Conv, nn.ConvTranspose, nn.max_pool"
+FAST = "jax fast: ConvSame, UpConv subpixel, max_pool_2x2"
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -32,6 +34,11 @@ DECODER_LAYERS = [  # (H=W in, Cin, Cout)
     (16, 128, 64),
     (32, 64, 32),
     (64, 32, 3),
+]
+ENCODER_CONVS = [  # (H=W, Cin, Cout)
+    (128, 3, 32),
+    (64, 32, 64),
+    (32, 64, 128),
 ]
 POOL_LAYERS = [  # (H=W in, C) of the encoder's three pools
     (128, 32),
@@ -91,7 +98,7 @@ def jax_main(args) -> None:
     import jax.numpy as jnp
     import optax
 
-    from histospace_jax.layers import UpConv, max_pool_2x2, max_pool_2x2_first
+    from histospace_jax.layers import ConvSame, UpConv, max_pool_2x2, max_pool_2x2_first
 
     b, repeats = args.batch, args.repeats
     key = jax.random.key(0)
@@ -121,6 +128,16 @@ def jax_main(args) -> None:
             print(f"{name:28s} {ms['transpose']:13.1f} {ms['subpixel']:12.1f} {ms['transpose'] / ms['subpixel']:6.1f} "
                   f"{ms['subpixel3x3']:13.1f} {ms['transpose'] / ms['subpixel3x3']:6.1f}")
 
+        print("\nencoder 3x3 SAME convolutions, forward+backward w.r.t. input, kernel, bias:")
+        print(f"{'layer':28s} {'nn.Conv ms':>13s} {'ConvSame ms':>12s} {'ratio':>6s}")
+        for h, cin, cout in ENCODER_CONVS:
+            x = jax.random.uniform(key, (b, h, h, cin))
+            params = nn.Conv(cout, (3, 3), padding="SAME").init(key, x)
+            ms_ref = _median_ms(fwd_bwd(nn.Conv(cout, (3, 3), padding="SAME").apply, params, x), repeats)
+            ms_fast = _median_ms(fwd_bwd(ConvSame(cout).apply, params, x), repeats)
+            name = f"{h}x{h}x{cin} -> {h}x{h}x{cout}"
+            print(f"{name:28s} {ms_ref:13.1f} {ms_fast:12.1f} {ms_ref / ms_fast:6.1f}")
+
         print("\nencoder max-pools (2x2, stride 2), forward+backward w.r.t. input:")
         print(f"{'layer':28s} {'nn.max_pool ms':>14s} {'2x2 ms':>8s} {'ratio':>6s} {'2x2_first ms':>13s} {'ratio':>6s}")
         for h, c in POOL_LAYERS:
@@ -134,6 +151,7 @@ def jax_main(args) -> None:
 
     # ---- minimal AE (benchmark only; the project's model lives in histospace_jax/models.py)
     class AE(nn.Module):
+        conv_impl: str  # "nn" (nn.Conv) | "fast" (ConvSame)
         upconv_impl: str
         pool: str  # "ref" | "fast" | "first"
 
@@ -146,7 +164,8 @@ def jax_main(args) -> None:
             }[self.pool]
             bn = lambda: nn.BatchNorm(use_running_average=not train, momentum=0.9)
             for c in (32, 64, 128):
-                x = pool(nn.relu(bn()(nn.Conv(c, (3, 3), padding="SAME")(x))))
+                conv = nn.Conv(c, (3, 3), padding="SAME") if self.conv_impl == "nn" else ConvSame(c)
+                x = pool(nn.relu(bn()(conv(x))))
             for c in (64, 32):
                 x = nn.relu(bn()(UpConv(c, impl=self.upconv_impl)(x)))
             return nn.sigmoid(UpConv(3, impl=self.upconv_impl)(x))
@@ -179,22 +198,23 @@ def jax_main(args) -> None:
 
     print("\nfull AE train step (fwd + bwd + Adam, BatchNorm train mode):")
     results = {}
-    variants = [("jax reference (ConvTranspose, nn.max_pool)", "transpose", "ref"),
-                ("jax fast (subpixel, max_pool_2x2)", "subpixel", "fast"),
-                ("jax fast (subpixel, max_pool_2x2_first)", "subpixel", "first"),
-                ("jax fast (subpixel3x3, max_pool_2x2)", "subpixel3x3", "fast")]
-    for name, impl, pool in variants:
-        ms = _median_ms(ae_step(AE(impl, pool)), repeats)
+    variants = [(REF, "nn", "transpose", "ref"),
+                (FAST, "fast", "subpixel", "fast"),
+                ("jax fast, max_pool_2x2_first", "fast", "subpixel", "first"),
+                ("jax fast, subpixel3x3", "fast", "subpixel3x3", "fast"),
+                ("jax nn.Conv + subpixel + max_pool_2x2", "nn", "subpixel", "fast")]
+    for name, conv_impl, impl, pool in variants:
+        ms = _median_ms(ae_step(AE(conv_impl, impl, pool)), repeats)
         results[name] = ms
-        print(f"{name:48s} {ms:8.1f} ms/step {1e3 * b / ms:8.1f} tiles/s")
+        print(f"{name:52s} {ms:8.1f} ms/step {1e3 * b / ms:8.1f} tiles/s")
     torch_res = None if args.no_torch else run_torch(args.torch_python, b, repeats)
     if torch_res is not None:
         tms = torch_res["ae_step_ms"]
-        print(f"{'torch ' + torch_res['torch_version'] + ' (threads=' + str(torch_res['num_threads']) + ')':48s} "
+        print(f"{'torch ' + torch_res['torch_version'] + ' (threads=' + str(torch_res['num_threads']) + ')':52s} "
               f"{tms:8.1f} ms/step {1e3 * b / tms:8.1f} tiles/s")
-        fast = results["jax fast (subpixel, max_pool_2x2)"]
+        fast = results[FAST]
         print(f"\nratio tiles/s jax_fast / torch = {tms / fast:.2f}; "
-              f"jax_fast / jax_reference = {results['jax reference (ConvTranspose, nn.max_pool)'] / fast:.2f}")
+              f"jax_fast / jax_reference = {results[REF] / fast:.2f}")
 
 
 def main() -> None:

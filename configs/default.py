@@ -9,7 +9,7 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.mode = "loo"  # "loo" | "pretrain_ae"
+    c.mode = "loo"  # "loo" | "pretrain_ae" | "ae_study" | "external"
     c.seed = 0
     c.log_every_steps = 20
     c.eval_batch_size = 128
@@ -51,6 +51,32 @@ def get_config() -> ml_collections.ConfigDict:
     c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
     c.loo.feature_cache = True  # encode every tile once; heads train on cached features
     c.loo.folds_per_program = 0  # folds trained together in one compiled program; 0 = all
+    c.loo.random_encoder_control = False  # also train the heads on an untrained encoder (configs/loo.py: on)
+    c.loo.random_encoder_seed = 12345  # init seed of that untrained encoder
+    c.loo.fdr = 0.05  # per-gene significance: genes with r > 0 at this Benjamini-Hochberg FDR
+
+    c.external = ml_collections.ConfigDict()  # mode "external": train on data.store, test on external.store
+    c.external.store = ""  # test store; "" = data.store itself (then set disjoint train/test_patients)
+    c.external.train_patients = ""  # comma-separated patients of data.store to train on; "" = all
+    c.external.test_patients = ""  # comma-separated patients of external.store to test on; "" = all
+    c.external.exclude_overlap = True  # leave test spots sharing a patient / image / tile with training out
+    c.external.map_genes = "GNAS,HLA-B"  # genes drawn as spatial maps (truth beside prediction)
+
+    c.clustering = ml_collections.ConfigDict()  # K-means (k=2) on predicted expression vs pathologist labels
+    c.clustering.cancer_labels = "invasive cancer,cancer in situ,tumour,tumor"  # labels counted as cancer
+
+    c.ae_study = ml_collections.ConfigDict()  # mode "ae_study": the paper's three autoencoder variants
+    c.ae_study.variants = ("pool", "relu", "relu_bn")
+    c.ae_study.n_grid_tiles = 8  # validation tiles shown with their reconstructions
+
+    c.distributed = ml_collections.ConfigDict()  # multi-process jobs; see histospace_jax/distributed.py
+    c.distributed.mode = "auto"  # "auto": start when a coordinator is set or a cluster is detected | "on" | "off"
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; or $HISTOSPACE_COORDINATOR_ADDRESS
+    c.distributed.num_processes = 0  # or $HISTOSPACE_NUM_PROCESSES
+    c.distributed.process_id = -1  # or $HISTOSPACE_PROCESS_ID
+    c.distributed.local_device_ids = ""  # e.g. "0,1" (one process per GPU group); "" = all visible
+    c.distributed.cpu_collectives = "gloo"  # cross-process collectives on CPU devices
+    c.distributed.initialization_timeout = 300
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200

@@ -26,6 +26,7 @@ one 2x2 convolution, and the result is interleaved back (depth-to-space).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -87,6 +88,88 @@ def depth_to_space_2x2(y: Array) -> Array:
     return y.reshape(n, 2 * h, 2 * w, c)
 
 
+def _conv_xla(x: Array, kernel: Array, padding, precision: Any = None) -> Array:
+    return lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=_DN, precision=precision)
+
+
+def _patches(x: Array, kh: int, kw: int, padding) -> Array:
+    """im2col: (N, H, W, C) -> (N, Ho, Wo, kh * kw * C), channel order (i, j, c) like an HWIO kernel."""
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    ho, wo = xp.shape[1] - kh + 1, xp.shape[2] - kw + 1
+    return jnp.concatenate([xp[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)], axis=-1)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x: Array, kernel: Array, padding, precision: Any = None) -> Array:
+    """Stride-1 NHWC/HWIO convolution, same function as ``lax.conv_general_dilated``; fast kernel gradient.
+
+    XLA:CPU computes a convolution's kernel gradient as a convolution whose "kernel" is the
+    whole output feature map, which it runs through a slow generic path (seconds per call at
+    batch 32). Here the forward pass and the input gradient are XLA's own convolutions (fast),
+    and the kernel gradient is one matrix product ``im2col(x)^T @ dy`` (the same sums in another
+    order). ``padding`` is a pair of (low, high) pairs, hashable (tuples).
+    """
+    return _conv_xla(x, kernel, padding, precision)
+
+
+def _conv2d_fwd(x, kernel, padding, precision):
+    return _conv_xla(x, kernel, padding, precision), (x, kernel)
+
+
+def _conv2d_bwd(padding, precision, res, g):
+    x, kernel = res
+    kh, kw, cin, cout = kernel.shape
+    _, conv_vjp = jax.vjp(lambda x_: _conv_xla(x_, kernel, padding, precision), x)
+    (dx,) = conv_vjp(g)
+    p = _patches(x, kh, kw, padding).reshape(-1, kh * kw * cin)
+    dk = jnp.dot(p.T, g.reshape(-1, cout), precision=precision).reshape(kh, kw, cin, cout)
+    return dx, dk.astype(kernel.dtype)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def same_padding(kernel_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The (low, high) padding of ``"SAME"`` at stride 1 (what lax and nn.Conv use)."""
+    return tuple((((k - 1) // 2), (k - 1) - (k - 1) // 2) for k in kernel_size)  # type: ignore[return-value]
+
+
+class ConvSame(nn.Module):
+    """Stride-1 ``"SAME"`` convolution with the parameter tree of ``nn.Conv(features, kernel_size)``.
+
+    ``impl="fast"`` uses :func:`conv2d` (XLA forward and input gradient, matmul kernel gradient);
+    ``impl="xla"`` is plain ``lax.conv_general_dilated`` (what ``nn.Conv`` runs). Both compute the
+    same function with the same parameters (``kernel`` (kh, kw, Cin, features) lecun-normal,
+    ``bias`` (features,) zeros) as ``nn.Conv(features, kernel_size, padding="SAME")``.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    impl: str = "fast"
+    use_bias: bool = True
+    kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+    bias_init: Callable[..., Array] = nn.initializers.zeros_init()
+    param_dtype: Any = jnp.float32
+    precision: Any = None
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.impl not in ("fast", "xla"):
+            raise ValueError(f"ConvSame: impl={self.impl!r} is not 'fast' or 'xla'; pick one of those")
+        if x.ndim != 4:
+            raise ValueError(f"ConvSame: expected NHWC input of rank 4, got shape {x.shape}")
+        ks = tuple(self.kernel_size)
+        kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), self.param_dtype)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel)
+        pad = same_padding(ks)
+        fn = conv2d if self.impl == "fast" else _conv_xla
+        y = fn(x, kernel, pad, self.precision)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + bias.astype(y.dtype)
+        return y
+
+
 def upconv_transpose(x: Array, kernel: Array, precision: Any = None) -> Array:
     """The reference: exactly what ``nn.ConvTranspose(C, (4, 4), (2, 2), "SAME")`` computes (no bias)."""
     return lax.conv_transpose(x, kernel, (2, 2), "SAME", dimension_numbers=_DN, precision=precision)
@@ -97,7 +180,7 @@ def upconv_subpixel(x: Array, kernel: Array, precision: Any = None) -> Array:
     n, h, w, _ = x.shape
     cout = kernel.shape[-1]
     k2 = upconv_kernel_2x2(kernel)
-    y = lax.conv_general_dilated(x, k2, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_DN, precision=precision)
+    y = conv2d(x, k2, ((1, 1), (1, 1)), precision)
     # y: (N, H+1, W+1, 4C); phase (a, b) is read at offset (a, b).
     y = y.reshape(n, h + 1, w + 1, 2, 2, cout)
     rows = []
@@ -111,7 +194,7 @@ def upconv_subpixel(x: Array, kernel: Array, precision: Any = None) -> Array:
 def upconv_subpixel3x3(x: Array, kernel: Array, precision: Any = None) -> Array:
     """Sub-pixel form with a 3x3 "SAME" conv (zero taps) + plain depth-to-space."""
     k3 = upconv_kernel_3x3(kernel)
-    y = lax.conv_general_dilated(x, k3, (1, 1), "SAME", dimension_numbers=_DN, precision=precision)
+    y = conv2d(x, k3, ((1, 1), (1, 1)), precision)
     return depth_to_space_2x2(y)
 
 

@@ -72,3 +72,23 @@ def mean_profile_prediction(train_expression: np.ndarray, n: int) -> np.ndarray:
     """The image-blind baseline: the training spots' mean expression profile, repeated for n spots."""
     mean = np.asarray(train_expression, np.float64).mean(axis=0)
     return np.broadcast_to(mean, (n, mean.shape[0])).copy()
+
+
+# ------------------------------------------------------------------------------------------------ significance
+
+
+def gene_significance(y_true: np.ndarray, y_pred: np.ndarray, fdr: float = 0.05) -> dict:
+    """Genes whose per-gene r is > 0 and significant at `fdr` (one-sided t-test p-values, Benjamini-Hochberg
+    over the genes with a defined r)."""
+    from histospace_jax import stats
+
+    r = pearson_per_gene(y_true, y_pred)
+    n = int(np.asarray(y_true).shape[0])
+    tested = int(np.sum(np.isfinite(r)))
+    sig = stats.n_significant_positive(r, n, fdr) if n >= 3 and tested else 0
+    return {"n_genes_significant": int(sig), "n_genes_tested": tested, "fdr": float(fdr)}
+
+
+def full_regression_metrics(y_true: np.ndarray, y_pred: np.ndarray, fdr: float = 0.05) -> dict:
+    """regression_metrics plus the FDR significance count (the block every result table reports)."""
+    return {**regression_metrics(y_true, y_pred), **gene_significance(y_true, y_pred, fdr)}

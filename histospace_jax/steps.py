@@ -139,6 +139,23 @@ def ae_reconstruct(state: TrainState, images_uint8):
 # ----------------------------------------------------------------------------------------------- regression
 
 
+def _zero_masked_rows(batch: dict) -> dict:
+    """Replaces masked rows' inputs and targets by zeros.
+
+    Masking the loss is not enough: a NaN or huge value in a masked row still poisons gradients through the
+    backward pass of `where` (0 * NaN = NaN in a weight gradient). Zeroed rows contribute exactly nothing.
+    """
+    if "mask" not in batch:
+        return batch
+    keep = batch["mask"].astype(bool)
+    out = dict(batch)
+    for k in ("image", "features", "expression"):
+        if k in batch:
+            shape = (-1,) + (1,) * (batch[k].ndim - 1)
+            out[k] = jnp.where(keep.reshape(shape), batch[k], jnp.zeros((), batch[k].dtype))
+    return out
+
+
 def _regression_forward(state, params, batch, train: bool, rngs=None, mutable=False):
     mask = batch.get("mask")
     if "features" in batch:
@@ -159,6 +176,7 @@ def regression_train_step(state: TrainState, batch: dict, *, huber_delta: float 
     count = batch["mask"].astype(bool).sum().astype(jnp.float32) if "mask" in batch else row_count
     global_count = jnp.maximum(_psum(count, axis_name), 1.0)
     rngs = {"dropout": _dropout_key(state, axis_name)}
+    batch = _zero_masked_rows(batch)
 
     def loss_fn(params):
         pred, updates = _regression_forward(state, params, batch, True, rngs=rngs, mutable=["batch_stats"])

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from histospace_jax import checkpointing, features, metrics, models, reporting, steps
+from histospace_jax import checkpointing, features, guards, metrics, models, reporting, steps
 from histospace_jax.data import demo, open_store, pipeline
 
 AXIS = "batch"
@@ -107,23 +107,41 @@ def pretrain_autoencoder(config, workdir: str, store_path: str, writer: reportin
                                    worker_count=config.data.worker_count)
     it = iter(loader)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", "ae"), config.checkpoint.max_to_keep)
+    # Settings the checkpoint depends on; resuming under different ones raises guards.ConfigMismatchError.
+    compat = guards.compat_signature(config, guards.AE_KEYS, n_train_rows=int(len(train_rows)))
     curve: list[dict] = []
     start = 0
+    run_sum, run_n = 0.0, 0
     if ckpt.latest_step() is not None:
+        guards.check_compatible(ckpt.directory, ckpt.latest_step(), compat)
         restored, meta = ckpt.restore(None, checkpointing.state_dict(state), data_iterator=it)
         state = checkpointing.load_state_dict(state, restored)
         curve = meta.get("curve", [])
+        # The running mean since the last epoch boundary, so the resumed curve equals the uninterrupted one.
+        run_sum, run_n = float(meta.get("run_sum", 0.0)), int(meta.get("run_n", 0))
         start = int(state.step)
         log(f"[ae] resumed from step {start}/{total}")
     train_step = _replicated_step(steps.ae_train_step)
     eval_step = _replicated_step(steps.ae_eval_step, donate_state=False)
     rstate = steps.replicate(state)
     progress = reporting.Progress("ae", total, bs, start)
-    run_sum, run_n = 0.0, 0
+
+    def save(step):
+        host = checkpointing.state_dict(steps.unreplicate(rstate))
+        guards.check_finite_state(host, phase="ae", step=step, checkpointer=ckpt)
+        ckpt.save(step, host, data_iterator=it,
+                  meta={"curve": curve, "total_steps": total, "run_sum": run_sum, "run_n": run_n,
+                        "compat": compat})
+
     for step in range(start + 1, total + 1):
-        batch = steps.shard_batch(next(it), n_dev)
+        raw = next(it)
+        batch = steps.shard_batch(raw, n_dev)
         rstate, m = train_step(rstate, {"image": batch["image"]})
-        run_sum += float(m["loss"][0])
+        loss = guards.inject_nan("ae_nan", float(m["loss"][0]), step)
+        guards.check_finite_loss(loss, phase="ae", step=step, batch_rows=raw["index"], store=store_path,
+                                 checkpointer=ckpt, fix=f"ae.learning_rate={c.learning_rate}")
+        guards.fault("ae_step", step)
+        run_sum += loss
         run_n += 1
         if step % config.log_every_steps == 0 or step == total:
             log(progress.line(step, loss=run_sum / run_n))
@@ -135,9 +153,16 @@ def pretrain_autoencoder(config, workdir: str, store_path: str, writer: reportin
             writer.write("ae_epoch", step, epoch=epoch, train_mse=run_sum / max(run_n, 1), val_mse=val)
             log(f"[ae] epoch {epoch}/{c.epochs} train_mse={run_sum / max(run_n, 1):.5f} val_mse={val:.5f}")
             run_sum, run_n = 0.0, 0
-        if step % config.checkpoint.every_steps == 0 or step % steps_per_epoch == 0:
-            ckpt.save(step, checkpointing.state_dict(steps.unreplicate(rstate)), data_iterator=it,
-                      meta={"curve": curve, "total_steps": total})
+        saved = step % config.checkpoint.every_steps == 0 or step % steps_per_epoch == 0
+        if saved:
+            save(step)
+        guards.fault("ae_saved", step)
+        guards.fault("ae_sigterm", step)
+        if guards.stop_requested(step, ckpt):
+            if not saved:
+                save(step)
+            ckpt.close()
+            raise guards.Preempted("autoencoder pretraining", step, ckpt.directory)
     state = steps.unreplicate(rstate)
     ckpt.close()
     summary = {"store": store_path, "variant": config.model.variant, "epochs": c.epochs, "steps": total,
@@ -176,7 +201,7 @@ def _encoder_variables(ae_state) -> dict:
 
 def random_encoder_variables(config, seed: int) -> dict:
     """An untrained encoder (the control that shows what pretraining buys)."""
-    enc = models.Encoder(**_model_kwargs(config))
+    enc = models.Encoder(config.model.variant, tuple(config.model.encoder_features))
     ts_ = config.data.tile_size
     v = enc.init(jax.random.PRNGKey(seed), jnp.zeros((1, ts_, ts_, 3)))
     return jax.tree_util.tree_map(np.asarray, dict(v))
@@ -276,23 +301,44 @@ def train_folds(config, workdir: str, *, columns: dict, expression: np.ndarray, 
     untrained = predict_all(rstates)
     curve: list[dict] = []
     start = 0
+    run = np.zeros(len(fold_group))
+    run_n = 0
+    held_names = [plan.patients[p] for p in held]
+    # Settings the checkpoint depends on; resuming under different ones raises guards.ConfigMismatchError.
+    compat = guards.compat_signature(config, guards.HEAD_KEYS, n_rows=int(n), n_genes=int(g), held_out=held_names,
+                                     encoder=guards.tree_digest(encoder_variables))
     if ckpt.latest_step() is not None:
+        guards.check_compatible(ckpt.directory, ckpt.latest_step(), compat)
         restored, meta = ckpt.restore(None, checkpointing.state_dict(_stack_host(stacked)), data_iterator=it)
         host = checkpointing.load_state_dict(_stack_host(stacked), restored)
         rstates = steps.replicate(host)
         curve = meta.get("curve", [])
         start = int(meta.get("step", 0))
+        # Running loss sums since the last epoch boundary, so the resumed curve equals the uninterrupted one.
+        if "run" in meta:
+            run, run_n = np.asarray(meta["run"], np.float64), int(meta["run_n"])
         log(f"[loo {tag}] resumed from step {start}/{total}")
     train_step = make_fold_train_step(c.huber_delta)
     progress = reporting.Progress(f"loo {tag}", total, bs, start)
-    run = np.zeros(len(fold_group))
-    run_n = 0
+
+    def save(step):
+        host = checkpointing.state_dict(steps.unreplicate(rstates))
+        guards.check_finite_state(host, phase=f"loo {tag}", step=step, checkpointer=ckpt)
+        ckpt.save(step, host, data_iterator=it,
+                  meta={"curve": curve, "step": step, "total_steps": total, "run": [float(x) for x in run],
+                        "run_n": run_n, "compat": compat})
+
     for step in range(start + 1, total + 1):
         batch = next(it)
         b = {k: batch[k] for k in columns}
         b["patient_idx"] = batch["patient_idx"]
         rstates, m = train_step(rstates, steps.shard_batch(b, n_dev), held)
-        run += np.asarray(m["loss"][0])
+        loss = guards.inject_nan("loo_nan", np.asarray(m["loss"][0], np.float64), step, f"{tag}/{step}")
+        guards.check_finite_loss(loss, phase=f"loo {tag}", step=step, batch_rows=batch["index"],
+                                 store=_columns_source(columns), checkpointer=ckpt, labels=held_names,
+                                 fix=f"train.learning_rate={c.learning_rate}")
+        guards.fault("loo_step", step, f"{tag}/{step}")
+        run += loss
         run_n += 1
         if step % config.log_every_steps == 0 or step == total:
             log(progress.line(step, huber=float(run.mean() / run_n)))
@@ -304,15 +350,32 @@ def train_folds(config, workdir: str, *, columns: dict, expression: np.ndarray, 
                              train_huber=run[k] / run_n)
             run[:] = 0
             run_n = 0
-        if step % config.checkpoint.every_steps == 0 or step % steps_per_epoch == 0:
-            ckpt.save(step, checkpointing.state_dict(steps.unreplicate(rstates)), data_iterator=it,
-                      meta={"curve": curve, "step": step, "total_steps": total})
+        saved = step % config.checkpoint.every_steps == 0 or step % steps_per_epoch == 0
+        if saved:
+            save(step)
+        guards.fault("loo_saved", step, f"{tag}/{step}")
+        guards.fault("loo_sigterm", step, f"{tag}/{step}")
+        if guards.stop_requested(step, ckpt):
+            if not saved:
+                save(step)
+            ckpt.close()
+            raise guards.Preempted(f"leave-one-patient-out training ({tag})", step, ckpt.directory)
     ckpt.close()
-    return {"preds": predict_all(rstates), "untrained": untrained, "curve": curve}
+    out = {"preds": predict_all(rstates), "untrained": untrained, "curve": curve}
+    guards.fault("after_fold_group", tag)
+    return out
 
 
 def _stack_host(stacked):
     return jax.tree_util.tree_map(np.asarray, stacked)
+
+
+def _columns_source(columns: dict) -> str:
+    """Where a batch's rows come from, for error messages."""
+    for col in columns.values():
+        if isinstance(col, pipeline.LazyStoreColumn):
+            return f"the store {col.store_path}"
+    return "the training store (row = store row; features from the cache)"
 
 
 def run_loo(config, workdir: str, store, encoder_variables: dict, writer, *, tag: str = "main") -> dict:
@@ -345,25 +408,34 @@ def run_loo(config, workdir: str, store, encoder_variables: dict, writer, *, tag
 # ------------------------------------------------------------------------------------------------ results
 
 
-def fold_results(store, loo: dict, expression: np.ndarray, extra_controls: dict | None = None) -> list[dict]:
+def fold_results(store, loo: dict, expression: np.ndarray, extra_controls: dict | None = None,
+                 fdr: float = 0.05) -> list[dict]:
+    """Per fold: the model's metrics and every control's (mean-profile predictor, untrained head, and each of
+    `extra_controls`, e.g. the random-encoder run), each with the FDR significance count."""
     plan: FoldPlan = loo["plan"]
     out = []
     for f, p in enumerate(plan.folds):
         rows = np.flatnonzero(plan.spot_patient == p)
         train_rows = np.flatnonzero(plan.spot_patient != p)
         truth = expression[rows]
-        model = metrics.regression_metrics(truth, loo["preds"][f])
-        baseline = metrics.regression_metrics(truth, metrics.mean_profile_prediction(expression[train_rows],
-                                                                                     len(rows)))
+        model = metrics.full_regression_metrics(truth, loo["preds"][f], fdr)
+        baseline = metrics.full_regression_metrics(
+            truth, metrics.mean_profile_prediction(expression[train_rows], len(rows)), fdr)
         controls = {"mean_predictor": baseline,
-                    "untrained_head": metrics.regression_metrics(truth, loo["untrained"][f])}
+                    "untrained_head": metrics.full_regression_metrics(truth, loo["untrained"][f], fdr)}
+        control_r = {}
         for name, ctrl in (extra_controls or {}).items():
-            controls[name] = metrics.regression_metrics(truth, ctrl["preds"][f])
+            controls[name] = metrics.full_regression_metrics(truth, ctrl["preds"][f], fdr)
+            control_r[name] = metrics.pearson_per_gene(truth, ctrl["preds"][f])
         out.append({"held_out": plan.patients[p], "n_spots": int(len(rows)), **model,
                     "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
                     "controls": controls,
-                    "per_gene_r": metrics.pearson_per_gene(truth, loo["preds"][f])})
+                    "per_gene_r": metrics.pearson_per_gene(truth, loo["preds"][f]),
+                    "per_gene_r_controls": control_r})
     return out
+
+
+SUMMARY_KEYS = ("per_gene_pearson", "per_gene_pearson_median", "n_genes_significant", "per_spot_pearson", "mse")
 
 
 def summarise(folds: list[dict]) -> dict:
@@ -371,34 +443,41 @@ def summarise(folds: list[dict]) -> dict:
     def mean(get):
         return metrics.nanmean_or_nan([get(f) for f in folds])
 
-    summary = {k: mean(lambda f, k=k: f[k]) for k in
-               ("per_gene_pearson", "per_gene_pearson_median", "per_spot_pearson", "mse")}
+    summary = {k: mean(lambda f, k=k: f[k]) for k in SUMMARY_KEYS}
     summary["baseline_per_spot_pearson"] = mean(lambda f: f["baseline"]["per_spot_pearson"])
     summary["baseline_mse"] = mean(lambda f: f["baseline"]["mse"])
-    summary["controls"] = {name: {k: mean(lambda f, k=k, name=name: f["controls"][name][k])
-                                  for k in ("per_gene_pearson", "per_spot_pearson", "mse")}
+    summary["controls"] = {name: {k: mean(lambda f, k=k, name=name: f["controls"][name].get(k, float("nan")))
+                                  for k in SUMMARY_KEYS}
                            for name in folds[0]["controls"]}
     return summary
 
 
 def write_loo_outputs(config, workdir: str, store, dataset: dict, loo: dict, folds: list[dict],
-                      ae_summary: dict, elapsed: float) -> dict:
+                      ae_summary: dict, elapsed: float, *, extra_controls: dict | None = None,
+                      extra: dict | None = None) -> dict:
     summary = summarise(folds)
     genes = store.genes
     results = {
+        "mode": "loo",
         "dataset": {**dataset, "store": store.path, "n_spots": store.n_spots, "n_genes": len(genes),
                     "patients": loo["plan"].patients,
                     "synthetic": store.synthetic if dataset.get("synthetic") is None else dataset["synthetic"]},
         "metric_notes": {
             "per_gene_pearson": "r across the held-out patient's spots for each gene, mean over genes; genes "
                                 "constant in truth or prediction are excluded (count in n_genes_undefined_r)",
+            "n_genes_significant": "genes with r > 0 significant at FDR fdr: one-sided t-test of H0 rho = 0 "
+                                   "(n - 2 df), Benjamini-Hochberg over the genes with a defined r",
             "per_spot_pearson": "the HistoSPACE paper's metric: r across genes within a spot, mean over spots; "
-                                "compare with baseline (training-mean profile for every spot)",
+                                "compare with controls.mean_predictor (training-mean profile for every spot)",
+            "controls": "mean_predictor: training patients' mean profile for every spot (image-blind; per-gene r "
+                        "undefined). untrained_head: the head at initialisation. random_encoder: the same head "
+                        "trained on features of a randomly initialised, untrained encoder (what pretraining buys)",
             "summary": "unweighted mean over folds",
         },
-        "folds": [{k: v for k, v in f.items() if k != "per_gene_r"} for f in folds],
+        "folds": [{k: v for k, v in f.items() if k not in ("per_gene_r", "per_gene_r_controls")} for f in folds],
         "summary": summary,
         "autoencoder": {k: v for k, v in ae_summary.items() if k != "curve"},
+        **(extra or {}),
         "config": config.to_dict(),
         "elapsed_s": round(elapsed, 1),
     }
@@ -407,13 +486,16 @@ def write_loo_outputs(config, workdir: str, store, dataset: dict, loo: dict, fol
     checkpointing.write_json_atomic(os.path.join(workdir, "results.json"), results)
     reporting.write_csv_atomic(
         os.path.join(workdir, "per_gene.csv"),
-        [{"fold": f["held_out"], "gene": gname, "pearson_r": float(r)}
-         for f in folds for gname, r in zip(genes, f["per_gene_r"])])
+        [{"fold": f["held_out"], "gene": gname, "pearson_r": float(r),
+          **{f"{c}_r": float(f["per_gene_r_controls"][c][i]) for c in f["per_gene_r_controls"]}}
+         for f in folds for i, (gname, r) in enumerate(zip(genes, f["per_gene_r"]))])
     plan = loo["plan"]
     arrays = {}
     for k, p in enumerate(plan.folds):
         arrays[f"rows_{plan.patients[p]}"] = np.flatnonzero(plan.spot_patient == p)
         arrays[f"pred_{plan.patients[p]}"] = loo["preds"][k]
+        for name, ctrl in (extra_controls or {}).items():
+            arrays[f"{name}_{plan.patients[p]}"] = ctrl["preds"][k]
     checkpointing.save_npz_atomic(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), **arrays)
     if loo["curve"]:
         reporting.write_csv_atomic(os.path.join(workdir, "curves", "loo.csv"), loo["curve"])
@@ -429,16 +511,19 @@ def write_loo_outputs(config, workdir: str, store, dataset: dict, loo: dict, fol
 
 
 def summary_table(results: dict) -> str:
+    """Model and controls side by side: per fold and the mean over folds."""
+    header = ["held out", "predictor", "spots", "gene r", "gene r med", "sig genes", "spot r", "MSE"]
     rows = []
-    for f in results["folds"]:
-        rows.append([f["held_out"], f["n_spots"], f["per_gene_pearson"], f["per_spot_pearson"], f["mse"],
-                     f["baseline"]["per_spot_pearson"], f["baseline"]["mse"],
-                     f["controls"]["untrained_head"]["per_gene_pearson"]])
-    s = results["summary"]
-    rows.append(["MEAN", sum(f["n_spots"] for f in results["folds"]), s["per_gene_pearson"],
-                 s["per_spot_pearson"], s["mse"], s["baseline_per_spot_pearson"], s["baseline_mse"],
-                 s["controls"]["untrained_head"]["per_gene_pearson"]])
-    header = ["held out", "spots", "gene r", "spot r", "MSE", "base spot r", "base MSE", "untrained gene r"]
+    entries = [(f["held_out"], f["n_spots"], f) for f in results["folds"]]
+    entries.append(("MEAN", sum(f["n_spots"] for f in results["folds"]), results["summary"]))
+    for name, n, block in entries:
+        for pred_name, m in [("model", block)] + list(block["controls"].items()):
+            sig = m.get("n_genes_significant", float("nan"))
+            sig_s = f"{sig:.1f}" if isinstance(sig, float) else str(sig)
+            if "n_genes_tested" in m:
+                sig_s += f"/{m['n_genes_tested']}"
+            rows.append([name, pred_name, n, m["per_gene_pearson"], m.get("per_gene_pearson_median", float("nan")),
+                         sig_s, m["per_spot_pearson"], m["mse"]])
     title = f"Leave-one-patient-out on {results['dataset']['name']}"
     if results["dataset"].get("synthetic"):
         title += "  [SYNTHETIC DATA]"
@@ -449,6 +534,8 @@ def summary_table(results: dict) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    from histospace_jax import experiments, report
+
     t0 = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -458,13 +545,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     store_path, ae_store, dataset = resolve_stores(config, workdir)
     if config.mode == "pretrain_ae":
         ae = pretrain_autoencoder(config, workdir, ae_store or store_path, writer)
-        results = {"dataset": dataset, "autoencoder": ae["summary"], "config": config.to_dict(),
+        results = {"mode": "pretrain_ae", "dataset": dataset, "autoencoder": ae["summary"],
+                   "config": config.to_dict(), "elapsed_s": round(time.time() - t0, 1)}
+        if jax.process_index() == 0:
+            checkpointing.write_json_atomic(os.path.join(workdir, "results.json"), results)
+            report.write_report(workdir, results)
+        return results
+    if config.mode == "ae_study":
+        study = experiments.run_ae_study(config, workdir, ae_store or store_path, writer)
+        results = {"mode": "ae_study", "dataset": dataset, "ae_study": study, "config": config.to_dict(),
                    "elapsed_s": round(time.time() - t0, 1)}
         if jax.process_index() == 0:
             checkpointing.write_json_atomic(os.path.join(workdir, "results.json"), results)
+            report.write_report(workdir, results)
+        log(report.ae_study_table(results))
+        return results
+    if config.mode == "external":
+        ext = experiments.run_external(config, workdir, store_path, ae_store, dataset, writer)
+        results = {"mode": "external", "dataset": {**dataset, "store": store_path}, "external": ext,
+                   "config": config.to_dict(), "elapsed_s": round(time.time() - t0, 1)}
+        if jax.process_index() == 0:
+            checkpointing.write_json_atomic(os.path.join(workdir, "results.json"), results)
+            report.write_report(workdir, results)
+        log(report.external_table(results))
+        log(f"results: {os.path.join(workdir, 'results.json')} ({time.time() - t0:.0f} s)")
         return results
     if config.mode != "loo":
-        raise ValueError(f"unknown mode {config.mode!r}; use 'loo' or 'pretrain_ae'")
+        raise ValueError(f"unknown mode {config.mode!r}; use 'loo', 'pretrain_ae', 'ae_study' or 'external'")
     store = open_store(store_path)
     if not store.genes:
         raise ValueError(f"{store_path}: has no expression (image-only store); LOO needs a spot store")
@@ -473,9 +580,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "(unsupervised, no expression; held-out patients' images included)")
     ae = pretrain_autoencoder(config, workdir, ae_store or store_path, writer)
     loo = run_loo(config, workdir, store, ae["variables"], writer)
+    extra_controls = {}
+    if config.loo.get("random_encoder_control", False):
+        log("[loo] control: the same heads on a randomly initialised (untrained) encoder")
+        extra_controls["random_encoder"] = run_loo(
+            config, workdir, store, random_encoder_variables(config, config.loo.random_encoder_seed), writer,
+            tag="random_encoder")
     expression = np.asarray(store.expression, np.float32)
-    folds = fold_results(store, loo, expression)
-    results = write_loo_outputs(config, workdir, store, dataset, loo, folds, ae["summary"], time.time() - t0)
+    folds = fold_results(store, loo, expression, extra_controls, fdr=config.loo.get("fdr", 0.05))
+    extra = loo_extras(config, workdir, store, loo, expression, ae)
+    results = write_loo_outputs(config, workdir, store, dataset, loo, folds, ae["summary"], time.time() - t0,
+                                extra_controls=extra_controls, extra=extra)
+    if jax.process_index() == 0:
+        report.write_report(workdir, results, per_gene=[(f["held_out"], f["per_gene_r"]) for f in folds],
+                            genes=store.genes)
     log(summary_table(results))
     log(f"results: {os.path.join(workdir, 'results.json')} ({time.time() - t0:.0f} s)")
     return results
+
+
+def loo_extras(config, workdir: str, store, loo: dict, expression: np.ndarray, ae: dict) -> dict:
+    """Pathology clustering of the held-out predictions, spatial maps of named genes, model size."""
+    from histospace_jax import experiments
+
+    plan: FoldPlan = loo["plan"]
+    rows = np.concatenate([np.flatnonzero(plan.spot_patient == p) for p in plan.folds])
+    pred = np.concatenate([loo["preds"][f] for f in range(len(plan.folds))])
+    truth = expression[rows]
+    extra = {"clustering": experiments.pathology_clustering(
+        workdir, store.obs, rows, pred, truth=truth, cancer_labels=config.clustering.cancer_labels,
+        seed=config.seed, prefix="loo_clustering")}
+    figures = {}
+    named = [g for g in config.external.map_genes.split(",") if g in store.genes]
+    if not named:
+        r = metrics.pearson_per_gene(truth, pred)
+        named = [store.genes[i] for i in np.argsort(-np.nan_to_num(r, nan=-2))[:2]]
+    if jax.process_index() == 0:
+        gi = [store.genes.index(g) for g in named]
+        experiments.plot_spatial_maps(os.path.join(workdir, "figures", "loo_spatial_maps.png"), store.obs, rows,
+                                      named, truth[:, gi], pred[:, gi],
+                                      title="Leave-one-patient-out: held-out predictions")
+        figures["spatial_maps"] = "figures/loo_spatial_maps.png"
+    head = _head_model(config, len(store.genes))
+    ts_ = config.data.tile_size
+    hv = head.init(jax.random.PRNGKey(0), jnp.zeros((1, ts_, ts_, 3)))
+    ckpt_dir = os.path.join(workdir, "checkpoints", "loo_main")
+    extra["model"] = {"encoder_params": experiments.count_params(ae["variables"]["params"]),
+                      "head_params": experiments.count_params(hv["params"]["head"]),
+                      "loo_checkpoint_dir": ckpt_dir,
+                      "loo_checkpoint_bytes": experiments.dir_bytes(ckpt_dir),
+                      "loo_checkpoint_note": "all folds' heads stacked, plus the frozen encoder and the data "
+                                             "iterator, up to checkpoint.max_to_keep steps"}
+    extra["figures"] = figures
+    return extra

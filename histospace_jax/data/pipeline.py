@@ -90,12 +90,17 @@ def train_loader(source, *, global_batch_size: int, seed: int, num_epochs: int |
     per_process = global_batch_size // jax.process_count()
     if per_process * jax.process_count() != global_batch_size:
         raise ValueError(f"global batch {global_batch_size} does not split over {jax.process_count()} processes")
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shard_options=shard_options(shard_by_process), shuffle=True,
-        num_epochs=num_epochs, seed=seed)
+    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=grain.sharding.NoSharding(),
+                                          shuffle=True, num_epochs=num_epochs, seed=seed)
+    if shard_by_process and jax.process_count() > 1:
+        # Process p reads rows [p*b, (p+1)*b) of every global batch of the single-process stream, so N
+        # processes train on exactly the batches one process would (see distributed.ProcessSliceSampler).
+        from histospace_jax.distributed import ProcessSliceSampler
+
+        sampler = ProcessSliceSampler(sampler, global_batch_size, jax.process_index(), jax.process_count())
     return grain.DataLoader(data_source=source, sampler=sampler,
                             operations=[grain.transforms.Batch(per_process, drop_remainder=True)],
-                            worker_count=worker_count)
+                            worker_count=worker_count, shard_options=grain.sharding.NoSharding())
 
 
 def ordered_batches(source, batch_size: int, pad_to_multiple: int = 1):

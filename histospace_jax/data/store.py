@@ -126,7 +126,7 @@ class TileStore:
         if missing:
             raise StoreError(
                 f"{self.path}: {len(missing)} requested gene(s) not in this store, e.g. {missing[:10]}. "
-                "Prepare the store with the same gene list (prepare --genes-from=OTHER_STORE) or drop them."
+                "Prepare the store with the same gene list (prepare --genes_from=OTHER_STORE) or drop them."
             )
         return np.array([lookup[g] for g in genes], dtype=np.int64)
 
@@ -309,6 +309,10 @@ class StoreWriter:
         for row in zip(*(columns[c] for c in OBS_COLUMNS)):
             self._obs_writer.writerow([_format_obs_value(v) for v in row])
         self.n = new_n
+
+    def update_manifest(self, **entries) -> None:
+        """Adds manifest entries known only while writing (e.g. final counts); written by close()."""
+        self._manifest.update(entries)
 
     def close(self) -> str:
         """Writes the manifest and moves the finished store into place; returns its path."""

@@ -33,7 +33,6 @@ EDGE_MODES = ("pad", "drop")
 DEFAULT_TILE_UM = 100.0  # default tile side in micrometres: one ST spot diameter (100 um)
 DEFAULT_MIN_TISSUE_IMAGES = 0.5
 MOSTLY_TISSUE = 0.5  # a tile is "tissue" in the report when at least half its pixels are tissue
-NO_EXPRESSION_GENE = "NO_EXPRESSION"
 CHUNK = 64  # crops normalised at a time: bounds the float64 OD buffers to ~25 MB at 128 px
 
 
@@ -216,7 +215,12 @@ def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
 
 def pass1_section(src: SectionSource, opts: PrepareOptions) -> dict:
     if src.format == "images":
-        width, height = image_size(src.image_path) if not opts.skip_unreadable else _size_or_zero(src.image_path)
+        try:
+            width, height = image_size(src.image_path)
+        except IngestError as e:
+            if not opts.skip_unreadable:
+                raise IngestError(f"{e} (or pass --skip_unreadable to leave such images out)") from e
+            width, height = 0, 0  # pass 2 meets the same failure and records the image as skipped
         return {"info": _section_info(src, opts, opts.source_mpp, "given by --source_mpp", width, height)}
     s = load_section(src, opts)
     stats = expression.section_gene_stats(s.table.counts, s.library_size, opts.norm_scale, opts.log_base)
@@ -231,13 +235,6 @@ def pass1_section(src: SectionSource, opts: PrepareOptions) -> dict:
         "reader_notes": {k: v for k, v in s.table.notes.items() if k not in ("labels_file",)},
     })
     return {"info": info, "stats": stats}
-
-
-def _size_or_zero(path: str) -> tuple[int, int]:
-    try:
-        return image_size(path)
-    except IngestError:
-        return 0, 0
 
 
 def _section_info(src, opts, mpp, how, width, height) -> dict:
@@ -268,7 +265,9 @@ class SlideNormaliser:
             raise IngestError(f"{path}: grayscale image (mode {mode}); stain normalisation needs colour. Re-export it "
                               "in colour, pass --stain=none, or leave it out with --sections.")
         sample = images.sample_pixels(rgb)
-        self.percentiles = colour.channel_percentiles(sample, opts.colour_percentile) if opts.colour_cast else None
+        # Percentiles are always computed: tissue detection runs on cast-corrected pixels even with --nocolour_cast.
+        self.detect_percentiles = colour.channel_percentiles(sample, opts.colour_percentile)
+        self.percentiles = self.detect_percentiles if opts.colour_cast else None
         if self.percentiles is not None:
             sample = colour.remove_colour_cast(sample, self.percentiles)
         self.params = None
@@ -282,15 +281,25 @@ class SlideNormaliser:
                                       "shows H&E-stained tissue, or pass --stain=none.") from e
                 self.fallback = str(e)
 
+    def tissue_fraction(self, crops: np.ndarray) -> np.ndarray:
+        """Fraction of tissue pixels per crop, judged on cast-corrected pixels at source resolution."""
+        out = np.zeros(len(crops))
+        for a in range(0, len(crops), CHUNK):
+            x = colour.remove_colour_cast(crops[a:a + CHUNK], self.detect_percentiles)
+            out[a:a + CHUNK] = images.tissue_mask(_to_uint8(x)).reshape(len(x), -1).mean(axis=1)
+        return out
+
     def __call__(self, crops: np.ndarray) -> np.ndarray:
+        """Cast-corrected, stain-normalised copies of uint8 crops [n, s, s, 3]."""
         out = np.empty_like(crops)
         for a in range(0, len(crops), CHUNK):
-            x = crops[a:a + CHUNK].astype(np.float32)
+            x = crops[a:a + CHUNK]
             if self.percentiles is not None:
-                x = colour.remove_colour_cast(x, self.percentiles)
+                # Rounded back to uint8 between the steps: the stain step then takes the table-look-up fast path.
+                x = _to_uint8(colour.remove_colour_cast(x, self.percentiles))
             if self.params is not None:
-                x = stain.normalise(x, self.method, self.params, self.reference)
-            out[a:a + CHUNK] = np.clip(np.rint(x), 0, 255).astype(np.uint8)
+                x = _to_uint8(stain.normalise(x, self.method, self.params, self.reference))
+            out[a:a + CHUNK] = x
         return out
 
     def describe(self) -> dict:
@@ -300,6 +309,10 @@ class SlideNormaliser:
         if self.fallback:
             d["stain_fit_failed"] = self.fallback
         return d
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
 def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
@@ -312,9 +325,9 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
                           f"{s.width}x{s.height}; the file is corrupt, download it again.")
     norm = SlideNormaliser(rgb, mode, opts, reference, src.image_path)
     crops = images.cut_crops(rgb, s.x0, s.y0, s.box)
+    tissue = norm.tissue_fraction(crops)
     tiles = images.resize_tiles(norm(crops), opts.tile_size)
     del crops
-    tissue = images.tissue_fraction(tiles)
     keep = tissue >= opts.resolved_min_tissue
     dense, missing = t.counts.dense_columns(genes)
     expr = expression.normalise(dense, s.library_size, opts.norm_scale, opts.log_base)
@@ -357,9 +370,10 @@ def pass2_image(src: SectionSource, opts: PrepareOptions, genes: list[str],
     h, w = rgb.shape[:2]
     box = images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(opts.source_mpp))
     x0, y0, cols, rows = image_folder.grid_boxes(w, h, box)
-    tiles = images.resize_tiles(norm(images.cut_crops(rgb, x0, y0, box)), opts.tile_size) if len(x0) else \
+    crops = images.cut_crops(rgb, x0, y0, box)
+    tissue = norm.tissue_fraction(crops)
+    tiles = images.resize_tiles(norm(crops), opts.tile_size) if len(x0) else \
         np.zeros((0, opts.tile_size, opts.tile_size, 3), np.uint8)
-    tissue = images.tissue_fraction(tiles)
     keep = tissue >= opts.resolved_min_tissue
     thumb = report.thumbnail_png(rgb, {"kept": (x0[keep], y0[keep]), "background": (x0[~keep], y0[~keep])}, box,
                                  None, opts.thumbnail_px)
@@ -471,7 +485,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
                                      "selection",
                      "formula": "log_b(1 + counts / library_size * scale)"}
     if opts.format == "images":
-        genes, selection = [NO_EXPRESSION_GENE], {"mode": "none (image-only store; expression is a zero placeholder)"}
+        genes, selection = [], {"mode": "none (image-only store: no expression columns)"}
         expr_settings = {"has_expression": False}
     else:
         genes, selection, other = choose_genes(opts, stats)
@@ -534,6 +548,9 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
             "sections": entries,
         }
         report.write_report(w.tmp_path, rep)
+        w.update_manifest(report={k: rep[k] for k in ("n_sections", "n_sections_skipped", "n_spots", "dropped",
+                                                       "padded", "tiles_mostly_tissue_fraction",
+                                                       "tissue_fraction_mean")})
     return rep
 
 

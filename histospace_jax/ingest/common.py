@@ -181,6 +181,10 @@ def split_lines(text: str) -> list[str]:
 def parse_numbers(fields: Sequence[str], path: str, row: str, names: Sequence[str], what: str) -> np.ndarray:
     """Parses `fields` as floats; a non-numeric entry raises naming the file, the row and the column."""
     try:
+        return np.array(fields, dtype=np.int64).astype(np.float64)  # counts are integers: the fast path
+    except ValueError:
+        pass
+    try:
         return np.array(fields, dtype=np.float64)
     except ValueError:
         for name, value in zip(names, fields):

@@ -20,10 +20,12 @@ from histospace_jax.ingest.common import IngestError
 Image.MAX_IMAGE_PIXELS = 2_000_000_000
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-# A pixel counts as tissue when its darkest channel is below this (glass/background is near-white, >= ~220 after
-# colour-cast removal) and it is not near-black (pen marks, scanner borders).
-TISSUE_MAX_MIN_CHANNEL = 210
+# A pixel counts as tissue when its optical density summed over R, G, B (natural log, glass = 0) exceeds this, on
+# colour-cast-corrected pixels: glass, including the tinted halo of HER2ST slides, stays below ~0.18, while pale
+# stroma and the membranes of adipose tissue lie above. Near-black pixels (pen, scanner borders) are not tissue.
+TISSUE_MIN_OD_SUM = 0.2
 TISSUE_MIN_MAX_CHANNEL = 30
+_OD_TABLE = (-np.log((np.arange(256) + 1.0) / 256.0)).astype(np.float32)
 
 
 def file_sha256(path: str) -> str:
@@ -74,10 +76,13 @@ def is_grayscale_mode(mode: str) -> bool:
 
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Boolean mask of tissue pixels in RGB uint8 [..., 3]: not near-white and not near-black."""
-    lo = rgb.min(axis=-1)
-    hi = rgb.max(axis=-1)
-    return (lo < TISSUE_MAX_MIN_CHANNEL) & (hi > TISSUE_MIN_MAX_CHANNEL)
+    """Boolean mask of tissue pixels in colour-cast-corrected RGB [..., 3] (uint8 or float in [0, 255])."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8:
+        od_sum = _OD_TABLE[rgb].sum(axis=-1)
+    else:
+        od_sum = -np.log((rgb.astype(np.float32) + 1.0) / 256.0).sum(axis=-1)
+    return (od_sum > TISSUE_MIN_OD_SUM) & (rgb.max(axis=-1) > TISSUE_MIN_MAX_CHANNEL)
 
 
 def tissue_fraction(tiles: np.ndarray) -> np.ndarray:

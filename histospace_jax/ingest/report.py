@@ -40,7 +40,7 @@ def thumbnail_png(rgb: np.ndarray, boxes: dict[str, tuple[np.ndarray, np.ndarray
             cx, cy = x / factor, y / factor
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(0, 0, 0))
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=False)
+    im.save(buf, format="PNG", compress_level=1)  # fast; thumbnails are inspected, not archived
     return buf.getvalue()
 
 

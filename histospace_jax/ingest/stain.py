@@ -63,9 +63,17 @@ def builtin_reference() -> StainParams:
                        BUILTIN_MAX_CONC.copy())
 
 
+# OD of every uint8 intensity: uint8 images convert by table look-up instead of a logarithm per pixel.
+_OD_TABLE = -np.log((np.arange(256, dtype=np.float64) + 1.0) / 256.0)
+
+
 def rgb_to_od(rgb: np.ndarray) -> np.ndarray:
-    """Optical density, float64 [..., 3], floored at 0 (nothing is brighter than glass)."""
-    return np.maximum(-np.log((np.asarray(rgb, dtype=np.float64) + 1.0) / 256.0), 0.0)
+    """Optical density [..., 3], floored at 0 (nothing is brighter than glass). uint8 in -> float32 out (table
+    look-up, the fast path for tiles); anything else -> float64."""
+    rgb = np.asarray(rgb)
+    if rgb.dtype == np.uint8:
+        return _OD_TABLE.astype(np.float32)[rgb]
+    return np.maximum(-np.log((rgb.astype(np.float64) + 1.0) / 256.0), 0.0)
 
 
 def od_to_rgb(od: np.ndarray) -> np.ndarray:
@@ -102,14 +110,15 @@ def macenko_stain_matrix(od: np.ndarray, alpha: float = ANGLE_PERCENTILE) -> np.
 
 def _lstsq_conc(od: np.ndarray, stain: np.ndarray) -> np.ndarray:
     """Least-squares concentrations: od [n, 3] ~= C [n, 2] @ stain [2, 3]."""
-    return od @ np.linalg.pinv(stain)
+    return od @ np.linalg.pinv(stain).astype(od.dtype)
 
 
 def _sparse_code(od: np.ndarray, stain: np.ndarray, lam: float, n_iter: int = 30,
                  init: np.ndarray | None = None) -> np.ndarray:
     """Non-negative lasso per pixel, vectorised: min_C 0.5||od - C S||^2 + lam |C|_1, C >= 0 (projected ISTA)."""
+    stain = stain.astype(od.dtype)
     gram = stain @ stain.T
-    step = 1.0 / max(float(np.linalg.eigvalsh(gram)[-1]), 1e-12)
+    step = 1.0 / max(float(np.linalg.eigvalsh(gram.astype(np.float64))[-1]), 1e-12)
     target = od @ stain.T
     c = np.maximum(_lstsq_conc(od, stain), 0.0) if init is None else init
     for _ in range(n_iter):
@@ -129,13 +138,16 @@ def vahadane_stain_matrix(od: np.ndarray, lam: float = VAHADANE_LAMBDA, n_iter: 
     conc = _sparse_code(od, stain, lam, n_iter=10)
     for _ in range(n_iter):
         conc = _sparse_code(od, stain, lam, n_iter=5, init=conc)
-        # Dictionary step: non-negative least squares for S (2 atoms x 3 channels, solved then projected).
-        new = np.linalg.lstsq(conc, od, rcond=None)[0] if np.linalg.matrix_rank(conc) == 2 else stain
-        new = np.maximum(new, 0.0)
-        norms = np.linalg.norm(new, axis=1)
+        # Dictionary step: projected gradient on S (S >= 0), then rows back to unit norm with C rescaled so the
+        # product C S is unchanged. Gradient steps, not a full least-squares solve, keep the alternation stable.
+        gram = conc.T @ conc
+        step = 1.0 / max(float(np.linalg.eigvalsh(gram)[-1]), 1e-12)
+        for _ in range(5):
+            stain = np.maximum(stain - step * (gram @ stain - conc.T @ od), 0.0)
+        norms = np.linalg.norm(stain, axis=1)
         if (norms < 1e-8).any():
-            break  # an atom died (all its pixels explained by the other); keep the last good dictionary
-        stain = new / norms[:, None]
+            raise StainFitError("a stain vector vanished during dictionary learning")
+        stain = stain / norms[:, None]
         conc = conc * norms[None, :]
     return _order_he(stain[0], stain[1])
 
@@ -158,14 +170,26 @@ def estimate(method: str, pixels: np.ndarray) -> StainParams:
 
 
 def normalise(rgb: np.ndarray, method: str, source: StainParams, target: StainParams) -> np.ndarray:
-    """Re-stains RGB [..., 3] from the `source` stains to the `target` stains; returns float32 in [0, 255]."""
+    """Re-stains RGB [..., 3] from the `source` stains to the `target` stains; returns float32 in [0, 255].
+
+    uint8 input takes the fast float32 path (OD by table look-up)."""
     shape = np.shape(rgb)
-    od = rgb_to_od(np.asarray(rgb).reshape(-1, 3))
+    rgb = np.asarray(rgb)
+    ratio = target.max_conc / source.max_conc
+    if method == "macenko" and rgb.dtype == np.uint8:
+        # Macenko is linear in OD: od_new = od @ M with M = pinv(S_src) diag(ratio) S_ref (3 x 3). For uint8 input
+        # od @ M is a sum of three per-channel tables, avoiding large (n, 3) @ (3, k) products.
+        m = np.linalg.pinv(source.stain_matrix) @ np.diag(ratio) @ target.stain_matrix
+        tables = (_OD_TABLE[:, None, None] * m[None]).astype(np.float32)  # [256 intensities, 3 in, 3 out]
+        flat = rgb.reshape(-1, 3)
+        od_new = tables[flat[:, 0], 0] + tables[flat[:, 1], 1] + tables[flat[:, 2], 2]
+        return od_to_rgb(od_new).reshape(shape).astype(np.float32)
+    od = rgb_to_od(rgb.reshape(-1, 3))
     if method == "macenko":
         conc = _lstsq_conc(od, source.stain_matrix)
     elif method == "vahadane":
         conc = _sparse_code(od, source.stain_matrix, VAHADANE_CODE_LAMBDA)
     else:
         raise ValueError(f"unknown stain method {method!r}; use one of {METHODS}")
-    conc = conc * (target.max_conc / source.max_conc)[None, :]
-    return od_to_rgb(conc @ target.stain_matrix).reshape(shape).astype(np.float32)
+    conc = conc * ratio.astype(conc.dtype)[None, :]
+    return od_to_rgb(conc @ target.stain_matrix.astype(conc.dtype)).reshape(shape).astype(np.float32)

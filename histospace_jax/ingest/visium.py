@@ -170,7 +170,10 @@ def _finish(path, barcodes, ids, names, types, rows, gene_idx, values, use_ids) 
     new_col = np.cumsum(is_gex) - 1
     keep = is_gex[gene_idx]
     genes = [(i if use_ids else n) for i, n, g in zip(ids, names, is_gex) if g]
-    return CountMatrix.from_coo(genes, len(barcodes), rows[keep], new_col[gene_idx[keep]], values[keep])
+    counts = CountMatrix.from_coo(genes, len(barcodes), rows[keep], new_col[gene_idx[keep]], values[keep])
+    if len(set(genes)) != len(genes):  # a few symbols name two Ensembl genes in 10x references: sum them
+        counts, _ = counts.rename_genes(genes)
+    return counts
 
 
 def read_section(src: SectionSource, missing_counts: str = "drop", source_mpp: float | None = None,

@@ -1,0 +1,109 @@
+"""Layer shapes, parameter counts and variants of the HistoSPACE models."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from histospace_jax import models
+
+
+def n_params(tree) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
+
+
+def conv_params(k, cin, cout):
+    return k * k * cin * cout + cout
+
+
+@pytest.fixture(scope="module")
+def x():
+    return jnp.zeros((2, 128, 128, 3), jnp.float32)
+
+
+def test_encoder_shapes_and_parameter_count(x):
+    enc = models.Encoder()
+    v = enc.init(jax.random.PRNGKey(0), x)
+    # 3 convs + BatchNorm scale/bias per block, counted by hand: 896+64, 18496+128, 73856+256.
+    expected = sum(conv_params(3, a, b) + 2 * b for a, b in [(3, 32), (32, 64), (64, 128)])
+    assert expected == 93_696
+    assert n_params(v["params"]) == 93_696
+    out = enc.apply(v, x)
+    assert out.shape == (2, 16, 16, 128)
+
+
+@pytest.mark.parametrize("variant,expected", [
+    ("pool", sum(conv_params(3, a, b) for a, b in [(3, 32), (32, 64), (64, 128)])),
+    ("relu", sum(conv_params(3, a, b) for a, b in [(3, 32), (32, 64), (64, 128)])),
+])
+def test_encoder_variants_without_batchnorm(x, variant, expected):
+    v = models.Encoder(variant).init(jax.random.PRNGKey(0), x)
+    assert n_params(v["params"]) == expected
+    assert "batch_stats" not in v
+
+
+def test_relu_variant_clips_negatives_pool_variant_does_not():
+    x = jax.random.normal(jax.random.PRNGKey(1), (1, 32, 32, 3))
+    p = models.Encoder("pool", (4, 4, 4)).init(jax.random.PRNGKey(0), x)
+    out_pool = models.Encoder("pool", (4, 4, 4)).apply(p, x)
+    out_relu = models.Encoder("relu", (4, 4, 4)).apply(p, x)
+    assert float(out_pool.min()) < 0.0
+    assert float(out_relu.min()) >= 0.0
+
+
+def test_autoencoder_reconstructs_in_unit_range(x):
+    ae = models.Autoencoder()
+    v = ae.init(jax.random.PRNGKey(0), x)
+    y = ae.apply(v, jax.random.uniform(jax.random.PRNGKey(2), x.shape))
+    assert y.shape == x.shape
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+    # Decoder: 4x4 transposed convs 128->64->32->3 plus BN scale/bias on the two hidden layers.
+    dec_expected = (16 * 128 * 64 + 64) + (16 * 64 * 32 + 32) + (16 * 32 * 3 + 3) + 2 * (64 + 32)
+    assert n_params(v["params"]["decoder"]) == dec_expected
+
+
+def test_regression_head_default_shapes(x):
+    g = 37
+    hs = models.HistoSpace(n_genes=g)
+    v = hs.init(jax.random.PRNGKey(0), x)
+    head = v["params"]["head"]
+    assert head["conv0"]["Conv_0"]["kernel"].shape == (3, 3, 128, 128)
+    assert head["fc0"]["kernel"].shape == (8192, 256)
+    assert head["out"]["kernel"].shape == (256, g)
+    assert hs.apply(v, x).shape == (2, g)
+    feats = hs.apply(v, x, method="encode")
+    assert feats.shape == (2, 16, 16, 128)
+    # The head on precomputed features equals the full model.
+    np.testing.assert_array_equal(hs.apply(v, feats, method="from_features"), hs.apply(v, x))
+
+
+def test_head_complexity_sweep_keeps_fc_input():
+    hs = models.HistoSpace(n_genes=5, conv_features=(128, 128, 128), fc_features=(512, 256))
+    v = hs.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)))
+    head = v["params"]["head"]
+    assert set(k for k in head if k.startswith("conv")) == {"conv0", "conv1", "conv2"}
+    assert head["fc0"]["kernel"].shape == (8192, 512)
+    assert head["fc1"]["kernel"].shape == (512, 256)
+
+
+def test_unknown_variant_is_rejected(x):
+    with pytest.raises(ValueError, match="unknown autoencoder variant"):
+        models.Encoder("relu_bn_dropout").init(jax.random.PRNGKey(0), x)
+
+
+def test_batchnorm_matches_flax_and_honours_mask():
+    x = jax.random.normal(jax.random.PRNGKey(0), (6, 4, 4, 3)) * 3 + 1
+    ours = models.BatchNorm(use_running_average=False)
+    ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+    v = ours.init(jax.random.PRNGKey(0), x)
+    y, upd = ours.apply(v, x, mutable=["batch_stats"])
+    y_ref, upd_ref = ref.apply(ref.init(jax.random.PRNGKey(0), x), x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], upd_ref["batch_stats"]["mean"], atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], upd_ref["batch_stats"]["var"], rtol=1e-5)
+    # Masked rows do not enter the statistics: same output on kept rows as BN over the kept rows only.
+    mask = jnp.array([1, 1, 0, 1, 0, 1], bool)
+    y_m, _ = ours.apply(v, x.at[2].set(1e6), mask=mask, mutable=["batch_stats"])
+    y_kept, _ = ours.apply(v, x[np.asarray(mask)], mutable=["batch_stats"])
+    np.testing.assert_allclose(y_m[np.asarray(mask)], y_kept, atol=1e-5)

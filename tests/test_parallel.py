@@ -1,0 +1,324 @@
+"""Parallel execution gives the same results as the plain path.
+
+* 4 simulated CPU devices (pmap) vs 1 device: same LOO predictions and autoencoder curve (subprocess).
+* 2 processes on localhost (jax.distributed, gloo CPU collectives) vs 1 process, including an interrupted run
+  that resumes from the multi-process Orbax checkpoints (subprocess).
+* feature cache vs encoder recomputed from tiles; fold-parallel (vmap over folds) vs sequential folds.
+* ProcessSliceSampler: N processes' slices concatenate to the single-process batches; distributed.resolve.
+
+All runs use a tiny demo (32x32 tiles, a narrow encoder) so they take seconds, not minutes.
+This file is also the worker script the subprocess tests start: `python tests/test_parallel.py run ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+TILE = 32
+
+
+def tiny_spec():
+    from histospace_jax.data import demo
+
+    return demo.DemoSpec(n_patients=3, sections_per_patient=1, grid=(6, 6), n_genes=8, tile_size=TILE,
+                         n_pretrain_patients=1, pretrain_grid=(6, 6), seed=1)
+
+
+def tiny_config(demo_root: str, **overrides):
+    from configs import default
+    from histospace_jax.data import demo
+
+    reg, pre = demo.build_demo(demo_root, tiny_spec())
+    c = default.get_config()
+    c.data.store, c.ae.store, c.data.tile_size = reg, pre, TILE
+    c.model.encoder_features = (4, 8, 8)
+    c.model.head_conv_features = (8,)
+    c.model.head_fc_features = (16,)
+    c.ae.epochs, c.ae.batch_size = 2, 8
+    c.train.epochs, c.train.batch_size = 2, 8
+    c.eval_batch_size = 16
+    c.log_every_steps = 1000
+    c.checkpoint.every_steps = 5
+    for k, v in overrides.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ worker
+
+
+def _worker(argv):
+    """run DEMO_ROOT WORKDIR [--proc I N PORT] [--stop-after-saves K] [key=value ...]"""
+    demo_root, workdir, rest = argv[0], argv[1], argv[2:]
+    overrides, proc, stop_after = {}, None, 0
+    i = 0
+    while i < len(rest):
+        if rest[i] == "--proc":
+            proc = tuple(int(x) for x in rest[i + 1:i + 4])
+            i += 4
+        elif rest[i] == "--stop-after-saves":
+            stop_after = int(rest[i + 1])
+            i += 2
+        else:
+            k, v = rest[i].split("=", 1)
+            overrides[k] = json.loads(v)
+            i += 1
+    from histospace_jax import distributed
+
+    if proc is not None:
+        pid, n, port = proc
+        info = distributed.initialize({"coordinator_address": f"localhost:{port}", "num_processes": n,
+                                       "process_id": pid, "initialization_timeout": 120})
+        assert info["process_count"] == n, info
+    import jax
+
+    from histospace_jax import checkpointing, train
+
+    if stop_after:  # simulate a job killed right after its K-th checkpoint (every process stops there)
+        real_save, count = checkpointing.Checkpointer.save, [0]
+
+        def save(self, *a, **kw):
+            real_save(self, *a, **kw)
+            count[0] += 1
+            if count[0] >= stop_after:
+                raise SystemExit(17)
+
+        checkpointing.Checkpointer.save = save
+    config = tiny_config(demo_root, **overrides)
+    train.train_and_evaluate(config, workdir)
+    print(json.dumps({"process": jax.process_index(), "devices": jax.device_count()}), flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _env(n_devices: int = 1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n_devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for k in ("HISTOSPACE_COORDINATOR_ADDRESS", "HISTOSPACE_NUM_PROCESSES", "HISTOSPACE_PROCESS_ID"):
+        env.pop(k, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run(demo_root, workdir, *extra, n_devices=1, expect_rc=0, timeout=300):
+    out = subprocess.run([sys.executable, __file__, "run", demo_root, workdir, *extra], env=_env(n_devices),
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == expect_rc, f"rc={out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def _run_procs(demo_root, workdir, n, *extra, expect_rc=0, timeout=300):
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "run", demo_root, workdir, "--proc", str(i), str(n),
+                               str(port), *extra], env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(n)]
+    outs = []
+    deadline = time.time() + timeout
+    for p in procs:
+        try:
+            o, e = p.communicate(timeout=max(1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append((p.returncode, o, e))
+    for rc, o, e in outs:
+        assert rc == expect_rc, f"rc={rc}\n{o[-3000:]}\n{e[-5000:]}"
+    return outs
+
+
+def _load(workdir):
+    with open(os.path.join(workdir, "results.json")) as f:
+        res = json.load(f)
+    preds = dict(np.load(os.path.join(workdir, "predictions.npz")))
+    return res, preds
+
+
+def _assert_same(a_dir, b_dir, rtol, atol):
+    (ra, pa), (rb, pb) = _load(a_dir), _load(b_dir)
+    assert sorted(pa) == sorted(pb)
+    for k in pa:
+        if k.startswith("pred_"):
+            np.testing.assert_allclose(pb[k], pa[k], rtol=rtol, atol=atol, err_msg=k)
+        else:
+            np.testing.assert_array_equal(pb[k], pa[k], err_msg=k)
+    for fa, fb in zip(ra["folds"], rb["folds"]):
+        assert fa["held_out"] == fb["held_out"]
+        np.testing.assert_allclose(fb["per_spot_pearson"], fa["per_spot_pearson"], rtol=rtol, atol=atol)
+    ca, cb = ra["autoencoder"], rb["autoencoder"]
+    np.testing.assert_allclose(cb["final_train_mse"], ca["final_train_mse"], rtol=rtol, atol=atol)
+    np.testing.assert_allclose(cb["final_val_mse"], ca["final_val_mse"], rtol=rtol, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process, one device: the run every parallel variant must reproduce."""
+    root = tmp_path_factory.mktemp("par")
+    demo_root, work = str(root / "demo"), str(root / "ref")
+    _run(demo_root, work)
+    return demo_root, work, root
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.subprocess
+def test_four_devices_match_one(reference):
+    demo_root, ref, root = reference
+    work = str(root / "dev4")
+    _run(demo_root, work, n_devices=4)
+    _assert_same(ref, work, rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.subprocess
+def test_two_processes_match_one_with_resume(reference):
+    """2 processes x 1 device (gloo) == 1 process; the 2-process job is interrupted after its 6th
+    checkpoint save (inside LOO training) and resumed from the multi-process Orbax checkpoints."""
+    demo_root, ref, root = reference
+    work = str(root / "proc2")
+    _run_procs(demo_root, work, 2, "--stop-after-saves", "6", expect_rc=17)
+    assert not os.path.exists(os.path.join(work, "results.json"))
+    loo_ckpt = os.path.join(work, "checkpoints", "loo_main")
+    steps_saved = sorted(int(d) for d in os.listdir(loo_ckpt) if d.isdigit())
+    assert steps_saved, os.listdir(loo_ckpt)
+    data_files = sorted(os.listdir(os.path.join(loo_ckpt, str(steps_saved[-1]), "data")))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"], data_files
+    outs = _run_procs(demo_root, work, 2)
+    assert "resumed from step" in outs[0][1], outs[0][1][-2000:]
+    assert "resumed from step" not in outs[1][1]  # only process 0 logs
+    _assert_same(ref, work, rtol=2e-3, atol=2e-4)
+
+
+def _assert_close_trained(a, b, frac=0.03):
+    """Trained predictions agree to `frac` of their spread and correlate > 0.999 (a wrong mask, stream or
+    feature set gives differences of the order of the spread itself)."""
+    scale = float(np.std(a)) + 1e-6
+    assert np.max(np.abs(a - b)) <= frac * scale, (np.max(np.abs(a - b)), scale)
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
+
+
+def _in_process_loo(demo_root, workdir, **overrides):
+    """Runs only the LOO stage (fixed random encoder) in this process; returns predictions per fold."""
+    from histospace_jax import reporting, train
+    from histospace_jax.data import open_store
+
+    config = tiny_config(demo_root, **overrides)
+    store = open_store(config.data.store)
+    enc = train.random_encoder_variables(config, seed=3)
+    writer = reporting.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
+    out = train.run_loo(config, workdir, store, enc, writer)
+    return out, enc, store
+
+
+def test_feature_cache_matches_uncached(tmp_path):
+    demo_root = str(tmp_path / "demo")
+    cached, enc, store = _in_process_loo(demo_root, str(tmp_path / "a"), **{"loo.feature_cache": True})
+    uncached, _, _ = _in_process_loo(demo_root, str(tmp_path / "b"), **{"loo.feature_cache": False})
+    assert os.listdir(os.path.join(tmp_path, "a", "cache"))
+    assert not os.path.exists(os.path.join(tmp_path, "b", "cache"))
+    for f in cached["preds"]:
+        # Same features => the same untrained predictions to float rounding. After training, Adam's
+        # normalised first steps can amplify rounding differences (cached vs recomputed encoder) in
+        # near-zero gradients, so trained predictions are compared at a tolerance scaled to their spread.
+        np.testing.assert_allclose(cached["untrained"][f], uncached["untrained"][f], rtol=1e-4, atol=1e-5)
+        _assert_close_trained(cached["preds"][f], uncached["preds"][f])
+    # A cache hit returns the stored features; another encoder gives another key.
+    from histospace_jax import features
+
+    a, pa = features.cached_features(str(tmp_path / "a" / "cache"), store, enc, variant="relu_bn")
+    other = {"params": dict(enc["params"]), "batch_stats": enc["batch_stats"]}
+    other["params"]["block0"] = {**enc["params"]["block0"],
+                                 "Conv_0": {**enc["params"]["block0"]["Conv_0"],
+                                            "bias": enc["params"]["block0"]["Conv_0"]["bias"] + 1.0}}
+    assert features.cache_key(store, other, "relu_bn") != os.path.basename(pa).split("-", 1)[1]
+    assert a.shape == (store.n_spots, TILE // 8, TILE // 8, 8)
+
+
+def test_fold_parallel_matches_sequential(tmp_path):
+    demo_root = str(tmp_path / "demo")
+    together, _, _ = _in_process_loo(demo_root, str(tmp_path / "a"), **{"loo.folds_per_program": 0})
+    one_by_one, _, _ = _in_process_loo(demo_root, str(tmp_path / "b"), **{"loo.folds_per_program": 1})
+    assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["loo_main_0", "loo_main_1", "loo_main_2"]
+    for f in together["preds"]:
+        np.testing.assert_allclose(together["untrained"][f], one_by_one["untrained"][f], rtol=1e-4, atol=1e-5)
+        _assert_close_trained(together["preds"][f], one_by_one["preds"][f])
+    train_huber = lambda o: {(r["fold"], r["epoch"]): r["train_huber"] for r in o["curve"]}  # noqa: E731
+    a, b = train_huber(together), train_huber(one_by_one)
+    assert a.keys() == b.keys()
+    np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-3)
+
+
+def test_process_slice_sampler_reassembles_global_batches():
+    import grain
+
+    from histospace_jax import distributed
+    from histospace_jax.data import pipeline
+
+    src = pipeline.ArraySource({"x": np.arange(53)})
+
+    def batches(p, n, gb):
+        base = grain.samplers.IndexSampler(num_records=len(src), shard_options=grain.sharding.NoSharding(),
+                                           shuffle=True, num_epochs=2, seed=5)
+        s = distributed.ProcessSliceSampler(base, gb, p, n) if n > 1 else base
+        return [b["x"] for b in grain.DataLoader(data_source=src, sampler=s, shard_options=grain.sharding.NoSharding(),
+                                                 operations=[grain.transforms.Batch(gb // n, drop_remainder=True)])]
+
+    one = batches(0, 1, 12)
+    parts = [batches(p, 3, 12) for p in range(3)]
+    assert len(one) == (2 * 53) // 12 and all(len(p) == len(one) for p in parts)
+    for i, b in enumerate(one):
+        np.testing.assert_array_equal(np.concatenate([p[i] for p in parts]), b)
+    with pytest.raises(ValueError, match="does not split"):
+        distributed.ProcessSliceSampler(None, 10, 0, 3)
+
+
+def test_resolve_distributed_settings():
+    from histospace_jax import distributed as d
+
+    assert d.resolve({"mode": "auto"}, {}) is None
+    assert d.resolve({"mode": "off"}, {"HISTOSPACE_COORDINATOR_ADDRESS": "h:1"}) is None
+    kw = d.resolve({}, {"HISTOSPACE_COORDINATOR_ADDRESS": "h:1", "HISTOSPACE_NUM_PROCESSES": "4",
+                        "HISTOSPACE_PROCESS_ID": "2"})
+    assert (kw["coordinator_address"], kw["num_processes"], kw["process_id"]) == ("h:1", 4, 2)
+    assert d.resolve({"mode": "on"}, {}) == {"initialization_timeout": 300}  # auto-detect (Cloud TPU)
+    assert d.resolve({}, {"TPU_WORKER_HOSTNAMES": "a,b"}) is not None
+    assert d.resolve({}, {"TPU_WORKER_HOSTNAMES": "a"}) is None
+    assert d.resolve({}, {"SLURM_NTASKS": "1"}) is None
+    with pytest.raises(ValueError, match="num_processes"):
+        d.resolve({"coordinator_address": "h:1"}, {})
+    with pytest.raises(ValueError, match="outside"):
+        d.resolve({"coordinator_address": "h:1", "num_processes": 2, "process_id": 2}, {})
+    with pytest.raises(ValueError, match="mode"):
+        d.resolve({"mode": "yes"}, {})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "run":
+        _worker(sys.argv[2:])
+    else:
+        sys.exit(f"usage: {sys.argv[0]} run DEMO_ROOT WORKDIR [--proc I N PORT] [key=json ...]")

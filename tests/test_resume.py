@@ -1,0 +1,254 @@
+"""Preemption and resume: SIGKILL at several points then resume equals an uninterrupted run (bit-identical
+results.json without elapsed_s, predictions, curves); SIGTERM checkpoints and exits 75; a NaN loss stops with
+exit 70 and the last good checkpoint intact; an incompatible checkpoint exits 78; 1 vs 2 devices agree.
+
+Every run is a subprocess of `python -m histospace_jax.main` on a tiny demo (32-pixel tiles, 96 spots, 3
+patients), with JAX's persistent compilation cache shared between runs to keep them short.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import glob
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.subprocess
+
+AE_STEPS = 6     # 29 training tiles // 8 = 3 steps/epoch, 2 epochs
+LOO_STEPS = 12   # 96 spots // 16 = 6 steps/epoch, 2 epochs; folds in two groups: main_0 (P1, P2), main_1 (P3)
+
+
+def tiny_args(reg: str, pre: str) -> list[str]:
+    return ["--config=configs/smoke.py", f"--config.data.store={reg}", f"--config.ae.store={pre}",
+            "--config.data.tile_size=32", "--config.model.encoder_features=(4,8,8)",
+            "--config.model.head_conv_features=(8,)", "--config.model.head_fc_features=(8,)",
+            "--config.ae.batch_size=8", "--config.ae.epochs=2", "--config.train.batch_size=16",
+            "--config.train.epochs=2", "--config.loo.folds_per_program=2", "--config.checkpoint.every_steps=2",
+            "--config.log_every_steps=1", "--config.eval_batch_size=32"]
+
+
+class Env:
+    def __init__(self, root: str):
+        from histospace_jax.data import demo
+
+        self.root = root
+        spec = demo.DemoSpec(n_patients=3, sections_per_patient=2, grid=(4, 4), n_genes=8, tile_size=32,
+                             n_pretrain_patients=1, pretrain_grid=(4, 4))
+        self.reg, self.pre = demo.build_demo(os.path.join(root, "demo"), spec)
+        self.cache = os.path.join(root, "jax_cache")
+        self.args = tiny_args(self.reg, self.pre)
+
+    def env(self, fault: str = "", devices: int = 0) -> dict:
+        env = {k: v for k, v in os.environ.items() if k not in ("HISTOSPACE_FAULT", "XLA_FLAGS")}
+        env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=self.cache,
+                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+                   PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+        if fault:
+            env["HISTOSPACE_FAULT"] = fault
+        if devices:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        return env
+
+    def cmd(self, workdir: str, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "histospace_jax.main", *self.args, f"--workdir={workdir}", *extra]
+
+    def run(self, workdir: str, *extra: str, fault: str = "", devices: int = 0, timeout: int = 400):
+        return subprocess.run(self.cmd(workdir, *extra), cwd=REPO_ROOT, env=self.env(fault, devices),
+                              capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """Tiny demo stores, a compile cache and an uninterrupted baseline run, built once per test session
+    (shared by pytest-xdist workers through a lock)."""
+    base = tmp_path_factory.getbasetemp()
+    root = str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) + "/resume_shared"
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        env = Env(root)
+        env.baseline = os.path.join(root, "baseline")
+        if not os.path.exists(os.path.join(env.baseline, "results.json")):
+            shutil.rmtree(env.baseline, ignore_errors=True)
+            r = env.run(env.baseline)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    return env
+
+
+def comparable_results(workdir: str) -> dict:
+    with open(os.path.join(workdir, "results.json")) as f:
+        res = json.load(f)
+    res.pop("elapsed_s")  # wall time: the only field that differs between identical runs
+    return res
+
+
+def assert_same_outputs(workdir: str, baseline: str) -> None:
+    a, b = comparable_results(workdir), comparable_results(baseline)
+    # NaN != NaN in Python, so compare the canonical JSON text.
+    assert json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+    with np.load(os.path.join(workdir, "predictions.npz")) as p, np.load(os.path.join(baseline, "predictions.npz")) as q:
+        assert sorted(p.files) == sorted(q.files)
+        for k in p.files:
+            np.testing.assert_array_equal(p[k], q[k], err_msg=k)
+    for name in ("curves/loo.csv", "curves/ae.csv", "per_gene.csv"):
+        with open(os.path.join(workdir, name)) as f, open(os.path.join(baseline, name)) as g:
+            assert f.read() == g.read(), name
+
+
+def no_temporaries(workdir: str) -> list[str]:
+    return [p for p in glob.glob(os.path.join(workdir, "**", "*"), recursive=True) + 
+            glob.glob(os.path.join(workdir, "**", ".*"), recursive=True)
+            if ".orbax-checkpoint-tmp" in p or p.endswith(".tmp") or ".tmp-" in os.path.basename(p)]
+
+
+def latest_step(ckpt_dir: str):
+    steps = [int(d) for d in os.listdir(ckpt_dir) if d.isdigit()] if os.path.isdir(ckpt_dir) else []
+    return max(steps) if steps else None
+
+
+def killed(r) -> bool:
+    return r.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tiny, tmp_path):
+    wd = str(tmp_path / "wd")
+    # 1. inside autoencoder pretraining, mid-epoch (last checkpoint: step 4, one step into epoch 2)
+    r = tiny.run(wd, fault="ae_step:5")
+    assert killed(r), r.stderr[-2000:]
+    assert latest_step(f"{wd}/checkpoints/ae") == 4
+    assert not os.path.exists(f"{wd}/results.json")
+    # 2. between fold groups (group main_0 finished, main_1 not started)
+    r = tiny.run(wd, fault="after_fold_group:main_0")
+    assert killed(r), r.stderr[-2000:]
+    assert "[ae] resumed from step 4/6" in r.stdout
+    assert latest_step(f"{wd}/checkpoints/loo_main_0") == LOO_STEPS
+    assert latest_step(f"{wd}/checkpoints/loo_main_1") is None
+    # 3. inside a fold group, mid-epoch, one step after a checkpoint
+    r = tiny.run(wd, fault="loo_step:main_1/9")
+    assert killed(r), r.stderr[-2000:]
+    assert "[loo main_0] resumed from step 12/12" in r.stdout
+    assert latest_step(f"{wd}/checkpoints/loo_main_1") == 8
+    # Leftovers of a write killed half-way (as Orbax and the atomic writers leave them): ignored and removed.
+    os.makedirs(f"{wd}/checkpoints/loo_main_1/10.orbax-checkpoint-tmp-1234567/state")
+    with open(f"{wd}/checkpoints/loo_main_1/10.orbax-checkpoint-tmp-1234567/state/garbage", "wb") as f:
+        f.write(b"\0" * 100)
+    with open(f"{wd}/.results.json.abc123.tmp", "w") as f:
+        f.write('{"half": ')
+    r = tiny.run(wd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "[loo main_1] resumed from step 8/12" in r.stdout
+    assert_same_outputs(wd, tiny.baseline)
+    assert no_temporaries(wd) == []
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_time_then_resume_equals_uninterrupted(tiny, tmp_path):
+    wd = str(tmp_path / "wd")
+    rng = random.Random(os.getpid() ^ int(time.time()))
+    for attempt in range(2):  # kill twice at random moments after training has started
+        proc = subprocess.Popen(tiny.cmd(wd), cwd=REPO_ROOT, env=tiny.env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        for line in proc.stdout:
+            if "] step " in line:
+                break
+        time.sleep(rng.uniform(0.0, 3.0))
+        proc.kill()
+        proc.communicate()
+    r = tiny.run(wd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert_same_outputs(wd, tiny.baseline)
+    assert no_temporaries(wd) == []
+
+
+@pytest.mark.slow
+def test_sigterm_saves_checkpoint_exits_75_and_resumes(tiny, tmp_path):
+    wd = str(tmp_path / "wd")
+    # A real SIGTERM from outside while the autoencoder trains.
+    proc = subprocess.Popen(tiny.cmd(wd), cwd=REPO_ROOT, env=tiny.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "[ae] step 1/" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out.append(proc.communicate(timeout=300)[0])
+    text = "".join(out)
+    assert proc.returncode == 75, text[-3000:]
+    assert "checkpoint saved at step" in text and "Rerun the same command" in text
+    ae_step = latest_step(f"{wd}/checkpoints/ae")
+    assert ae_step is not None and 1 <= ae_step < AE_STEPS
+    # SIGTERM at an odd LOO step, where no regular checkpoint is due: the preemption checkpoint is step 5.
+    r = tiny.run(wd, fault="loo_sigterm:main_0/5")
+    assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"[ae] resumed from step {ae_step}/{AE_STEPS}" in r.stdout
+    assert latest_step(f"{wd}/checkpoints/loo_main_0") == 5
+    assert "exit code 75" in r.stderr
+    r = tiny.run(wd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "[loo main_0] resumed from step 5/12" in r.stdout
+    assert_same_outputs(wd, tiny.baseline)
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tiny, tmp_path):
+    wd = str(tmp_path / "wd")
+    r = tiny.run(wd, fault="ae_nan:3")
+    assert r.returncode == 70, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "non-finite training loss" in r.stderr and "at step 3" in r.stderr
+    assert f"of {tiny.pre}" in r.stderr and "rows [" in r.stderr
+    assert f"{wd}/checkpoints/ae step 2" in r.stderr
+    assert latest_step(f"{wd}/checkpoints/ae") == 2
+    r = tiny.run(wd, fault="loo_nan:main_0/7")
+    assert r.returncode == 70, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "at step 7" in r.stderr and "holding out ['P1', 'P2']" in r.stderr
+    assert f"{wd}/checkpoints/loo_main_0 step 6" in r.stderr
+    assert latest_step(f"{wd}/checkpoints/loo_main_0") == 6
+    assert not os.path.exists(f"{wd}/results.json")
+    # The last good checkpoint is intact: the next run resumes from it and matches the uninterrupted run.
+    r = tiny.run(wd)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "[loo main_0] resumed from step 6/12" in r.stdout
+    assert_same_outputs(wd, tiny.baseline)
+
+
+def test_checkpoint_from_incompatible_config_is_refused(tiny, tmp_path):
+    wd = str(tmp_path / "wd")
+    shutil.copytree(tiny.baseline, wd)
+    r = tiny.run(wd, "--config.model.head_fc_features=(16,)")
+    assert r.returncode == 78, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"{wd}/checkpoints/loo_main_0" in r.stderr
+    assert "model.head_fc_features: checkpoint [8] vs now [16]" in r.stderr
+    assert "new --workdir" in r.stderr
+    with open(os.path.join(wd, "results.json")) as f, open(os.path.join(tiny.baseline, "results.json")) as g:
+        assert f.read() == g.read()
+
+
+@pytest.mark.slow
+def test_two_devices_match_one_device_within_tolerance(tiny, tmp_path):
+    wd = str(tmp_path / "wd")
+    r = tiny.run(wd, devices=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "devices=2" in r.stdout
+    a, b = comparable_results(wd), comparable_results(tiny.baseline)
+    # Same batches, same per-step global means; only float summation order differs between 1 and 2 devices.
+    for k in ("per_gene_pearson", "per_spot_pearson", "mse"):
+        assert abs(a["summary"][k] - b["summary"][k]) <= 1e-3 * max(1.0, abs(b["summary"][k])), k
+    with np.load(os.path.join(wd, "predictions.npz")) as p, np.load(os.path.join(tiny.baseline, "predictions.npz")) as q:
+        for key in p.files:
+            if key.startswith("pred_"):
+                np.testing.assert_allclose(p[key], q[key], rtol=1e-3, atol=1e-3, err_msg=key)
