@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import time
 
@@ -22,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import checkpointing, features, metrics, models, reporting, stats, steps
+from histospace_jax import checkpointing, features, metrics, reporting, stats, steps
 from histospace_jax.data import open_store
 
 # HER2ST patients E-H are the STNet patients below (same tissue, re-released): evaluating a HER2ST-trained
@@ -154,7 +153,7 @@ def plot_clusters(path: str, x, y, is_cancer: np.ndarray, clusters: np.ndarray, 
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(name, fontsize=9)
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2, frameon=False)
     fig.suptitle(title, fontsize=9)
     reporting.save_figure(fig, path)
 
@@ -336,7 +335,8 @@ def train_head_on_all(config, workdir: str, feats: np.ndarray, expression: np.nd
 
     n, g = expression.shape
     plan = train.FoldPlan(patients=["(all)", "(none held out)"], spot_patient=np.zeros(n, np.int32), folds=[1])
-    res = train.train_folds(config, workdir, columns={"features": feats, "expression": expression}, plan=plan,
+    res = train.train_folds(config, workdir, columns={"features": feats, "expression": expression},
+                            expression=expression, plan=plan,
                             encoder_variables=encoder_variables, fold_group=[0], tag=tag, writer=writer)
     state = _restore_head(config, workdir, tag, g, encoder_variables)
     return state, res["curve"]

@@ -83,6 +83,13 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
                   create=True).result()
     arr.write(feats).result()
     if os.path.exists(path):
-        shutil.rmtree(path)
-    os.rename(tmp, path)
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:
+        # Several processes of a multi-host job sharing this directory wrote the same features (same key);
+        # another one renamed its copy first. Keep that one.
+        if not os.path.exists(os.path.join(path, "zarr.json")):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return feats, path

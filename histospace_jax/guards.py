@@ -347,6 +347,21 @@ def check_compatible(directory: str, step: int, current: dict) -> dict:
     return meta
 
 
+def check_restored_like(restored, template, directory: str, step) -> None:
+    """Orbax restores a stored array with its stored shape even when the template's differs; refuse that."""
+    import jax
+
+    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    want = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(template)[0]}
+    diff = [f"{k}: checkpoint {got.get(k)} vs now {want.get(k)}" for k in sorted(set(got) | set(want))
+            if got.get(k) != want.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"{directory} (step {step}): array shapes differ from the current model ({len(diff)}, e.g. "
+            f"{'; '.join(diff[:3])}); it was written by a run with a different model or data. Use a new "
+            "--workdir or delete that directory.")
+
+
 def gene_list_mismatch(train_genes: list[str], eval_genes: list[str], train_path: str, eval_path: str) -> str:
     """'' when both stores list the same genes in the same order, else a message naming the difference."""
     if list(train_genes) == list(eval_genes):

@@ -71,6 +71,8 @@ def _exit_code(e: BaseException):
         return guards.EXIT_INCOMPATIBLE
     if isinstance(e, (StoreError, IngestError)):
         return guards.EXIT_BAD_INPUT
+    if isinstance(e, guards.WorkdirError):
+        return guards.EXIT_WORKDIR
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
         return guards.EXIT_WORKDIR
     return None

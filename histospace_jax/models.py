@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from histospace_jax.layers import UpConv, max_pool_2x2
+from histospace_jax.layers import ConvSame, UpConv, max_pool_2x2_first
 
 VARIANTS = ("pool", "relu", "relu_bn")
 
@@ -81,18 +81,20 @@ class ConvBlock(nn.Module):
     use_bn: bool = True
     use_relu: bool = True
     pool: bool = True
-    axis_name: str | None = None  # set under pmap so BatchNorm statistics are averaged across devices
+    axis_name: str | None = None  # set under pmap so BatchNorm statistics are global across devices
+    conv_impl: str = "fast"  # "fast": same function as nn.Conv, kernel gradient as one matmul (XLA:CPU)
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
-        x = nn.Conv(self.features, (3, 3), padding="SAME")(x)
+        # Named like nn.Conv's auto-name so parameter trees (and checkpoints) do not depend on conv_impl.
+        x = ConvSame(self.features, (3, 3), impl=self.conv_impl, name="Conv_0")(x)
         if self.use_bn:
             # `mask` excludes rows (padding, a held-out patient) from the batch statistics.
             x = BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x, mask)
         if self.use_relu:
             x = nn.relu(x)
         if self.pool:
-            x = max_pool_2x2(x)
+            x = max_pool_2x2_first(x)
         return x
 
 

@@ -133,10 +133,16 @@ def read_spots(path: str) -> dict:
         raise PredictError(f"{path}: missing column(s) {missing}; columns found: {list(rows[0])}.")
     out = {"pixel_x": np.array([float(r["pixel_x"]) for r in rows]),
            "pixel_y": np.array([float(r["pixel_y"]) for r in rows])}
-    out["spot_id"] = np.array([r.get("spot_id") or f"spot{i}" for i, r in enumerate(rows)])
-    if "array_x" in rows[0] and "array_y" in rows[0]:
-        out["array_x"] = np.array([float(r["array_x"]) for r in rows])
-        out["array_y"] = np.array([float(r["array_y"]) for r in rows])
+    # Array (grid) coordinates: array_x/array_y, or x/y as in ST spot files (`*_selection.tsv`).
+    ax, ay = ("array_x", "array_y") if "array_x" in rows[0] else ("x", "y")
+    if ax in rows[0] and ay in rows[0]:
+        out["array_x"] = np.array([float(r[ax]) for r in rows])
+        out["array_y"] = np.array([float(r[ay]) for r in rows])
+    default_ids = [f"{r[ax]}x{r[ay]}" if ax in r else f"spot{i}" for i, r in enumerate(rows)]
+    out["spot_id"] = np.array([r.get("spot_id") or d for r, d in zip(rows, default_ids)])
+    if "selected" in rows[0]:  # ST spot files: only spots under tissue
+        keep = np.array([r["selected"].strip() in ("1", "1.0", "True", "true") for r in rows])
+        out = {k: v[keep] for k, v in out.items()}
     return out
 
 
@@ -327,6 +333,10 @@ def main(argv):
 
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    import logging
+
+    for name in ("orbax", "absl"):  # Orbax logs every restore at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
     F = flags.FLAGS
     try:
         predict_slide(F.checkpoint, F.image, F.output, spots_csv=F.spots, grid_step_um=F.grid_step_um,

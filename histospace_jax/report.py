@@ -186,7 +186,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
         for w in e.get("warnings", []):
             lines += [f"> {w}", ""]
         lines += [f"Overlap check: `{json.dumps(e['overlap'])}`", ""]
-        lines += [_md_table(METRIC_HEADER, _metric_rows("test set", e, e["test"]["n_spots"])), ""]
+        lines += [_md_table(METRIC_HEADER, _metric_rows("test set", _ext_block(e), e["test"]["n_spots"])), ""]
         lines += [f"- {k}: {v}" for k, v in CONTROL_NOTES.items() if k in e.get("controls", {})] + [""]
         lines += ["## Genes by per-gene r", "", "Top 10:", "", _md_table(["gene", "r"], e["top_genes"]), "",
                   "Bottom 10:", "", _md_table(["gene", "r"], e["bottom_genes"]), "",
@@ -233,9 +233,14 @@ def ae_study_table(results: dict) -> str:
     return "Autoencoder variants\n" + reporting.format_table(_ae_rows(results), AE_HEADER)
 
 
+def _ext_block(e: dict) -> dict:
+    return {**e["model"], "controls": e["controls"]}
+
+
 def external_table(results: dict) -> str:
     e = results["external"]
-    rows = [r[1:] for r in _metric_rows("test", e, e["test"]["n_spots"])]
+    rows = [[c.strip("*") if isinstance(c, str) else c for c in r[1:]]
+            for r in _metric_rows("test", _ext_block(e), e["test"]["n_spots"])]
     title = f"External test: {e['train']['patients']} -> {e['test']['patients']}"
     if e["train"].get("synthetic") or e["test"].get("synthetic"):
         title += "  [SYNTHETIC DATA]"

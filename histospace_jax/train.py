@@ -115,6 +115,7 @@ def pretrain_autoencoder(config, workdir: str, store_path: str, writer: reportin
     if ckpt.latest_step() is not None:
         guards.check_compatible(ckpt.directory, ckpt.latest_step(), compat)
         restored, meta = ckpt.restore(None, checkpointing.state_dict(state), data_iterator=it)
+        guards.check_restored_like(restored, checkpointing.state_dict(state), ckpt.directory, ckpt.latest_step())
         state = checkpointing.load_state_dict(state, restored)
         curve = meta.get("curve", [])
         # The running mean since the last epoch boundary, so the resumed curve equals the uninterrupted one.
@@ -310,6 +311,8 @@ def train_folds(config, workdir: str, *, columns: dict, expression: np.ndarray, 
     if ckpt.latest_step() is not None:
         guards.check_compatible(ckpt.directory, ckpt.latest_step(), compat)
         restored, meta = ckpt.restore(None, checkpointing.state_dict(_stack_host(stacked)), data_iterator=it)
+        guards.check_restored_like(restored, checkpointing.state_dict(_stack_host(stacked)), ckpt.directory,
+                                   ckpt.latest_step())
         host = checkpointing.load_state_dict(_stack_host(stacked), restored)
         rstates = steps.replicate(host)
         curve = meta.get("curve", [])

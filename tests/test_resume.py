@@ -26,7 +26,7 @@ from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.subprocess
 
-AE_STEPS = 6     # 29 training tiles // 8 = 3 steps/epoch, 2 epochs
+AE_STEPS = 8     # 16 pretraining tiles // 4 = 4 steps/epoch, 2 epochs
 LOO_STEPS = 12   # 96 spots // 16 = 6 steps/epoch, 2 epochs; folds in two groups: main_0 (P1, P2), main_1 (P3)
 
 
@@ -34,7 +34,7 @@ def tiny_args(reg: str, pre: str) -> list[str]:
     return ["--config=configs/smoke.py", f"--config.data.store={reg}", f"--config.ae.store={pre}",
             "--config.data.tile_size=32", "--config.model.encoder_features=(4,8,8)",
             "--config.model.head_conv_features=(8,)", "--config.model.head_fc_features=(8,)",
-            "--config.ae.batch_size=8", "--config.ae.epochs=2", "--config.train.batch_size=16",
+            "--config.ae.batch_size=4", "--config.ae.epochs=2", "--config.train.batch_size=16",
             "--config.train.epochs=2", "--config.loo.folds_per_program=2", "--config.checkpoint.every_steps=2",
             "--config.log_every_steps=1", "--config.eval_batch_size=32"]
 
@@ -62,7 +62,11 @@ class Env:
         return env
 
     def cmd(self, workdir: str, *extra: str) -> list[str]:
-        return [sys.executable, "-m", "histospace_jax.main", *self.args, f"--workdir={workdir}", *extra]
+        """The tiny run's command line; `extra` flags replace the same keys' defaults (absl would append
+        a repeated tuple-valued --config flag rather than replace it)."""
+        keys = {e.split("=", 1)[0] for e in extra}
+        args = [a for a in self.args if a.split("=", 1)[0] not in keys]
+        return [sys.executable, "-m", "histospace_jax.main", *args, f"--workdir={workdir}", *extra]
 
     def run(self, workdir: str, *extra: str, fault: str = "", devices: int = 0, timeout: int = 400):
         return subprocess.run(self.cmd(workdir, *extra), cwd=REPO_ROOT, env=self.env(fault, devices),
@@ -89,9 +93,11 @@ def tiny(tmp_path_factory):
 
 
 def comparable_results(workdir: str) -> dict:
+    """results.json without wall time (elapsed_s) and with the workdir path replaced by a placeholder (the
+    only fields that differ between identical runs in different workdirs)."""
     with open(os.path.join(workdir, "results.json")) as f:
-        res = json.load(f)
-    res.pop("elapsed_s")  # wall time: the only field that differs between identical runs
+        res = json.loads(f.read().replace(os.path.abspath(workdir), "<WORKDIR>"))
+    res.pop("elapsed_s")
     return res
 
 
@@ -126,15 +132,15 @@ def killed(r) -> bool:
 @pytest.mark.slow
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tiny, tmp_path):
     wd = str(tmp_path / "wd")
-    # 1. inside autoencoder pretraining, mid-epoch (last checkpoint: step 4, one step into epoch 2)
-    r = tiny.run(wd, fault="ae_step:5")
+    # 1. inside autoencoder pretraining, mid-epoch (last checkpoint: step 6, two steps into epoch 2)
+    r = tiny.run(wd, fault="ae_step:7")
     assert killed(r), r.stderr[-2000:]
-    assert latest_step(f"{wd}/checkpoints/ae") == 4
+    assert latest_step(f"{wd}/checkpoints/ae") == 6
     assert not os.path.exists(f"{wd}/results.json")
     # 2. between fold groups (group main_0 finished, main_1 not started)
     r = tiny.run(wd, fault="after_fold_group:main_0")
     assert killed(r), r.stderr[-2000:]
-    assert "[ae] resumed from step 4/6" in r.stdout
+    assert "[ae] resumed from step 6/8" in r.stdout
     assert latest_step(f"{wd}/checkpoints/loo_main_0") == LOO_STEPS
     assert latest_step(f"{wd}/checkpoints/loo_main_1") is None
     # 3. inside a fold group, mid-epoch, one step after a checkpoint

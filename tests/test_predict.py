@@ -1,0 +1,81 @@
+"""predict.py on a synthetic slide with known spot positions: one row per spot, in the spots file's order,
+each row the model's output on that spot's tile."""
+
+import csv
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+
+from histospace_jax import checkpointing, models, predict
+
+
+def _model_dir(path, genes=("G0", "G1", "G2")):
+    model = models.HistoSpace(n_genes=len(genes), variant="relu_bn", encoder_features=(4, 4, 8),
+                              conv_features=(8,), fc_features=(16,))
+    variables = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))))
+    ck = checkpointing.Checkpointer(os.path.join(path, "checkpoint"), max_to_keep=1)
+    ck.save(0, variables)
+    ck.close()
+    info = {"format": "histospace-model", "genes": list(genes),
+            "model": {"variant": "relu_bn", "encoder_features": [4, 4, 8], "head_conv_features": [8],
+                      "head_fc_features": [16], "dropout_rate": 0.0},
+            "tile_size": 16, "microns_per_pixel": 1.0, "colour_cast": {"enabled": False},
+            "stain_normalisation": {"method": "none"}}
+    with open(os.path.join(path, "model.json"), "w") as f:
+        json.dump(info, f)
+    return model, variables
+
+
+def test_predict_one_row_per_spot_in_order(tmp_path):
+    from PIL import Image
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model, variables = _model_dir(str(model_dir))
+    rng = np.random.default_rng(0)
+    slide = np.full((120, 160, 3), 235, np.uint8)
+    centres = [(20 + 30 * i, 20 + 25 * j) for j in range(4) for i in range(5)]
+    for k, (x, y) in enumerate(centres):  # a distinct textured patch under every spot
+        slide[y - 8:y + 8, x - 8:x + 8] = rng.integers(30, 220, size=(16, 16, 3))
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    order = rng.permutation(len(centres))
+    with open(tmp_path / "spots.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["spot_id", "pixel_x", "pixel_y"])
+        for k in order:
+            w.writerow([f"s{k}", centres[k][0], centres[k][1]])
+    out = tmp_path / "out"
+    summary = predict.predict_slide(str(model_dir), str(tmp_path / "slide.png"), str(out),
+                                    spots_csv=str(tmp_path / "spots.csv"), source_mpp=1.0, genes="G1",
+                                    batch_size=8, log=lambda m: None)
+    assert summary["n_predicted"] == len(centres)
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["spot_id"] for r in rows] == [f"s{k}" for k in order]
+    tiles = np.stack([slide[centres[k][1] - 8:centres[k][1] + 8, centres[k][0] - 8:centres[k][0] + 8] for k in order])
+    expected = np.asarray(model.apply(variables, models.to_unit_range(tiles), False))
+    got = np.array([[float(r[g]) for g in ("G0", "G1", "G2")] for r in rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    zarr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "predictions.zarr")}}).result()
+    np.testing.assert_allclose(zarr.read().result(), expected, rtol=1e-5, atol=1e-6)
+    assert (out / "overlay_G1.png").exists()
+    assert not any(p.name.startswith("out.tmp") for p in tmp_path.iterdir())
+
+
+def test_predict_grid_mode_skips_background(tmp_path):
+    from PIL import Image
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    _model_dir(str(model_dir))
+    slide = np.full((64, 64, 3), 250, np.uint8)
+    slide[:32, :32] = np.random.default_rng(0).integers(60, 160, size=(32, 32, 3))  # tissue-ish, top-left
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    s = predict.predict_slide(str(model_dir), str(tmp_path / "slide.png"), str(tmp_path / "o"), grid_step_um=16,
+                              source_mpp=1.0, batch_size=4, log=lambda m: None)
+    assert s["n_positions"] == 16
+    assert 0 < s["n_predicted"] < 16
