@@ -455,7 +455,7 @@ def run_external(config, workdir: str, store_a_path: str, ae_store: str | None, 
                     truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr),
                 "untrained_head": metrics.full_regression_metrics(truth, predict_features(init_state, fb), fdr)}
     control_r = {}
-    if config.loo.random_encoder_control:
+    if train.random_encoder_control_on(config):
         rv = train.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb = feats_of(store_a, rv)[rows_a], feats_of(store_b, rv)[rows_b]
         rstate, _ = train_head_on_all(config, workdir, ra, expr_a, rv, writer, "external_random_encoder")

@@ -87,7 +87,13 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
         # Named like nn.Conv's auto-name so parameter trees (and checkpoints) do not depend on conv_impl.
-        x = ConvSame(self.features, (3, 3), impl=self.conv_impl, name="Conv_0")(x)
+        x = ConvSame(self.features, (3, 3), impl=self.conv_impl, use_bias=False, name="Conv_0")(x)
+        # The conv bias (kept so the architecture and its parameter count match the paper's) is followed by
+        # BatchNorm, which removes any constant shift: its exact gradient is zero. Making that zero exact
+        # matters: Adam would otherwise turn float rounding noise into +-learning-rate steps, so results
+        # would depend on summation order (device count, fold grouping).
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        x = x + (jax.lax.stop_gradient(bias) if self.use_bn else bias)
         if self.use_bn:
             # `mask` excludes rows (padding, a held-out patient) from the batch statistics.
             x = BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x, mask)

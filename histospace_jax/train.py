@@ -63,6 +63,31 @@ def resolve_stores(config, workdir: str) -> tuple[str, str | None, dict]:
     return reg, (config.ae.store or pre), {"name": "demo (synthetic)", "synthetic": True}
 
 
+DEMO_HEAD_EPOCHS = 3  # keeps the README demo within ~10 minutes on a 2-core CPU
+REAL_HEAD_EPOCHS = 10
+
+
+def apply_schedule_defaults(config) -> None:
+    """Resolves train.epochs = 0 ("auto"): REAL_HEAD_EPOCHS on a user's store, DEMO_HEAD_EPOCHS on the demo."""
+    if config.train.epochs <= 0:
+        demo = not config.data.store
+        config.train.epochs = DEMO_HEAD_EPOCHS if demo else REAL_HEAD_EPOCHS
+        log(f"train.epochs=auto -> {config.train.epochs} ({'synthetic demo' if demo else 'real store'}); "
+            "set --config.train.epochs=N to choose")
+
+
+def random_encoder_control_on(config) -> bool:
+    value = config.loo.random_encoder_control
+    if isinstance(value, bool):
+        return value
+    value = str(value).lower()
+    if value == "auto":
+        return bool(config.data.store)
+    if value in ("on", "off"):
+        return value == "on"
+    raise ValueError(f"loo.random_encoder_control={value!r}: use 'on', 'off' or 'auto'")
+
+
 def _model_kwargs(config) -> dict:
     m = config.model
     return dict(variant=m.variant, encoder_features=tuple(m.encoder_features))
@@ -546,6 +571,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     log(f"histospace_jax: mode={config.mode} workdir={workdir} devices={jax.local_device_count()} "
         f"({jax.devices()[0].platform}) processes={jax.process_count()}")
     store_path, ae_store, dataset = resolve_stores(config, workdir)
+    apply_schedule_defaults(config)
     if config.mode == "pretrain_ae":
         ae = pretrain_autoencoder(config, workdir, ae_store or store_path, writer)
         results = {"mode": "pretrain_ae", "dataset": dataset, "autoencoder": ae["summary"],
@@ -584,7 +610,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ae = pretrain_autoencoder(config, workdir, ae_store or store_path, writer)
     loo = run_loo(config, workdir, store, ae["variables"], writer)
     extra_controls = {}
-    if config.loo.get("random_encoder_control", False):
+    if random_encoder_control_on(config):
         log("[loo] control: the same heads on a randomly initialised (untrained) encoder")
         extra_controls["random_encoder"] = run_loo(
             config, workdir, store, random_encoder_variables(config, config.loo.random_encoder_seed), writer,

@@ -297,8 +297,7 @@ def test_feature_cache_matches_uncached(tmp_path):
     a, pa = features.cached_features(str(tmp_path / "a" / "cache"), store, enc, variant="relu_bn")
     other = {"params": dict(enc["params"]), "batch_stats": enc["batch_stats"]}
     other["params"]["block0"] = {**enc["params"]["block0"],
-                                 "Conv_0": {**enc["params"]["block0"]["Conv_0"],
-                                            "bias": enc["params"]["block0"]["Conv_0"]["bias"] + 1.0}}
+                                 "Conv_0": {"kernel": enc["params"]["block0"]["Conv_0"]["kernel"] + 1.0}}
     assert features.cache_key(store, other, "relu_bn") != os.path.basename(pa).split("-", 1)[1]
     assert a.shape == (store.n_spots, TILE // 8, TILE // 8, 8)
 

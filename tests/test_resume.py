@@ -252,9 +252,12 @@ def test_two_devices_match_one_device_within_tolerance(tiny, tmp_path):
     assert "devices=2" in r.stdout
     a, b = comparable_results(wd), comparable_results(tiny.baseline)
     # Same batches, same per-step global means; only float summation order differs between 1 and 2 devices.
+    # Adam normalises near-zero gradients, so rounding differences grow to ~1% of the predictions over a
+    # run: the stated tolerance (README) is 0.01 on summary metrics and 0.02 + 2% on predictions.
     for k in ("per_gene_pearson", "per_spot_pearson", "mse"):
-        assert abs(a["summary"][k] - b["summary"][k]) <= 1e-3 * max(1.0, abs(b["summary"][k])), k
+        assert abs(a["summary"][k] - b["summary"][k]) <= 1e-2 * max(1.0, abs(b["summary"][k])), k
     with np.load(os.path.join(wd, "predictions.npz")) as p, np.load(os.path.join(tiny.baseline, "predictions.npz")) as q:
         for key in p.files:
             if key.startswith("pred_"):
-                np.testing.assert_allclose(p[key], q[key], rtol=1e-3, atol=1e-3, err_msg=key)
+                np.testing.assert_allclose(p[key], q[key], rtol=2e-2, atol=2e-2, err_msg=key)
+                assert np.corrcoef(p[key].ravel(), q[key].ravel())[0, 1] > 0.999, key
