@@ -66,12 +66,17 @@ def _provenance(results: dict) -> list[str]:
             with open(os.path.join(store, "manifest.json")) as f:
                 m = json.load(f)
             prov = m.get("provenance", {})
-            lines.append(f"- source: {m.get('source_format', '?')} from `{prov.get('input', '?')}` "
-                         f"(prepared {prov.get('created', '?')})")
-            stain = m.get("stain_normalisation", {})
-            lines.append(f"- tiles: {m.get('tile_size')} px at {m.get('microns_per_pixel')} um/px; colour cast "
-                         f"removal {m.get('colour_cast', {}).get('enabled', '?')}; stain normalisation "
-                         f"{stain.get('method', '?')}")
+            if m.get("synthetic"):
+                lines.append(f"- source: {m.get('note', 'synthetic generator')} ({prov.get('generator', '')})")
+                lines.append(f"- tiles: {m.get('tile_size')} px, rendered directly (no colour-cast removal or "
+                             "stain normalisation applied)")
+            else:
+                lines.append(f"- source: {m.get('source_format', '?')} from `{prov.get('input', '?')}` "
+                             f"(prepared {prov.get('created', '?')})")
+                stain = m.get("stain_normalisation", {})
+                lines.append(f"- tiles: {m.get('tile_size')} px at {m.get('microns_per_pixel')} um/px; colour "
+                             f"cast removal {m.get('colour_cast', {}).get('enabled', '?')}; stain "
+                             f"normalisation {stain.get('method', '?')}")
             lines.append(f"- expression: {m.get('expression', {}).get('formula', m.get('expression'))}")
         except (OSError, json.JSONDecodeError):
             pass

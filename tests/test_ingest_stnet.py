@@ -120,6 +120,7 @@ def _rewrite_counts(root, sec, fn):
     ("non_numeric", r"is not a number"),
     ("negative", r"negative count"),
     ("duplicate", r"appears twice"),
+    ("nan", r"is not a finite number"),
 ])
 def test_bad_counts_name_file_row_and_fix(tmp_path, kind, match):
     root = str(tmp_path / "rel")
@@ -131,6 +132,8 @@ def test_bad_counts_name_file_row_and_fix(tmp_path, kind, match):
             fields[3] = "n/a"
         elif kind == "negative":
             fields[3] = "-2"
+        elif kind == "nan":
+            fields[3] = "nan"
         lines[5] = "\t".join(fields)
         if kind == "duplicate":
             lines.append(lines[5])
@@ -186,3 +189,37 @@ def test_existing_store_needs_overwrite(stnet_store, tmp_path):
     with pytest.raises(IngestError, match="--overwrite"):
         build.prepare(_opts(rel, store.path))
     assert json.load(open(os.path.join(store.path, "manifest.json"))) == before
+
+
+def test_truncated_gz_names_file_and_leaves_no_store(tmp_path):
+    root = str(tmp_path / "rel")
+    write_stnet(root)
+    path = os.path.join(root, "BC1", "BC1_C1_stdata.tsv.gz")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(IngestError, match="truncated or corrupt, download it again") as e:
+        build.prepare(_opts(root, tmp_path / "store"))
+    assert path in str(e.value)
+    assert sorted(os.listdir(tmp_path)) == ["rel"]
+
+
+def test_all_zero_spot_is_dropped_and_counted(tmp_path):
+    root = str(tmp_path / "rel")
+    write_stnet(root)
+    zeroed = {}
+
+    def zero_one_spot(lines):
+        fields = lines[5].split("\t")
+        zeroed["key"] = fields[0]
+        lines[5] = "\t".join([fields[0]] + ["0"] * (len(fields) - 1))
+        return lines
+
+    _rewrite_counts(root, "BC1_C1", zero_one_spot)
+    rep = build.prepare(_opts(root, tmp_path / "store"))
+    section = [e for e in rep["sections"] if e.get("section") == "BC1_C1"][0]
+    assert section["dropped"].get("zero_library") == 1
+    store = open_store(tmp_path / "store")
+    ids = set(store.obs["spot_id"][store.obs["section"] == "BC1_C1"])
+    assert zeroed["key"] not in ids and len(ids) > 0
+    assert np.isfinite(store.expression[:]).all()

@@ -232,6 +232,12 @@ def read_count_table(path: str, wanted_rows: set[str] | None = None, row_key=lam
                 "the file is truncated or malformed, download it again."
             )
         values = parse_numbers(fields, path, key, genes, "count")
+        if not np.isfinite(values).all():
+            j = int(np.argmax(~np.isfinite(values)))
+            raise IngestError(
+                f"{path}: row {key!r}, gene {genes[j]!r}: count {fields[j]!r} is not a finite number; counts must "
+                "be raw non-negative UMI/read counts. Fix the value or remove the row."
+            )
         if (values < 0).any():
             j = int(np.argmax(values < 0))
             raise IngestError(
