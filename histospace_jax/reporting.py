@@ -8,7 +8,7 @@ import json
 import math
 import os
 import time
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from histospace_jax.checkpointing import write_bytes_atomic, write_text_atomic
 

@@ -21,16 +21,13 @@ on the same stream (same results, less memory).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
 
 from histospace_jax import checkpointing, features, guards, metrics, models, reporting, steps
 from histospace_jax.data import demo, open_store, pipeline
@@ -274,10 +271,6 @@ def make_fold_predict():
         return jax.vmap(lambda s: steps.predict_step(s, b))(states)
 
     return jax.pmap(predict, axis_name=AXIS)
-
-
-def _stack(trees):
-    return jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
 def _head_model(config, n_genes: int) -> models.HistoSpace:
