@@ -16,7 +16,7 @@ Python, since torch is only in the optional `bench` extra):
   on cached features (what the LOO actually runs);
 * tiles/s of inference (frozen encoder + head, eval mode);
 * wall time of a complete leave-one-patient-out (all folds, fixed epochs, same batch size and random frozen
-  encoder seed) on a small demo store and on a HER2ST store when available: this project (train.run_loo:
+  encoder seed) on a small demo store and on a HER2ST store when available: this project (modes/loo.train_all_folds:
   feature cache computed once, all folds in one program, compilation included) vs the PyTorch protocol
   (torch_reference.torch_loo_protocol: folds one after the other, encoder recomputed every step).
 
@@ -141,7 +141,8 @@ def jax_steps(batch: int, genes: int, repeats: int) -> dict:
 
     out["reg_step_s"] = _median_s(run_reg, repeats)
 
-    feats = jax.jit(lambda s, im: steps.encode_step(s, im))(rbox[0], x)
+    enc_vars = {"params": rbox[0].params["encoder"], "batch_stats": rbox[0].batch_stats["encoder"]}
+    feats = jax.jit(lambda v, im: steps.encode_step(models.Encoder(), v, im))(enc_vars, x)
     fbox = [jax.tree_util.tree_map(jnp.array, rbox[0])]
 
     def run_reg_cached():
@@ -169,11 +170,11 @@ def jax_loo(store_path: str, workdir: str, epochs: int, batch: int) -> dict:
     """Complete LOO with this project's protocol, from an empty workdir (feature cache and compile included)."""
     import jax
 
-    from configs import default
-    from histospace_jax import reporting, train
+    from histospace_jax import builders, config as config_lib, metric_log
     from histospace_jax.data import open_store
+    from histospace_jax.modes import loo
 
-    c = default.get_config()
+    c = config_lib.get_config()
     c.data.store = store_path
     c.train.epochs, c.train.batch_size = epochs, batch
     c.eval_batch_size = 128
@@ -181,9 +182,9 @@ def jax_loo(store_path: str, workdir: str, epochs: int, batch: int) -> dict:
     c.checkpoint.every_steps = 10 ** 9  # checkpoints at epoch ends only, as a real run
     t0 = time.perf_counter()
     store = open_store(store_path)
-    enc = train.random_encoder_variables(c, seed=0)
-    writer = reporting.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
-    out = train.run_loo(c, workdir, store, enc, writer)
+    enc = builders.random_encoder_variables(c, seed=0)
+    writer = metric_log.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
+    out = loo.train_all_folds(c, workdir, store, enc, writer)
     jax.effects_barrier()
     wall = time.perf_counter() - t0
     return {"jax_s": wall, "n_spots": int(store.n_spots), "n_folds": len(out["plan"].folds),

@@ -8,7 +8,7 @@ and the final MSE in results.json (paper, ICIAR tiles: 0.0048, 0.0034, 0.002). W
 demo pretraining store (SYNTHETIC) or data.store.
 """
 
-from configs import default
+from histospace_jax import config as default
 
 
 def get_config():

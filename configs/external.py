@@ -13,11 +13,11 @@ E-H == STNet BC23567/BC23810/BC23903/BC24044, source-image and tile hashes; over
 out unless external.exclude_overlap=False), and exports WORKDIR/model/ for `python -m histospace_jax.predict`.
 """
 
-from configs import default
+from histospace_jax import config as default
 
 
 def get_config():
     c = default.get_config()
     c.mode = "external"
-    c.loo.random_encoder_control = True
+    c.loo.random_encoder_control = "on"
     return c

@@ -9,7 +9,7 @@ The paper's head-complexity sweep: --config.model.head_conv_features=128,128,128
 --config.model.head_fc_features=1024 (wider FC); run one workdir per head.
 """
 
-from configs import default
+from histospace_jax import config as default
 
 
 def get_config():

@@ -3,7 +3,7 @@ real tiles, e.g. from `prepare --format=images` on ICIAR/BACH. The checkpoint la
 The paper's three-variant study (curves, reconstruction grids, final MSE per variant): configs/ae_study.py,
 or --config.mode=ae_study here."""
 
-from configs import default
+from histospace_jax import config as default
 
 
 def get_config():

@@ -1,6 +1,6 @@
 """The LOO path end to end on a tiny synthetic demo: minutes-scale on a CPU, for smoke tests."""
 
-from configs import default
+from histospace_jax import config as default
 
 
 def get_config():

@@ -1,16 +1,21 @@
-"""Checkpoints (Orbax) and atomic file writes.
+"""Checkpoints: the only module that talks to Orbax.
 
 A checkpoint holds, together and at the same step, the train state (any pytree of arrays), the Grain
-iterator position and a small JSON of progress, so a resumed job continues with exactly the next batch.
-Orbax writes each step into a temporary directory and renames it when complete: a killed job leaves either
-the previous checkpoint or the new one, never a half-written one.
+iterator position and a small JSON of progress (`meta`), so a resumed job continues with exactly the next
+batch. Orbax writes each step into a temporary directory and renames it when complete: a killed job leaves
+either the previous checkpoint or the new one, never a half-written one.
+
+Resuming is guarded: `meta['compat']` records the settings a checkpoint depends on (`compat_signature`), and
+`Checkpointer.restore_checked` refuses a checkpoint written under other settings (ConfigMismatchError) or
+with other array shapes (Orbax alone would silently restore the stored shapes). A state with NaN/Inf
+parameters is never saved, so the last checkpoint is always a good one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
 from typing import Any
 
 import flax
@@ -19,26 +24,40 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from histospace_jax.errors import CheckpointError, ConfigMismatchError, NonFiniteError
 
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the directory and what to do."""
+# Config keys that decide what a checkpoint holds (prefix match on dotted keys). Everything else (logging,
+# checkpoint cadence, eval batch size, paths, workers, distribution, reporting) may change between runs.
+AE_KEYS = ("seed", "data.tile_size", "model.variant", "model.encoder_features", "model.upconv_impl",
+           "ae.epochs", "ae.batch_size", "ae.learning_rate", "ae.weight_decay", "ae.val_fraction")
+HEAD_KEYS = ("seed", "data.tile_size", "model.", "train.", "loo.feature_cache")
+_NEVER = ("ae.store", "ae.checkpoint")  # paths
 
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False):
         self.directory = os.path.abspath(directory)
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                 enable_async_checkpointing=False),
-        )
+        options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
+                   ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                enable_async_checkpointing=False))
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def reached_preemption(self, step: int) -> bool:
+        """Multi-process jobs: True at the step all processes agreed to stop at (JAX's preemption sync)."""
+        return bool(self._manager.reached_preemption(step))
+
     def save(self, step: int, state: Any, *, data_iterator=None, meta: dict | None = None) -> None:
-        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)),
-                 "meta": ocp.args.JsonSave(meta or {})}
+        bad = nonfinite_leaves(state)
+        if bad:
+            last = self.latest_step()
+            raise NonFiniteError(
+                f"parameters became NaN/Inf by step {step} ({len(bad)} arrays, e.g. {bad[:3]}); training stopped "
+                f"and this state was NOT saved. Last good checkpoint: {self.directory} step {last}. Fix: lower the "
+                "learning rate or check the input data, then rerun (resumes from that checkpoint).")
+        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)), "meta": ocp.args.JsonSave(meta or {})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -61,6 +80,23 @@ class Checkpointer:
             ) from e
         return restored["state"], dict(restored["meta"] or {})
 
+    def read_meta(self, step: int) -> dict:
+        try:
+            return dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                        or {})
+        except Exception as e:  # unreadable meta: the checkpoint cannot be trusted
+            raise CheckpointError(f"{self.directory} (step {step}): cannot read the checkpoint ({e}); use a new "
+                                  "--workdir or delete that directory.") from e
+
+    def restore_checked(self, template: Any, compat: dict, *, data_iterator=None) -> tuple[Any, dict]:
+        """The latest checkpoint, refused (with every differing setting or shape named) when it was written under
+        other settings than `compat` or holds other array shapes than `template`."""
+        step = self.latest_step()
+        check_compatible(self.directory, step, self.read_meta(step), compat)
+        restored, meta = self.restore(step, template, data_iterator=data_iterator)
+        check_restored_like(restored, template, self.directory, step)
+        return restored, meta
+
     def close(self) -> None:
         self._manager.close()
 
@@ -78,42 +114,75 @@ def load_state_dict(template, restored: dict):
     return flax.serialization.from_state_dict(template, restored)
 
 
-def write_bytes_atomic(path: str, data: bytes) -> None:
-    """Writes via a temporary file in the same directory and renames it into place."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def nonfinite_leaves(tree) -> list[str]:
+    """Paths of the array leaves of `tree` holding NaN or Inf."""
+    bad = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(leaf)
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            bad.append(jax.tree_util.keystr(path))
+    return bad
 
 
-def write_text_atomic(path: str, text: str) -> None:
-    write_bytes_atomic(path, text.encode())
+# ------------------------------------------------------------------------------------------------ compatibility
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1, allow_nan=True, default=_json_default) + "\n")
+def _plain(v):
+    return json.loads(json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
-def save_npz_atomic(path: str, **arrays) -> None:
-    import io
+def compat_signature(config, keys: tuple[str, ...], **extra) -> dict:
+    """The settings (dotted key -> JSON value) a checkpoint depends on, plus `extra` facts (e.g. row counts)."""
+    flat = _flat(config.to_dict())
+    sig = {k: v for k, v in flat.items()
+           if any(k == p or (p.endswith(".") and k.startswith(p)) for p in keys) and k not in _NEVER}
+    sig.update(extra)
+    return _plain(sig)
 
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    write_bytes_atomic(path, buf.getvalue())
+
+def tree_digest(tree) -> str:
+    """SHA-1 of a pytree's array bytes (e.g. the frozen encoder a head checkpoint was trained on)."""
+    h = hashlib.sha1()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(path)}{a.dtype}{a.shape}".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_compatible(directory: str, step: int, meta: dict, current: dict) -> None:
+    """Raises ConfigMismatchError naming every setting that differs between `meta['compat']` and `current`.
+    Checkpoints without a recorded signature are accepted (the shape check still applies)."""
+    saved = meta.get("compat")
+    if saved is None:
+        return
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
+            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if diff:
+        raise ConfigMismatchError(
+            f"{directory} (step {step}) was written with different settings: " + "; ".join(diff) +
+            ". Resuming would mix two configurations. Fix: rerun with the original settings, or use a new "
+            "--workdir, or delete that checkpoint directory to start this part again.")
+
+
+def check_restored_like(restored, template, directory: str, step) -> None:
+    """Orbax restores a stored array with its stored shape even when the template's differs; refuse that."""
+    got = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    want = {jax.tree_util.keystr(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(template)[0]}
+    diff = [f"{k}: checkpoint {got.get(k)} vs now {want.get(k)}" for k in sorted(set(got) | set(want))
+            if got.get(k) != want.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"{directory} (step {step}): array shapes differ from the current model ({len(diff)}, e.g. "
+            f"{'; '.join(diff[:3])}); it was written by a run with a different model or data. Use a new "
+            "--workdir or delete that directory.")

@@ -15,8 +15,8 @@ On CPU, cross-process collectives need an implementation: `cpu_collectives` ("gl
 
 Data: `ProcessSliceSampler` gives process p rows [p*b, (p+1)*b) of every global batch of the single-process
 stream (b = global batch / process count), so N processes see exactly the batches one process would see.
-Outputs: only the primary process (index 0) writes results and logs (`is_primary`); every process takes part
-in Orbax checkpoint saves (Orbax synchronises them and writes shared items once).
+Outputs: only the primary process (index 0) writes results and logs; every process takes part in Orbax
+checkpoint saves (Orbax synchronises them and writes shared items once).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import numpy as np
+import grain
+import jax
+# Private, but the public initialize() only reports the same mistake less specifically.
+from jax._src import xla_bridge
 
 ENV_COORDINATOR = "HISTOSPACE_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "HISTOSPACE_NUM_PROCESSES"
@@ -100,13 +103,9 @@ def initialize(cfg: Any = None) -> dict:
 
     Returns {'process_index', 'process_count', 'initialized'}. Calling it again is a no-op.
     """
-    import jax
-
     kwargs = resolve(cfg)
     collectives = str(_get(cfg, "cpu_collectives", "gloo"))
     if kwargs is not None and not jax.distributed.is_initialized():
-        from jax._src import xla_bridge  # the public initialize() raises the same error, less specifically
-
         if xla_bridge.backends_are_initialized():
             raise RuntimeError("distributed.initialize() was called after JAX touched its devices; call it first "
                                "(histospace_jax.main does) and do not call jax.devices() at import time")
@@ -116,29 +115,6 @@ def initialize(cfg: Any = None) -> dict:
         jax.distributed.initialize(**kwargs)
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "initialized": jax.distributed.is_initialized()}
-
-
-def is_primary() -> bool:
-    import jax
-
-    return jax.process_index() == 0
-
-
-def barrier(name: str) -> None:
-    """Waits until every process reaches the same named point (no-op with one process)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
-
-
-def describe() -> str:
-    import jax
-
-    return (f"process {jax.process_index()}/{jax.process_count()}, local devices {jax.local_device_count()}, "
-            f"global devices {jax.device_count()} ({jax.devices()[0].platform})")
 
 
 def process_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -177,8 +153,6 @@ class ProcessSliceSampler:
         return self._len
 
     def __getitem__(self, index: int):
-        import grain
-
         if index < 0 or index >= self._len:
             raise IndexError(f"ProcessSliceSampler index {index} outside [0, {self._len})")
         meta = self._base[self.global_index(index)]
@@ -187,12 +161,3 @@ class ProcessSliceSampler:
     def __repr__(self) -> str:
         return (f"ProcessSliceSampler(base={self._base!r}, global_batch_size={self._global}, "
                 f"process_index={self._p}, process_count={self._n})")
-
-
-def local_rows_of_global_batch(global_batch: dict, process_index: int, process_count: int) -> dict:
-    """Rows [p*b, (p+1)*b) of a global batch dict (the inverse view of ProcessSliceSampler, for tests)."""
-    out = {}
-    for k, v in global_batch.items():
-        b = process_batch_size(len(v), process_count)
-        out[k] = np.asarray(v)[process_index * b:(process_index + 1) * b]
-    return out

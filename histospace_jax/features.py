@@ -7,6 +7,7 @@ manifest and the encoder's weights: a different store or autoencoder gives a dif
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from histospace_jax import models, steps
+from histospace_jax import console, models, steps
 from histospace_jax.data import pipeline
 
 
@@ -38,8 +39,7 @@ def compute_features(store, encoder_variables: dict, *, variant: str, encoder_fe
     """Encoder features of every spot, float32 [N, h, w, C], in store order."""
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
-    encode = jax.pmap(lambda v, x: models.Encoder(variant, tuple(encoder_features)).apply(
-        v, models.to_unit_range(x), train=False))
+    encode = jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features))))
     variables = steps.replicate(encoder_variables)
     source = pipeline.ArraySource({"image": store.tiles})
     out = None
@@ -93,3 +93,11 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
             raise
         shutil.rmtree(tmp, ignore_errors=True)
     return feats, path
+
+
+def for_config(config, workdir: str, store, encoder_variables: dict) -> np.ndarray:
+    """The features of every spot of `store` under `encoder_variables`, from WORKDIR/cache."""
+    feats, _ = cached_features(os.path.join(workdir, "cache"), store, encoder_variables, variant=config.model.variant,
+                               encoder_features=tuple(config.model.encoder_features),
+                               batch_size=config.eval_batch_size, log=console.log)
+    return feats

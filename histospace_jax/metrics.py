@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from histospace_jax import stats
+
 
 def _pearson_along(a: np.ndarray, b: np.ndarray, axis: int) -> np.ndarray:
     a = np.asarray(a, np.float64)
@@ -80,8 +82,6 @@ def mean_profile_prediction(train_expression: np.ndarray, n: int) -> np.ndarray:
 def gene_significance(y_true: np.ndarray, y_pred: np.ndarray, fdr: float = 0.05) -> dict:
     """Genes whose per-gene r is > 0 and significant at `fdr` (one-sided t-test p-values, Benjamini-Hochberg
     over the genes with a defined r)."""
-    from histospace_jax import stats
-
     r = pearson_per_gene(y_true, y_pred)
     n = int(np.asarray(y_true).shape[0])
     tested = int(np.sum(np.isfinite(r)))

@@ -1,4 +1,5 @@
-r"""Predicted expression for a new H&E slide from a deployable model (WORKDIR/model of an `external` run).
+r"""Predicted expression for a new H&E slide from a deployable model (WORKDIR/model of a `train` or `external`
+run).
 
     python -m histospace_jax.predict --checkpoint=WORKDIR/model --image=SLIDE.jpg --spots=SPOTS.csv --output=OUT
     python -m histospace_jax.predict --checkpoint=WORKDIR/model --image=SLIDE.tif --grid_step_um=100 \
@@ -23,58 +24,32 @@ disk). Output (written to OUT.tmp-*, renamed to OUT when complete):
 from __future__ import annotations
 
 import csv
-import json
+import logging
 import os
 import shutil
+import sys
 import uuid
 
+import jax
 import numpy as np
+import tensorstore as ts
+from absl import app, flags
 
-from histospace_jax import checkpointing
+from histospace_jax import atomic, model_export, models, plots
+from histospace_jax.errors import EXIT_BAD_INPUT, BadInputError
+from histospace_jax.ingest import build, common, slide_io, stain
 
 ST_SPOT_SPACING_UM = 200.0
 
 
-class PredictError(ValueError):
+class PredictError(BadInputError):
     """Bad input to predict; the message names the file and the fix."""
 
 
 # ------------------------------------------------------------------------------------------------ model
 
 
-def load_model(model_dir: str):
-    """(info from model.json, HistoSpace module, variables) of a deployable model directory."""
-    import jax
-    import jax.numpy as jnp
-
-    from histospace_jax import models
-
-    info_path = os.path.join(model_dir, "model.json")
-    try:
-        with open(info_path) as f:
-            info = json.load(f)
-    except FileNotFoundError as e:
-        raise PredictError(f"{info_path}: missing; --checkpoint must be the model/ directory of an `external` run "
-                           "(python -m histospace_jax.main --config=configs/external.py ...).") from e
-    m = info["model"]
-    model = models.HistoSpace(n_genes=len(info["genes"]), variant=m["variant"],
-                              encoder_features=tuple(m["encoder_features"]),
-                              conv_features=tuple(m["head_conv_features"]), fc_features=tuple(m["head_fc_features"]),
-                              dropout_rate=m.get("dropout_rate", 0.0))
-    t = int(info["tile_size"])
-    template = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)))
-    template = jax.tree_util.tree_map(np.asarray, dict(template))
-    ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoint"))
-    variables, _ = ckpt.restore(None, template)
-    ckpt.close()
-    return info, model, variables
-
-
 def make_predict_fn(model, variables):
-    import jax
-
-    from histospace_jax import models
-
     fn = jax.jit(lambda v, x: model.apply(v, models.to_unit_range(x), False))
     return lambda tiles: np.asarray(fn(variables, tiles))
 
@@ -91,14 +66,9 @@ class Preprocessor:
     """
 
     def __init__(self, rgb: np.ndarray, mode: str, info: dict, path: str):
-        from histospace_jax.ingest import build, stain
-
         cc = info.get("colour_cast") or {}
         sn = info.get("stain_normalisation") or {}
         method = sn.get("method", "none") or "none"
-        opts = build.PrepareOptions(format="her2st", input="", output="", tile_size=int(info["tile_size"]),
-                                    colour_cast=bool(cc.get("enabled", False)),
-                                    colour_percentile=float(cc.get("percentile", 99.0)), stain=method)
         reference = None
         if method != "none":
             if "stain_matrix_HE_rgb" in sn:
@@ -107,7 +77,9 @@ class Preprocessor:
             else:
                 reference = stain.builtin_reference()
         self.description = {"colour_cast": cc, "stain_method": method}
-        self._norm = build.SlideNormaliser(rgb, mode, opts, reference, path, allow_fallback=True)
+        self._norm = build.SlideNormaliser(rgb, mode, stain_method=method, colour_cast=bool(cc.get("enabled", False)),
+                                           colour_percentile=float(cc.get("percentile", 99.0)), reference=reference,
+                                           path=path, allow_fallback=True)
 
     def tissue_fraction(self, crops: np.ndarray) -> np.ndarray:
         return self._norm.tissue_fraction(crops)
@@ -155,8 +127,6 @@ def grid_positions(width: int, height: int, step_px: float) -> dict:
 
 
 def fit_mpp_from_grid(spots: dict, path: str) -> float:
-    from histospace_jax.ingest import common
-
     try:
         return common.fit_st_mpp(spots["array_x"], spots["array_y"], spots["pixel_x"], spots["pixel_y"], path)
     except common.IngestError as e:
@@ -171,19 +141,15 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
                   batch_size: int = 64, min_tissue: float = 0.5, thumbnail_px: int = 1024, overwrite: bool = False,
                   log=print) -> dict:
     """Runs the whole prediction; returns a summary dict (also written as OUT/prediction.json)."""
-    import tensorstore as ts
-
-    from histospace_jax.ingest import images
-
     if bool(spots_csv) == bool(grid_step_um):
         raise PredictError("give exactly one of --spots=CSV or --grid_step_um=UM")
     output = os.path.abspath(output)
     if os.path.exists(output) and not overwrite:
         raise PredictError(f"{output}: already exists; pass --overwrite or choose another --output.")
-    info, model, variables = load_model(model_dir)
+    info, model, variables = model_export.load(model_dir)
     predict = make_predict_fn(model, variables)
     gene_names = list(info["genes"])
-    rgb, mode = images.read_rgb(image)
+    rgb, mode = slide_io.read_rgb(image)
     height, width = rgb.shape[:2]
     if spots_csv:
         pos = read_spots(spots_csv)
@@ -202,8 +168,8 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
     n = len(pos["pixel_x"])
     mpp = float(info["microns_per_pixel"] or 100.0 / info["tile_size"])
     t = int(info["tile_size"])
-    box = images.source_tile_size(t, mpp, float(source_mpp))
-    x0, y0 = images.crop_boxes(pos["pixel_x"], pos["pixel_y"], box)
+    box = slide_io.source_tile_size(t, mpp, float(source_mpp))
+    x0, y0 = slide_io.crop_boxes(pos["pixel_x"], pos["pixel_y"], box)
     pre = Preprocessor(rgb, mode, info, image)
     log(f"[predict] {image}: {width}x{height} px at {source_mpp:.4f} um/px ({scale_how}); {n} "
         f"{'spots' if spots_csv else 'grid tiles'}; {box}px crops -> {t}px tiles; {len(gene_names)} genes")
@@ -231,13 +197,13 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
             w.writerow(["spot_id", "pixel_x", "pixel_y", "array_x", "array_y"] + gene_names)
             for a in range(0, n, batch_size):
                 idx = np.arange(a, min(n, a + batch_size))
-                crops = images.cut_crops(rgb, x0[idx], y0[idx], box)
+                crops = slide_io.cut_crops(rgb, x0[idx], y0[idx], box)
                 if grid_step_um:
                     keep = pre.tissue_fraction(crops) >= min_tissue
                     idx, crops = idx[keep], crops[keep]
                     if not len(idx):
                         continue
-                tiles = images.resize_tiles(pre(crops), t)
+                tiles = slide_io.resize_tiles(pre(crops), t)
                 pad = (-len(tiles)) % batch_size  # one compiled shape for every batch
                 batch = np.concatenate([tiles, np.repeat(tiles[:1], pad, 0)]) if pad else tiles
                 pred = predict(batch)[:len(tiles)].astype(np.float32)
@@ -259,8 +225,8 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
         overlays = []
         for k, gname in enumerate(shown):
             fname = f"overlay_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in gname)}.png"
-            plot_overlay(os.path.join(tmp, fname), rgb, pos["pixel_x"][rows], pos["pixel_y"][rows], vals[:, k],
-                         gname, box * (1 if spots_csv else 1), thumbnail_px)
+            plots.plot_overlay(os.path.join(tmp, fname), rgb, pos["pixel_x"][rows], pos["pixel_y"][rows], vals[:, k],
+                         gname, box, thumbnail_px)
             overlays.append(fname)
         h5ad = write_h5ad(os.path.join(tmp, "predictions.h5ad"), arr, gene_names, pos, rows, source_mpp, log)
         summary = {"model": os.path.abspath(model_dir), "image": os.path.abspath(image), "image_size": [width, height],
@@ -269,7 +235,7 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
                    "n_positions": int(n), "n_predicted": int(written), "tile_size": t, "crop_px": int(box),
                    "model_microns_per_pixel": mpp, "preprocessing": pre.description, "genes": len(gene_names),
                    "overlays": overlays, "h5ad": h5ad, "trained_on": info.get("trained_on")}
-        checkpointing.write_json_atomic(os.path.join(tmp, "prediction.json"), summary)
+        atomic.write_json(os.path.join(tmp, "prediction.json"), summary)
         if os.path.exists(output):
             shutil.rmtree(output)
         os.rename(tmp, output)
@@ -278,34 +244,6 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
         raise
     log(f"[predict] wrote {output}: {written} rows")
     return summary
-
-
-def plot_overlay(path: str, rgb: np.ndarray, px, py, values, gene: str, box_px: int, thumbnail_px: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    from histospace_jax import reporting
-
-    h, w = rgb.shape[:2]
-    s = thumbnail_px / max(h, w)
-    thumb = np.asarray(Image.fromarray(rgb).resize((max(1, int(w * s)), max(1, int(h * s))),
-                                                   Image.Resampling.BOX))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4), dpi=100)
-    axes[0].imshow(thumb)
-    axes[0].set_title("slide", fontsize=9)
-    axes[1].imshow(thumb, alpha=0.45)
-    marker = max(2.0, (box_px * s * 72 / 100) ** 2 * 0.8)
-    sc = axes[1].scatter(np.asarray(px) * s, np.asarray(py) * s, c=values, s=marker, marker="s", cmap="magma",
-                         alpha=0.85)
-    fig.colorbar(sc, ax=axes[1], fraction=0.046, pad=0.02, label="predicted expression")
-    axes[1].set_title(f"{gene}: predicted expression ({len(values)} tiles)", fontsize=9)
-    for ax in axes:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    reporting.save_figure(fig, path)
 
 
 def write_h5ad(path: str, arr, genes, pos, rows, mpp, log) -> str | None:
@@ -329,12 +267,8 @@ def write_h5ad(path: str, arr, genes, pos, rows, mpp, log) -> str | None:
 
 
 def main(argv):
-    from absl import app, flags
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    import logging
-
     for name in ("orbax", "absl"):  # Orbax logs every restore at INFO
         logging.getLogger(name).setLevel(logging.WARNING)
     F = flags.FLAGS
@@ -342,14 +276,13 @@ def main(argv):
         predict_slide(F.checkpoint, F.image, F.output, spots_csv=F.spots, grid_step_um=F.grid_step_um,
                       source_mpp=F.source_mpp, genes=F.genes, batch_size=F.batch_size, min_tissue=F.min_tissue,
                       thumbnail_px=F.thumbnail_px, overwrite=F.overwrite)
-    except PredictError as e:
-        raise SystemExit(f"predict: {e}")
+    except BadInputError as e:
+        print(f"predict: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_BAD_INPUT)
 
 
 def _define_flags():
-    from absl import flags
-
-    flags.DEFINE_string("checkpoint", None, "Model directory (WORKDIR/model of an `external` run).")
+    flags.DEFINE_string("checkpoint", None, "Model directory (WORKDIR/model of a `train` or `external` run).")
     flags.DEFINE_string("image", None, "H&E slide image (JPEG/PNG/TIFF).")
     flags.DEFINE_string("spots", None, "CSV of spot centres: pixel_x, pixel_y [, spot_id, array_x, array_y].")
     flags.DEFINE_float("grid_step_um", None, "Predict on a regular grid with this step (micrometres).")
@@ -364,7 +297,5 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     app.run(main)

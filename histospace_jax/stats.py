@@ -1,91 +1,24 @@
-"""Statistics in plain NumPy (float64): p-values, FDR, clustering and agreement. Pure functions of arrays.
+"""Statistics for evaluation (float64): Pearson p-values, FDR, clustering and agreement, on top of SciPy.
 
-* `betainc(a, b, x)`: regularized incomplete beta I_x(a, b) by Lentz's continued fraction (Numerical Recipes
-  6.4), with the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly.
-* `t_sf(t, df)`: upper tail of Student's t, P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2 for t >= 0.
-* `pearson_pvalues(r, n)`: p-value of H0: rho = 0 from t = r sqrt((n-2)/(1-r^2)), one-sided (rho > 0, default)
-  or two-sided.
+* `pearson_pvalues(r, n)`: p-value of H0: rho = 0 from t = r sqrt((n-2)/(1-r^2)) (Student's t, n - 2 df),
+  one-sided (rho > 0, default) or two-sided.
 * `benjamini_hochberg(p)`: BH step-up adjusted p-values (q-values); `n_significant_positive(r, n)` counts genes
   with r > 0 whose one-sided p survives BH at the given FDR.
-* `contingency_table`, `adjusted_rand_index` (Hubert & Arabie 1985), `kmeans` (k-means++ seeding, fixed seed),
+* `contingency_table`, `adjusted_rand_index` (Hubert & Arabie 1985), `kmeans` (k-means++ starts, fixed seed),
   `best_agreement` (matches clusters to classes to count agreeing spots, as the paper's "258 of 295").
 """
 
 from __future__ import annotations
 
-import math
+import warnings
 
 import numpy as np
+from scipy import optimize, special
+from scipy import stats as sps
+from scipy.cluster import vq
+from scipy.stats import contingency
 
-_EPS = 1e-15
-_TINY = 1e-300
-
-
-# ----------------------------------------------------------------------------------------------- distributions
-
-
-def _betacf(a: float, b: float, x: float, max_iter: int = 500) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c = 1.0
-    d = 1.0 - qab * x / qap
-    d = _TINY if abs(d) < _TINY else d
-    d = 1.0 / d
-    h = d
-    for m in range(1, max_iter + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = _TINY if abs(d) < _TINY else d
-        c = 1.0 + aa / c
-        c = _TINY if abs(c) < _TINY else c
-        d = 1.0 / d
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = _TINY if abs(d) < _TINY else d
-        c = 1.0 + aa / c
-        c = _TINY if abs(c) < _TINY else c
-        d = 1.0 / d
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < _EPS:
-            break
-    return h
-
-
-def _betainc_scalar(a: float, b: float, x: float) -> float:
-    if not (a > 0 and b > 0):
-        raise ValueError(f"betainc needs a > 0 and b > 0, got a={a}, b={b}")
-    if math.isnan(x):
-        return float("nan")
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    front = math.exp(log_front)
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
-
-
-def betainc(a, b, x) -> np.ndarray:
-    """Regularized incomplete beta I_x(a, b), elementwise (broadcasting)."""
-    a, b, x = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64), np.asarray(x, np.float64))
-    out = np.empty(x.shape, np.float64)
-    for i in np.ndindex(x.shape):
-        out[i] = _betainc_scalar(float(a[i]), float(b[i]), float(x[i]))
-    return out
-
-
-def t_sf(t, df) -> np.ndarray:
-    """P(T > t) for Student's t with `df` degrees of freedom, elementwise."""
-    t, df = np.broadcast_arrays(np.asarray(t, np.float64), np.asarray(df, np.float64))
-    x = df / (df + t * t)
-    tail = 0.5 * betainc(df / 2.0, 0.5, np.where(np.isinf(t), 0.0, x))  # P(|T| > |t|) / 2
-    out = np.where(t >= 0, tail, 1.0 - tail)
-    return np.where(np.isnan(t), np.nan, out)
+# ----------------------------------------------------------------------------------------------- significance
 
 
 def pearson_pvalues(r, n: int, alternative: str = "greater") -> np.ndarray:
@@ -96,32 +29,26 @@ def pearson_pvalues(r, n: int, alternative: str = "greater") -> np.ndarray:
     """
     if n < 3:
         raise ValueError(f"a Pearson p-value needs at least 3 pairs, got n={n}")
+    if alternative not in ("greater", "two-sided"):
+        raise ValueError(f"alternative={alternative!r}: use 'greater' or 'two-sided'")
     r = np.clip(np.asarray(r, np.float64), -1.0, 1.0)
     df = n - 2
+    # |r| = 1 divides by zero; the limit is an infinite t, whose tail probability is exactly 0 or 1.
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = r * np.sqrt(df / np.maximum(1.0 - r * r, 0.0))
-    t = np.where(np.abs(r) >= 1.0, np.sign(r) * np.inf, t)
+        t = np.where(np.abs(r) >= 1.0, np.sign(r) * np.inf, r * np.sqrt(df / (1.0 - r * r)))
     if alternative == "greater":
-        p = t_sf(t, df)
-    elif alternative == "two-sided":
-        p = np.minimum(1.0, 2.0 * t_sf(np.abs(t), df))
-    else:
-        raise ValueError(f"alternative={alternative!r}: use 'greater' or 'two-sided'")
-    return np.where(np.isnan(r), np.nan, p)
+        return sps.t.sf(t, df)
+    return np.minimum(1.0, 2.0 * sps.t.sf(np.abs(t), df))
 
 
 def benjamini_hochberg(p) -> np.ndarray:
     """BH-adjusted p-values (q-values), same shape; NaN entries stay NaN and do not count as tests."""
     p = np.asarray(p, np.float64)
     q = np.full(p.shape, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = ok.size
-    if m == 0:
-        return q
-    order = ok[np.argsort(p[ok], kind="stable")]
-    ranked = p[order] * m / np.arange(1, m + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]  # step-up: q_i = min_{j >= i} p_j m / j
-    q[order] = np.minimum(ranked, 1.0)
+    ok = np.isfinite(p)
+    # Undefined genes are not tests: counting them in m would make every other gene look less significant.
+    if ok.any():
+        q[ok] = sps.false_discovery_control(p[ok], method="bh")
     return q
 
 
@@ -142,16 +69,8 @@ def contingency_table(a, b) -> tuple[np.ndarray, list, list]:
     b = np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"contingency_table: label arrays differ in shape {a.shape} vs {b.shape}")
-    ca, ia = np.unique(a, return_inverse=True)
-    cb, ib = np.unique(b, return_inverse=True)
-    table = np.zeros((len(ca), len(cb)), np.int64)
-    np.add.at(table, (ia.ravel(), ib.ravel()), 1)
-    return table, ca.tolist(), cb.tolist()
-
-
-def _comb2(x) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x * (x - 1.0) / 2.0
+    (ca, cb), table = contingency.crosstab(a.ravel(), b.ravel())
+    return np.asarray(table, np.int64), ca.tolist(), cb.tolist()
 
 
 def adjusted_rand_index(a, b) -> float:
@@ -160,77 +79,57 @@ def adjusted_rand_index(a, b) -> float:
     n = table.sum()
     if n < 2:
         return float("nan")
-    sum_ij = _comb2(table).sum()
-    sum_a = _comb2(table.sum(axis=1)).sum()
-    sum_b = _comb2(table.sum(axis=0)).sum()
-    total = _comb2(n)
-    expected = sum_a * sum_b / total
+    sum_ij = special.comb(table, 2).sum()
+    sum_a = special.comb(table.sum(axis=1), 2).sum()
+    sum_b = special.comb(table.sum(axis=0), 2).sum()
+    expected = sum_a * sum_b / special.comb(n, 2)
     maximum = 0.5 * (sum_a + sum_b)
-    if maximum == expected:  # both partitions trivial (one cluster each, or all singletons)
+    if maximum == expected:  # both partitions trivial (one cluster each, or all singletons): ARI is 0/0
         return 1.0
     return float((sum_ij - expected) / (maximum - expected))
 
 
 def best_agreement(truth, clusters) -> tuple[int, dict]:
     """Largest number of spots on which the clusters agree with the classes under a one-to-one matching of
-    clusters to classes (k=2: the better of the two assignments). Returns (count, cluster -> class)."""
-    import itertools
-
+    clusters to classes (k=2: the better of the two assignments). Returns (count, cluster -> class); a cluster
+    left over when there are more clusters than classes is absent from the mapping."""
     table, classes, cl = contingency_table(truth, clusters)
-    best, best_map = -1, {}
-    k = len(cl)
-    for perm in itertools.permutations(range(max(len(classes), k)), k):
-        score = sum(table[perm[j], j] for j in range(k) if perm[j] < len(classes))
-        if score > best:
-            best = int(score)
-            best_map = {cl[j]: classes[perm[j]] for j in range(k) if perm[j] < len(classes)}
-    return best, best_map
+    rows, cols = optimize.linear_sum_assignment(table, maximize=True)
+    mapping = {cl[j]: classes[i] for i, j in zip(rows.tolist(), cols.tolist())}
+    return int(table[rows, cols].sum()), mapping
 
 
-def kmeans(x, k: int = 2, *, seed: int = 0, n_init: int = 10, max_iter: int = 300, tol: float = 1e-8
+def kmeans(x, k: int = 2, *, seed: int = 0, n_init: int = 10, max_iter: int = 100
            ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Lloyd's k-means with k-means++ seeding; the best of `n_init` seeded starts (deterministic for a seed).
+    """k-means (SciPy's kmeans2, k-means++ starts); the lowest-inertia of `n_init` starts drawn from one
+    seeded generator, so a seed always gives the same answer and one unlucky start cannot decide it.
 
     Returns (labels [N], centres [k, D], inertia). Labels are renumbered so cluster 0 is the one containing the
     first row, which makes results independent of the start that won.
     """
     x = np.asarray(x, np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
     n = x.shape[0]
     if n < k:
         raise ValueError(f"k-means with k={k} needs at least {k} rows, got {n}")
     rng = np.random.default_rng(seed)
     best = None
     for _ in range(n_init):
-        centres = _kmeanspp(x, k, rng)
-        labels = np.zeros(n, np.int64)
-        for _it in range(max_iter):
-            d = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
-            labels = d.argmin(1)
-            new = np.array([x[labels == j].mean(0) if np.any(labels == j) else centres[j] for j in range(k)])
-            shift = float(((new - centres) ** 2).sum())
-            centres = new
-            if shift <= tol:
-                break
-        d = ((x[:, None, :] - centres[None]) ** 2).sum(-1)
-        labels = d.argmin(1)
-        inertia = float(d[np.arange(n), labels].sum())
+        # Rows with too few distinct values (e.g. a constant prediction) leave a cluster empty or make the
+        # k-means++ weights 0/0; that start then simply has no lower inertia than the others, so stay quiet.
+        with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+            warnings.simplefilter("ignore", UserWarning)
+            # `seed=` (renamed `rng=` in SciPy 1.15, still accepted) keeps SciPy 1.11-1.14 working.
+            centres, _ = vq.kmeans2(x, k, iter=max_iter, minit="++", missing="warn", seed=rng)
+        # kmeans2's labels belong to the centres before its last update; assign against the final centres.
+        labels, dist = vq.vq(x, centres)
+        inertia = float(np.sum(dist * dist))
         if best is None or inertia < best[2] - 1e-12:
-            best = (labels, centres, inertia)
+            best = (labels.astype(np.int64), centres, inertia)
     labels, centres, inertia = best
     order = list(dict.fromkeys(labels.tolist()))  # clusters in order of first appearance
     order += [j for j in range(k) if j not in order]
     remap = np.empty(k, np.int64)
     remap[order] = np.arange(k)
     return remap[labels], centres[order], inertia
-
-
-def _kmeanspp(x: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    n = x.shape[0]
-    centres = [x[rng.integers(n)]]
-    d2 = ((x - centres[0]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = d2.sum()
-        i = int(rng.integers(n)) if total <= 0 else int(rng.choice(n, p=d2 / total))
-        centres.append(x[i])
-        d2 = np.minimum(d2, ((x - x[i]) ** 2).sum(1))
-    return np.array(centres)

@@ -191,24 +191,15 @@ def regression_train_step(state: TrainState, batch: dict, *, huber_delta: float 
     return state, {"loss": loss}
 
 
-def regression_eval_step(state: TrainState, batch: dict, *, huber_delta: float = 1.0,
-                         axis_name: str | None = None):
-    """Summed Huber loss, squared error and row count on running averages (masked rows excluded)."""
-    pred = _regression_forward(state, state.params, batch, False)
-    mask = batch.get("mask")
-    huber, count = losses.masked_sum(losses.row_huber(pred, batch["expression"], huber_delta), mask)
-    sse, _ = losses.masked_sum(losses.row_mse(pred, batch["expression"]), mask)
-    return _psum({"huber_sum": huber, "sse_rows": sse, "count": count}, axis_name)
-
-
 def predict_step(state: TrainState, batch: dict):
     """Predicted expression [B, G] (inference: BatchNorm on running averages)."""
     return _regression_forward(state, state.params, batch, False)
 
 
-def encode_step(state: TrainState, images_uint8):
-    """Frozen-encoder features of uint8 tiles, for the feature cache."""
-    return state.apply_fn(_variables(state), to_unit_range(images_uint8), method="encode")
+def encode_step(encoder, variables: dict, images_uint8):
+    """Frozen-encoder features of uint8 tiles (BatchNorm on running averages): what the feature cache holds.
+    `encoder` is a models.Encoder, `variables` its {'params', 'batch_stats'}."""
+    return encoder.apply(variables, to_unit_range(images_uint8), train=False)
 
 
 # ----------------------------------------------------------------------------------------------- parallel

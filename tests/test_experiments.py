@@ -1,20 +1,18 @@
-"""Fold isolation of the fold-parallel LOO, pathology clustering, store overlap checks."""
+"""Fold isolation of the fold-parallel LOO, pathology clustering, store overlap checks, the ae_study and
+external modes end to end."""
 
 import os
-import sys
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import default  # noqa: E402
-from histospace_jax import experiments, reporting, stats, train  # noqa: E402
-from histospace_jax.data import store as store_lib  # noqa: E402
+from histospace_jax import builders, clustering, config as config_lib, folds, metric_log, model_export, train
+from histospace_jax.data import store as store_lib
+from histospace_jax.modes import external
 
 
 def tiny_config():
-    c = default.get_config()
+    c = config_lib.get_config()
     c.data.tile_size = 16
     c.model.encoder_features = (4, 4, 8)  # 16 px -> 2x2x8 features
     c.model.head_conv_features = (8,)
@@ -36,15 +34,15 @@ def _data(n_per=(16, 16, 16), g=5, seed=0):
     return feats, expr, patient
 
 
-def _run(tmp_path, name, feats, expr, patient, folds=(0, 1, 2)):
+def _run(tmp_path, name, feats, expr, patient, fold_ids=(0, 1, 2)):
     config = tiny_config()
-    plan = train.FoldPlan(patients=[f"P{i}" for i in range(patient.max() + 1)], spot_patient=patient,
-                          folds=list(folds))
-    enc = train.random_encoder_variables(config, 0)
-    writer = reporting.MetricWriter(str(tmp_path / name / "metrics.jsonl"))
-    res = train.train_folds(config, str(tmp_path / name), columns={"features": feats, "expression": expr},
-                            expression=expr, plan=plan, encoder_variables=enc, fold_group=list(range(len(folds))),
-                            tag="t", writer=writer)
+    plan = folds.FoldPlan(patients=[f"P{i}" for i in range(patient.max() + 1)], spot_patient=patient,
+                          folds=list(fold_ids))
+    enc = builders.random_encoder_variables(config, 0)
+    writer = metric_log.MetricWriter(str(tmp_path / name / "metrics.jsonl"))
+    res = folds.train_heads(config, str(tmp_path / name), columns={"features": feats, "expression": expr},
+                            expression=expr, plan=plan, encoder_variables=enc, fold_group=list(range(len(fold_ids))),
+                            tag="loo_t", writer=writer)
     return config, res
 
 
@@ -55,8 +53,8 @@ def test_held_out_patient_never_reaches_training(tmp_path, poison):
     feats, expr, patient = _data()
     # With NaN, only fold 0 can train: P0's rows are training rows of the other folds, and the NaN guard
     # rightly stops a job whose training loss is NaN.
-    folds = (0,) if poison == "nan" else (0, 1, 2)
-    _, base = _run(tmp_path, "base", feats, expr, patient, folds=folds)
+    fold_ids = (0,) if poison == "nan" else (0, 1, 2)
+    _, base = _run(tmp_path, "base", feats, expr, patient, fold_ids=fold_ids)
     f2, e2 = feats.copy(), expr.copy()
     held = patient == 0
     if poison == "nan":
@@ -65,7 +63,7 @@ def test_held_out_patient_never_reaches_training(tmp_path, poison):
     else:
         f2[held] = 1e4 * np.random.default_rng(1).normal(size=f2[held].shape)
         e2[held] = -1e4
-    _, pert = _run(tmp_path, "pert", f2, e2, patient, folds=folds)
+    _, pert = _run(tmp_path, "pert", f2, e2, patient, fold_ids=fold_ids)
     train_rows = ~held
     assert np.array_equal(base["preds"][0][train_rows], pert["preds"][0][train_rows])
     c0 = [r["train_huber"] for r in base["curve"] if r["fold"] == "P0"]
@@ -76,25 +74,25 @@ def test_held_out_patient_never_reaches_training(tmp_path, poison):
 
 
 def test_no_model_selection_fixed_epochs(tmp_path, monkeypatch):
-    """Instrumented: the only reads of held-out rows during train_folds are the final (and the untrained)
+    """Instrumented: the only reads of held-out rows during train_heads are the final (and the untrained)
     full-store predictions; training runs exactly epochs * steps_per_epoch steps whatever the held-out data."""
     feats, expr, patient = _data()
     reads = {"ordered": 0}
-    real_ordered = train.pipeline.ordered_batches
+    real_ordered = folds.pipeline.ordered_batches
 
     def counting_ordered(source, *a, **k):
         reads["ordered"] += 1
         return real_ordered(source, *a, **k)
 
-    monkeypatch.setattr(train.pipeline, "ordered_batches", counting_ordered)
-    config, res = _run(tmp_path, "a", feats, expr, patient, folds=(0,))
+    monkeypatch.setattr(folds.pipeline, "ordered_batches", counting_ordered)
+    config, res = _run(tmp_path, "a", feats, expr, patient, fold_ids=(0,))
     steps_per_epoch = len(expr) // config.train.batch_size
     curve = [r for r in res["curve"] if r["fold"] == "P0"]
     assert [r["epoch"] for r in curve] == list(range(1, config.train.epochs + 1))
     assert reads["ordered"] == 2  # untrained predictions + final predictions; no validation passes
     e2 = expr.copy()
     e2[patient == 0] *= -100  # a held-out set that any selection rule would react to
-    _, res2 = _run(tmp_path, "b", feats, e2, patient, folds=(0,))
+    _, res2 = _run(tmp_path, "b", feats, e2, patient, fold_ids=(0,))
     assert [r["epoch"] for r in res2["curve"]] == [r["epoch"] for r in curve]
     assert np.array_equal(res["preds"][0], res2["preds"][0])
     metrics_lines = open(tmp_path / "a" / "metrics.jsonl").read().splitlines()
@@ -110,16 +108,17 @@ def test_pathology_clustering_on_known_predictions(tmp_path):
     pred[:8] += 5.0
     pred[19] += 5.0
     pred[8] += 5.0  # one non-cancer spot predicted cancer-like
-    out = experiments.pathology_clustering(str(tmp_path), obs, np.arange(n), pred,
+    out = clustering.pathology_clustering(str(tmp_path), obs, np.arange(n), pred,
                                            cancer_labels="invasive cancer,cancer in situ", seed=0)
     e = out["sections"]["S1"]
     assert e["n_spots"] == 19 and e["n_cancer"] == 9  # the unlabelled spot is left out
     assert e["predicted"]["agreement"] == 18
-    y = np.r_[np.ones(8), np.zeros(10), 1]
-    cl = np.r_[np.zeros(8), 0, np.ones(9), 0]
-    assert e["predicted"]["adjusted_rand_index"] == pytest.approx(stats.adjusted_rand_index(y, cl))
+    # ARI by hand (Hubert & Arabie): contingency [[9, 0], [1, 9]] (cancer, non-cancer x clusters), 19 spots;
+    # sum C(n_ij, 2) = 72, rows C(9,2) + C(10,2) = 81, columns C(10,2) + C(9,2) = 81, C(19, 2) = 171.
+    expected = (72 - 81 * 81 / 171) / ((81 + 81) / 2 - 81 * 81 / 171)
+    assert e["predicted"]["adjusted_rand_index"] == pytest.approx(expected)
     assert os.path.exists(tmp_path / e["figure"])
-    none = experiments.pathology_clustering(str(tmp_path), {**obs, "label": np.array([""] * n)}, np.arange(n),
+    none = clustering.pathology_clustering(str(tmp_path), {**obs, "label": np.array([""] * n)}, np.arange(n),
                                             pred, cancer_labels="tumour")
     assert "skipped" in none
 
@@ -137,10 +136,10 @@ def _store(path, patients, sections, tiles_seed, genes=("A", "B")):
 def test_compare_stores_finds_shared_patients_and_tiles(tmp_path):
     a = store_lib.open_store(_store(tmp_path / "a", ["E", "E", "B"], ["E1", "E1", "B1"], 0))
     b = store_lib.open_store(_store(tmp_path / "b", ["BC23567", "X1", "X1"], ["s1", "s2", "s2"], 1))
-    out = experiments.compare_stores(a, np.arange(3), b, np.arange(3))
+    out = external.compare_stores(a, np.arange(3), b, np.arange(3))
     assert out["shared_patients"] == ["BC23567"]
     assert out["_rows"].tolist() == [True, False, False]
-    same = experiments.compare_stores(a, np.arange(3), a, np.array([2]))
+    same = external.compare_stores(a, np.arange(3), a, np.array([2]))
     assert same["identical_tiles"] == 1 and same["_rows"].tolist() == [True]
 
 
@@ -178,8 +177,6 @@ def test_external_two_stores_shared_genes_and_export(tmp_path):
     (a re-released patient, E == BC23567) left out of the evaluation, controls present, model exported."""
     import json
 
-    from histospace_jax import predict
-
     rng = np.random.default_rng(0)
 
     def make(path, patients, genes, fmt):
@@ -215,6 +212,6 @@ def test_external_two_stores_shared_genes_and_export(tmp_path):
     assert (w / "figures" / "external_spatial_maps.png").exists()
     info = json.load(open(w / "model" / "model.json"))
     assert info["genes"] == ["G1", "G2", "G4"]
-    _, model, variables = predict.load_model(str(w / "model"))
+    _, model, variables = model_export.load(str(w / "model"))
     assert set(variables["params"]) == {"encoder", "head"}
     assert "External test" in open(w / "report.md").read()

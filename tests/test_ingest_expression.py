@@ -35,6 +35,30 @@ def test_count_matrix_operations_match_dense():
     assert missing == ["nope"] and (out[:, 1] == 0).all()
 
 
+def test_count_matrix_from_coo_sums_repeats_and_stores_only_nonzeros():
+    # (0, a) appears twice and is summed; (1, b) cancels to zero and must not count as "expressed".
+    m = CountMatrix.from_coo(["a", "b", "c"], 3, rows=[0, 0, 1, 1, 2], cols=[0, 0, 1, 1, 2],
+                             values=[2.0, 3.0, 4.0, -4.0, 1.0])
+    np.testing.assert_array_equal(m.dense_columns(["a", "b", "c"])[0], [[5, 0, 0], [0, 0, 0], [0, 0, 1]])
+    np.testing.assert_array_equal(m.nonzero_per_gene(), [1, 0, 1])
+    assert m.shape == (3, 3) and m.n_rows == 3
+    empty = CountMatrix.from_dense(np.zeros((0, 2)), ["a", "b"])
+    assert empty.shape == (0, 2) and empty.row_sums().shape == (0,)
+
+
+def test_section_gene_stats_match_dense():
+    rng = np.random.default_rng(3)
+    dense = rng.poisson(1.0, (7, 4)).astype(float)
+    dense[:, 2] = 0  # a gene no spot expresses
+    lib = dense.sum(1) + 5.0
+    s = expression.section_gene_stats(CountMatrix.from_dense(dense, list("abcd")), lib, 1e4, "2")
+    norm = np.log2(1 + dense / lib[:, None] * 1e4)
+    np.testing.assert_array_equal(s["expressed"], (dense > 0).sum(0))
+    np.testing.assert_allclose(s["total"], norm.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(s["total_sq"], (norm * norm).sum(0), rtol=1e-12)
+    assert s["n_spots"] == 7 and s["genes"] == list("abcd")
+
+
 def _stats(dense, genes, scale=1e4):
     stats = expression.GeneStats()
     m = CountMatrix.from_dense(dense, genes)

@@ -11,6 +11,7 @@ from PIL import Image
 
 from histospace_jax.data import open_store
 from histospace_jax.ingest import build, her2st
+from tests.conftest import SHARED_DATA
 from tests.test_ingest_fixtures import st_grid, synth_he, write_gz
 
 SECTIONS = ("B4", "C3")  # B4: fatty tissue (the hard case for the tissue check); both miss count rows for spots
@@ -31,8 +32,6 @@ def _independent_counts(root, sec):
 
 @pytest.fixture(scope="module")
 def her2st_store(tmp_path_factory):
-    from tests.conftest import SHARED_DATA
-
     data = os.path.join(SHARED_DATA, "her2st")
     if not os.path.isdir(data):
         pytest.skip(f"real data not found at {data}")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from histospace_jax.data import open_store
-from histospace_jax.ingest import build, image_folder, images
+from histospace_jax.ingest import build, plain_images, slide_io
 from histospace_jax.ingest.common import IngestError
 from tests.test_ingest_fixtures import synth_he
 
@@ -40,14 +40,14 @@ def test_rgba_grayscale_and_corrupt_images(tmp_path):
     rgba = np.dstack([rgb, np.full((128, 128), 255, np.uint8)])
     rgba[:, 64:, 3] = 0  # transparent right half = glass
     Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
-    arr, mode = images.read_rgb(str(d / "rgba.png"))
+    arr, mode = slide_io.read_rgb(str(d / "rgba.png"))
     assert mode == "RGBA" and (arr[:, 64:] == 255).all() and (arr[:, :64] == rgb[:, :64]).all()
     Image.fromarray(rgb.mean(axis=2).astype(np.uint8), "L").save(d / "gray.tif")
-    arr, mode = images.read_rgb(str(d / "gray.tif"))
+    arr, mode = slide_io.read_rgb(str(d / "gray.tif"))
     assert mode == "L" and arr.shape == (128, 128, 3)
     (d / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(IngestError, match=r"broken\.jpg: unreadable image"):
-        images.read_rgb(str(d / "broken.jpg"))
+        slide_io.read_rgb(str(d / "broken.jpg"))
     # Whole job: the grayscale image cannot be stain-normalised -> error naming it; with --stain=none and
     # --skip_unreadable the corrupt file is counted and left out.
     with pytest.raises(IngestError, match=r"gray\.tif: grayscale"):
@@ -63,11 +63,11 @@ def test_bach_patches(shared_data, tmp_path):
     inp = os.path.join(shared_data, "bach-a01")
     names = ["A01_0_10000_image_46", "A01_0_10000_image_47"]
     rep = build.prepare(build.PrepareOptions(format="images", input=inp, output=str(tmp_path / "bach"),
-                                             sections=tuple(names), source_mpp=0.42))
+                                             sections=tuple(names), source_mpp=0.467))
     store = open_store(tmp_path / "bach")
-    # 1000 px at 0.42 um/px -> boxes of round(128 * 0.78125 / 0.42) = 238 px -> a 4 x 4 grid per image.
+    # The patches' README: 0.467 um/px. 1000 px -> boxes of round(128 * 0.78125 / 0.467) = 214 px -> 4 x 4 grid.
     assert all(e["grid_tiles"] == 16 for e in rep["sections"])
     assert store.n_spots == 32 - rep["dropped"]["background"]
-    assert (images.tissue_fraction(store.tiles[:]) >= 0.5).mean() > 0.9
-    srcs = image_folder.discover(inp, None)
-    assert len(srcs) == 16 and srcs[0].extra["label"] == ""
+    assert (slide_io.tissue_fraction(store.tiles[:]) >= 0.5).mean() > 0.9
+    srcs = plain_images.discover(inp, None)
+    assert len(srcs) == 37 and srcs[0].extra["label"] == ""  # the README's thirty-seven patches

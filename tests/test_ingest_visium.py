@@ -122,6 +122,69 @@ def test_visium_needs_image_and_rejects_foreign_barcodes(tmp_path):
         visium.read_section(src)
 
 
+def _rewrite_gz(path, edit):
+    with gzip.open(path, "rt") as f:
+        text = f.read()
+    write_gz(path, edit(text))
+
+
+@pytest.mark.parametrize("damage", ["truncated_gz", "not_gzip", "missing_entries", "non_numeric", "dense_array"])
+def test_damaged_matrix_mtx_names_the_file_and_the_fix(tmp_path, damage):
+    _write_outs(str(tmp_path), matrix="mtx")
+    path = os.path.join(tmp_path, "outs", "filtered_feature_bc_matrix", "matrix.mtx.gz")
+    if damage == "truncated_gz":
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[: len(raw) // 2])
+    elif damage == "not_gzip":
+        open(path, "wb").write(b"%%MatrixMarket but not gzipped")
+    elif damage == "missing_entries":
+        _rewrite_gz(path, lambda t: "".join(t.splitlines(keepends=True)[:-3]))
+    elif damage == "non_numeric":
+        _rewrite_gz(path, lambda t: t.rstrip("\n").rsplit(" ", 1)[0] + " many\n")
+    else:
+        write_gz(path, "%%MatrixMarket matrix array integer general\n2 2\n1\n2\n3\n4\n")
+    src = visium.discover([str(tmp_path)], [str(tmp_path / "image.png")], None, None)[0]
+    fix = "copy the matrix folder" if damage == "dense_array" else "truncated or corrupt, download it again"
+    with pytest.raises(IngestError, match=fix) as e:
+        visium.read_section(src)
+    assert str(e.value).startswith(path)
+
+
+def test_mtx_shape_must_match_features_and_barcodes(tmp_path):
+    _write_outs(str(tmp_path), matrix="mtx")
+    folder = os.path.join(tmp_path, "outs", "filtered_feature_bc_matrix")
+    _rewrite_gz(os.path.join(folder, "barcodes.tsv.gz"), lambda t: "".join(t.splitlines(keepends=True)[:-1]))
+    src = visium.discover([str(tmp_path)], [str(tmp_path / "image.png")], None, None)[0]
+    with pytest.raises(IngestError, match="different runs"):
+        visium.read_section(src)
+
+
+def test_inconsistent_h5_matrix_names_the_file(tmp_path):
+    _write_outs(str(tmp_path), matrix="h5")
+    path = os.path.join(tmp_path, "outs", "filtered_feature_bc_matrix.h5")
+    with h5py.File(path, "a") as f:
+        indptr = f["matrix/indptr"][:]
+        del f["matrix/indptr"]
+        f["matrix/indptr"] = indptr[:-5]  # fewer columns than matrix/shape says
+    src = visium.discover([str(tmp_path)], [str(tmp_path / "image.png")], None, None)[0]
+    with pytest.raises(IngestError, match="truncated or corrupt, copy it again") as e:
+        visium.read_section(src)
+    assert str(e.value).startswith(path)
+
+
+def test_negative_count_in_mtx_names_barcode_and_gene(tmp_path):
+    truth = _write_outs(str(tmp_path), matrix="mtx")
+    path = os.path.join(tmp_path, "outs", "filtered_feature_bc_matrix", "matrix.mtx.gz")
+    _rewrite_gz(path, lambda t: t.replace("integer", "real", 1).rstrip("\n").rsplit(" ", 1)[0] + " -3\n")
+    src = visium.discover([str(tmp_path)], [str(tmp_path / "image.png")], None, None)[0]
+    with pytest.raises(IngestError, match="negative count -3.0 at barcode") as e:
+        visium.read_section(src)
+    # The last line of the file is the last non-zero entry in (gene, barcode) order.
+    g, c = np.argwhere(truth["counts"][:, truth["in_matrix"]] > 0)[-1]
+    barcode, gene = truth["barcodes"][truth["in_matrix"][c]], truth["names"][g]
+    assert str(e.value).startswith(path) and f"barcode {barcode!r}, gene {gene!r}" in str(e.value)
+
+
 def test_real_space_ranger_files(shared_data):
     outs = os.path.join(shared_data, "visium-tnbc-396a", "outs")
     src = visium.discover([outs], ["unused.png"], None, None)[0]

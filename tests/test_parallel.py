@@ -24,8 +24,6 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 TILE = 32
 
@@ -38,11 +36,11 @@ def tiny_spec():
 
 
 def tiny_config(demo_root: str, **overrides):
-    from configs import default
+    from histospace_jax import config as config_lib
     from histospace_jax.data import demo
 
     reg, pre = demo.build_demo(demo_root, tiny_spec())
-    c = default.get_config()
+    c = config_lib.get_config()
     c.data.store, c.ae.store, c.data.tile_size = reg, pre, TILE
     c.model.encoder_features = (4, 8, 8)
     c.model.head_conv_features = (8,)
@@ -117,16 +115,15 @@ def _probe_step(config, workdir):
     import jax
     import jax.numpy as jnp
 
-    from histospace_jax import models, steps, train
+    from histospace_jax import builders, steps
 
-    ae = models.Autoencoder(upconv_impl=config.model.upconv_impl, axis_name=train.AXIS,
-                            **train._model_kwargs(config))
+    ae = builders.autoencoder(config)
     state = steps.create_train_state(ae, jax.random.PRNGKey(0), jnp.zeros((1, TILE, TILE, 3)),
                                      steps.make_ae_optimizer(1e-3))
     images = np.random.default_rng(0).integers(0, 256, (8, TILE, TILE, 3), dtype=np.uint8)
     per = 8 // jax.process_count()
     local = images[jax.process_index() * per:(jax.process_index() + 1) * per]
-    step = steps.pmap_step(steps.ae_train_step, axis_name=train.AXIS)
+    step = steps.pmap_step(steps.ae_train_step, axis_name=builders.AXIS)
     new, m = step(steps.replicate(state), steps.shard_batch({"image": local}, jax.local_device_count()))
     new = steps.unreplicate(new)
     leaves = jax.tree_util.tree_leaves(new.opt_state[0].mu)
@@ -191,8 +188,8 @@ def _load(workdir):
 
 
 def _assert_same(a_dir, b_dir):
-    """Step-level quantities to float rounding; end-to-end results to a tolerance that allows Adam's
-    amplification of rounding differences over a few dozen steps (see _assert_close_trained)."""
+    """Step-level quantities to float rounding; end-to-end results to the tolerance the README states for a
+    different number of devices or processes: 0.02 + 2% on predictions, 0.01 on summary metrics."""
     qa, qb = np.load(os.path.join(a_dir, "probe.npz")), np.load(os.path.join(b_dir, "probe.npz"))
     np.testing.assert_allclose(qb["loss"], qa["loss"], rtol=1e-5)
     np.testing.assert_allclose(qb["stats"], qa["stats"], rtol=1e-4, atol=1e-6)
@@ -201,14 +198,15 @@ def _assert_same(a_dir, b_dir):
     assert sorted(pa) == sorted(pb)
     for k in pa:
         if k.startswith("pred_"):
-            _assert_close_trained(pa[k], pb[k], frac=0.2, min_corr=0.99)
+            np.testing.assert_allclose(pb[k], pa[k], rtol=2e-2, atol=2e-2, err_msg=k)
         elif np.issubdtype(pa[k].dtype, np.floating):  # forward passes only (untrained heads): float rounding
             np.testing.assert_allclose(pb[k], pa[k], rtol=1e-5, atol=1e-6, err_msg=k)
         else:  # gene names, row indices
             np.testing.assert_array_equal(pb[k], pa[k], err_msg=k)
     for fa, fb in zip(ra["folds"], rb["folds"]):
         assert fa["held_out"] == fb["held_out"]
-        np.testing.assert_allclose(fb["per_spot_pearson"], fa["per_spot_pearson"], atol=1e-2)
+        for key in ("per_gene_pearson", "per_spot_pearson", "mse"):
+            assert abs(fb[key] - fa[key]) <= 1e-2 * max(1.0, abs(fa[key])), (fa["held_out"], key)
     ca, cb = ra["autoencoder"], rb["autoencoder"]
     np.testing.assert_allclose(cb["final_train_mse"], ca["final_train_mse"], rtol=2e-3)
     np.testing.assert_allclose(cb["final_val_mse"], ca["final_val_mse"], rtol=2e-3)
@@ -269,14 +267,15 @@ def _assert_close_trained(a, b, frac=0.03, min_corr=0.999):
 
 def _in_process_loo(demo_root, workdir, **overrides):
     """Runs only the LOO stage (fixed random encoder) in this process; returns predictions per fold."""
-    from histospace_jax import reporting, train
+    from histospace_jax import builders, metric_log
     from histospace_jax.data import open_store
+    from histospace_jax.modes import loo
 
     config = tiny_config(demo_root, **overrides)
     store = open_store(config.data.store)
-    enc = train.random_encoder_variables(config, seed=3)
-    writer = reporting.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
-    out = train.run_loo(config, workdir, store, enc, writer)
+    enc = builders.random_encoder_variables(config, seed=3)
+    writer = metric_log.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
+    out = loo.train_all_folds(config, workdir, store, enc, writer)
     return out, enc, store
 
 
@@ -329,18 +328,18 @@ def test_fold_step_matches_single_fold(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from histospace_jax import steps, train
+    from histospace_jax import builders, folds, steps
 
     config = tiny_config(str(tmp_path / "demo"))
-    enc = train.random_encoder_variables(config, seed=3)
+    enc = builders.random_encoder_variables(config, seed=3)
     tx = steps.make_regression_optimizer(1e-3, 1e-4)
-    model = train._head_model(config, 8)
+    model = builders.histospace(config, 8)
     states = [steps.create_regression_state(model, jax.random.PRNGKey(k + 1), enc, tx, TILE) for k in range(3)]
     rng = np.random.default_rng(0)
     batch = {"features": rng.standard_normal((12, TILE // 8, TILE // 8, 8)).astype(np.float32),
              "expression": rng.standard_normal((12, 8)).astype(np.float32),
              "patient_idx": np.arange(12, dtype=np.int32) % 3}
-    step = train.make_fold_train_step(1.0)
+    step = folds.make_fold_train_step(1.0)
 
     def run(idx, b):
         stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[states[i] for i in idx])

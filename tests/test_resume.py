@@ -51,25 +51,27 @@ class Env:
         self.args = tiny_args(self.reg, self.pre)
 
     def env(self, fault: str = "", devices: int = 0) -> dict:
-        env = {k: v for k, v in os.environ.items() if k not in ("HISTOSPACE_FAULT", "XLA_FLAGS")}
+        env = {k: v for k, v in os.environ.items() if k not in ("HISTOSPACE_TEST_FAULTS", "XLA_FLAGS")}
         env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=self.cache,
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
                    PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""))
         if fault:
-            env["HISTOSPACE_FAULT"] = fault
+            env["HISTOSPACE_TEST_FAULTS"] = fault
         if devices:
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
         return env
 
-    def cmd(self, workdir: str, *extra: str) -> list[str]:
+    def cmd(self, workdir: str, *extra: str, fault: str = "") -> list[str]:
         """The tiny run's command line; `extra` flags replace the same keys' defaults (absl would append
-        a repeated tuple-valued --config flag rather than replace it)."""
+        a repeated tuple-valued --config flag rather than replace it). With faults, the same main runs under
+        tests/faulty_main.py, which adds a fault hook to the training loop."""
         keys = {e.split("=", 1)[0] for e in extra}
         args = [a for a in self.args if a.split("=", 1)[0] not in keys]
-        return [sys.executable, "-m", "histospace_jax.main", *args, f"--workdir={workdir}", *extra]
+        module = "tests.faulty_main" if fault else "histospace_jax.main"
+        return [sys.executable, "-m", module, *args, f"--workdir={workdir}", *extra]
 
     def run(self, workdir: str, *extra: str, fault: str = "", devices: int = 0, timeout: int = 400):
-        return subprocess.run(self.cmd(workdir, *extra), cwd=REPO_ROOT, env=self.env(fault, devices),
+        return subprocess.run(self.cmd(workdir, *extra, fault=fault), cwd=REPO_ROOT, env=self.env(fault, devices),
                               capture_output=True, text=True, timeout=timeout)
 
 
@@ -112,6 +114,17 @@ def assert_same_outputs(workdir: str, baseline: str) -> None:
     for name in ("curves/loo.csv", "curves/ae.csv", "per_gene.csv"):
         with open(os.path.join(workdir, name)) as f, open(os.path.join(baseline, name)) as g:
             assert f.read() == g.read(), name
+    # metrics.jsonl: a resumed loop drops its lines after the checkpoint it resumed from, so the log holds each
+    # step once, with the uninterrupted run's values.
+    assert metric_lines(workdir) == metric_lines(baseline)
+
+
+def metric_lines(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for r in rows:
+        r.pop("time")
+    return rows
 
 
 def no_temporaries(workdir: str) -> list[str]:
@@ -133,18 +146,18 @@ def killed(r) -> bool:
 def test_sigkill_at_several_points_then_resume_equals_uninterrupted(tiny, tmp_path):
     wd = str(tmp_path / "wd")
     # 1. inside autoencoder pretraining, mid-epoch (last checkpoint: step 6, two steps into epoch 2)
-    r = tiny.run(wd, fault="ae_step:7")
+    r = tiny.run(wd, fault="kill@ae:7")
     assert killed(r), r.stderr[-2000:]
     assert latest_step(f"{wd}/checkpoints/ae") == 6
     assert not os.path.exists(f"{wd}/results.json")
     # 2. between fold groups (group main_0 finished, main_1 not started)
-    r = tiny.run(wd, fault="after_fold_group:main_0")
+    r = tiny.run(wd, fault="finish_kill@loo main_0")
     assert killed(r), r.stderr[-2000:]
     assert "[ae] resumed from step 6/8" in r.stdout
     assert latest_step(f"{wd}/checkpoints/loo_main_0") == LOO_STEPS
     assert latest_step(f"{wd}/checkpoints/loo_main_1") is None
     # 3. inside a fold group, mid-epoch, one step after a checkpoint
-    r = tiny.run(wd, fault="loo_step:main_1/9")
+    r = tiny.run(wd, fault="kill@loo main_1:9")
     assert killed(r), r.stderr[-2000:]
     assert "[loo main_0] resumed from step 12/12" in r.stdout
     assert latest_step(f"{wd}/checkpoints/loo_main_1") == 8
@@ -199,7 +212,7 @@ def test_sigterm_saves_checkpoint_exits_75_and_resumes(tiny, tmp_path):
     ae_step = latest_step(f"{wd}/checkpoints/ae")
     assert ae_step is not None and 1 <= ae_step < AE_STEPS
     # SIGTERM at an odd LOO step, where no regular checkpoint is due: the preemption checkpoint is step 5.
-    r = tiny.run(wd, fault="loo_sigterm:main_0/5")
+    r = tiny.run(wd, fault="sigterm@loo main_0:5")
     assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"[ae] resumed from step {ae_step}/{AE_STEPS}" in r.stdout
     assert latest_step(f"{wd}/checkpoints/loo_main_0") == 5
@@ -213,13 +226,13 @@ def test_sigterm_saves_checkpoint_exits_75_and_resumes(tiny, tmp_path):
 @pytest.mark.slow
 def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tiny, tmp_path):
     wd = str(tmp_path / "wd")
-    r = tiny.run(wd, fault="ae_nan:3")
+    r = tiny.run(wd, fault="nan@ae:3")
     assert r.returncode == 70, r.stdout[-2000:] + r.stderr[-2000:]
     assert "non-finite training loss" in r.stderr and "at step 3" in r.stderr
     assert f"of {tiny.pre}" in r.stderr and "rows [" in r.stderr
     assert f"{wd}/checkpoints/ae step 2" in r.stderr
     assert latest_step(f"{wd}/checkpoints/ae") == 2
-    r = tiny.run(wd, fault="loo_nan:main_0/7")
+    r = tiny.run(wd, fault="nan@loo main_0:7")
     assert r.returncode == 70, r.stdout[-2000:] + r.stderr[-2000:]
     assert "at step 7" in r.stderr and "holding out ['P1', 'P2']" in r.stderr
     assert f"{wd}/checkpoints/loo_main_0 step 6" in r.stderr

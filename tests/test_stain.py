@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from histospace_jax.ingest import colour, images, stain
+from histospace_jax.ingest import colour, slide_io, stain
 from tests.test_ingest_fixtures import TRUE_STAINS, synth_he
 
 
@@ -71,7 +71,7 @@ def test_reference_normalised_to_itself_is_near_identity(slide, method, tol):
 
 
 def test_identity_on_real_he_patch(shared_data):
-    rgb, _ = images.read_rgb(os.path.join(shared_data, "bach-a01", "A01_0_10000_image_46.png"))
+    rgb, _ = slide_io.read_rgb(os.path.join(shared_data, "bach-a01", "A01_0_10000_image_46.png"))
     p = stain.estimate("macenko", rgb)
     out = stain.normalise(rgb, "macenko", p, p)
     assert np.abs(out - rgb).mean() < 3.0

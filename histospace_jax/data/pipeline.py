@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from histospace_jax.data.store import open_store
+from histospace_jax.distributed import ProcessSliceSampler
 
 
 class LazyStoreColumn:
@@ -77,12 +78,6 @@ def patient_indices(store) -> tuple[list[str], np.ndarray]:
     return patients, np.array([lookup[p] for p in store.obs["patient"]], np.int32)
 
 
-def shard_options(shard_by_process: bool) -> grain.sharding.ShardOptions:
-    if shard_by_process and jax.process_count() > 1:
-        return grain.sharding.ShardByJaxProcess(drop_remainder=True)
-    return grain.sharding.NoSharding()
-
-
 def train_loader(source, *, global_batch_size: int, seed: int, num_epochs: int | None = None,
                  worker_count: int = 0, shard_by_process: bool = True) -> grain.DataLoader:
     """Shuffled (new order every epoch), batched, drop-remainder loader. Each process gets its shard and
@@ -95,8 +90,6 @@ def train_loader(source, *, global_batch_size: int, seed: int, num_epochs: int |
     if shard_by_process and jax.process_count() > 1:
         # Process p reads rows [p*b, (p+1)*b) of every global batch of the single-process stream, so N
         # processes train on exactly the batches one process would (see distributed.ProcessSliceSampler).
-        from histospace_jax.distributed import ProcessSliceSampler
-
         sampler = ProcessSliceSampler(sampler, global_batch_size, jax.process_index(), jax.process_count())
     return grain.DataLoader(data_source=source, sampler=sampler,
                             operations=[grain.transforms.Batch(per_process, drop_remainder=True)],

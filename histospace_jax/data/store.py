@@ -24,6 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import tensorstore as ts
 
+from histospace_jax.errors import BadInputError
+
 FORMAT_NAME = "histospace-tile-store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -46,7 +48,7 @@ REQUIRED_OBS = ("section", "patient", "array_x", "array_y", "pixel_x", "pixel_y"
 TILES_PER_SHARD = 256
 
 
-class StoreError(ValueError):
+class StoreError(BadInputError):
     """A tile store is missing, malformed or inconsistent; the message names the file and the fix."""
 
 

@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image
 
 from histospace_jax.data.store import StoreWriter
-from histospace_jax.ingest import colour, expression, her2st, image_folder, images, report, stain, stnet, visium
+from histospace_jax.ingest import (colour, expression, her2st, plain_images, slide_io, stain, stnet, store_report,
+                                   visium)
 from histospace_jax.ingest.common import IngestError, SectionSource, SectionTable
 
 FORMATS = ("stnet", "her2st", "visium", "images")
@@ -120,7 +121,7 @@ def discover(opts: PrepareOptions) -> list[SectionSource]:
     if opts.format == "stnet":
         return stnet.discover(opts.input, sections)
     if opts.format == "images":
-        return image_folder.discover(opts.input, sections)
+        return plain_images.discover(opts.input, sections)
     inputs = [p for p in opts.input.split(",") if p]
     srcs = visium.discover(inputs, list(opts.image), list(opts.section_name) or None, list(opts.patient) or None)
     if sections:
@@ -196,9 +197,9 @@ def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
             "coordinates and the image do not match (wrong image, or a downscaled one: give the full-resolution "
             "image)."
         )
-    box = images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, table.microns_per_pixel)
-    x0, y0 = images.crop_boxes(table.pixel_x, table.pixel_y, box)
-    inside = images.box_inside(x0, y0, box, width, height)
+    box = slide_io.source_tile_size(opts.tile_size, opts.resolved_target_mpp, table.microns_per_pixel)
+    x0, y0 = slide_io.crop_boxes(table.pixel_x, table.pixel_y, box)
+    inside = slide_io.box_inside(x0, y0, box, width, height)
     dropped_boxes = (x0[:0], y0[:0])
     if opts.edge == "drop":
         dropped["tile_outside_image"] = int((~inside).sum())
@@ -242,13 +243,13 @@ def _section_info(src, opts, mpp, how, width, height) -> dict:
         "section": src.section,
         "patient": src.patient,
         "image": os.path.abspath(src.image_path),
-        "image_sha256": images.file_sha256(src.image_path) if os.path.isfile(src.image_path) else "",
+        "image_sha256": slide_io.file_sha256(src.image_path) if os.path.isfile(src.image_path) else "",
         "image_width": int(width),
         "image_height": int(height),
         "source_microns_per_pixel": float(mpp),
         "source_mpp_method": how,
         "resample_factor": float(mpp) / opts.resolved_target_mpp,
-        "source_tile_px": images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(mpp)),
+        "source_tile_px": slide_io.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(mpp)),
     }
 
 
@@ -257,27 +258,27 @@ def _section_info(src, opts, mpp, how, width, height) -> dict:
 class SlideNormaliser:
     """Colour-cast removal and stain normalisation fitted once per slide and applied to crops of it."""
 
-    def __init__(self, rgb: np.ndarray, mode: str, opts: PrepareOptions, reference: stain.StainParams | None,
-                 path: str, allow_fallback: bool = False):
-        self.method = opts.stain
+    def __init__(self, rgb: np.ndarray, mode: str, *, stain_method: str, colour_cast: bool, colour_percentile: float,
+                 reference: stain.StainParams | None, path: str, allow_fallback: bool = False):
+        self.method = stain_method
         self.reference = reference
-        if images.is_grayscale_mode(mode) and opts.stain != "none":
+        if slide_io.is_grayscale_mode(mode) and stain_method != "none":
             raise IngestError(f"{path}: grayscale image (mode {mode}); stain normalisation needs colour. Re-export it "
                               "in colour, pass --stain=none, or leave it out with --sections.")
-        sample = images.sample_pixels(rgb)
+        sample = slide_io.sample_pixels(rgb)
         # Percentiles are always computed: tissue detection runs on cast-corrected pixels even with --nocolour_cast.
-        self.detect_percentiles = colour.channel_percentiles(sample, opts.colour_percentile)
-        self.percentiles = self.detect_percentiles if opts.colour_cast else None
+        self.detect_percentiles = colour.channel_percentiles(sample, colour_percentile)
+        self.percentiles = self.detect_percentiles if colour_cast else None
         if self.percentiles is not None:
             sample = colour.remove_colour_cast(sample, self.percentiles)
         self.params = None
         self.fallback = ""
-        if opts.stain != "none":
+        if stain_method != "none":
             try:
-                self.params = stain.estimate(opts.stain, sample)
+                self.params = stain.estimate(stain_method, sample)
             except stain.StainFitError as e:
                 if not allow_fallback:
-                    raise IngestError(f"{path}: cannot estimate {opts.stain} stain vectors ({e}); check that the image "
+                    raise IngestError(f"{path}: cannot estimate {stain_method} stain vectors ({e}); check that the image "
                                       "shows H&E-stained tissue, or pass --stain=none.") from e
                 self.fallback = str(e)
 
@@ -286,7 +287,7 @@ class SlideNormaliser:
         out = np.zeros(len(crops))
         for a in range(0, len(crops), CHUNK):
             x = colour.remove_colour_cast(crops[a:a + CHUNK], self.detect_percentiles)
-            out[a:a + CHUNK] = images.tissue_mask(_to_uint8(x)).reshape(len(x), -1).mean(axis=1)
+            out[a:a + CHUNK] = slide_io.tissue_mask(_to_uint8(x)).reshape(len(x), -1).mean(axis=1)
         return out
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
@@ -311,6 +312,12 @@ class SlideNormaliser:
         return d
 
 
+def normaliser_for(rgb, mode, opts: PrepareOptions, reference, path: str, allow_fallback: bool = False):
+    return SlideNormaliser(rgb, mode, stain_method=opts.stain, colour_cast=opts.colour_cast,
+                           colour_percentile=opts.colour_percentile, reference=reference, path=path,
+                           allow_fallback=allow_fallback)
+
+
 def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
@@ -319,19 +326,19 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
                 reference: stain.StainParams | None) -> dict:
     s = load_section(src, opts)
     t = s.table
-    rgb, mode = images.read_rgb(src.image_path)
+    rgb, mode = slide_io.read_rgb(src.image_path)
     if (rgb.shape[1], rgb.shape[0]) != (s.width, s.height):
         raise IngestError(f"{src.image_path}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from its header "
                           f"{s.width}x{s.height}; the file is corrupt, download it again.")
-    norm = SlideNormaliser(rgb, mode, opts, reference, src.image_path)
-    crops = images.cut_crops(rgb, s.x0, s.y0, s.box)
+    norm = normaliser_for(rgb, mode, opts, reference, src.image_path)
+    crops = slide_io.cut_crops(rgb, s.x0, s.y0, s.box)
     tissue = norm.tissue_fraction(crops)
-    tiles = images.resize_tiles(norm(crops), opts.tile_size)
+    tiles = slide_io.resize_tiles(norm(crops), opts.tile_size)
     del crops
     keep = tissue >= opts.resolved_min_tissue
     dense, missing = t.counts.dense_columns(genes)
     expr = expression.normalise(dense, s.library_size, opts.norm_scale, opts.log_base)
-    thumb = report.thumbnail_png(
+    thumb = store_report.thumbnail_png(
         rgb,
         {"kept": (s.x0[keep & ~s.padded], s.y0[keep & ~s.padded]), "padded": (s.x0[keep & s.padded],
                                                                                 s.y0[keep & s.padded]),
@@ -361,21 +368,21 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
 def pass2_image(src: SectionSource, opts: PrepareOptions, genes: list[str],
                 reference: stain.StainParams | None) -> dict:
     try:
-        rgb, mode = images.read_rgb(src.image_path)
+        rgb, mode = slide_io.read_rgb(src.image_path)
     except IngestError as e:
         if not opts.skip_unreadable:
             raise IngestError(f"{e} (or pass --skip_unreadable to leave such images out)") from e
         return {"skipped": str(e), "entry": {"section": src.section, "skipped": str(e), "spots_written": 0}}
-    norm = SlideNormaliser(rgb, mode, opts, reference, src.image_path, allow_fallback=True)
+    norm = normaliser_for(rgb, mode, opts, reference, src.image_path, allow_fallback=True)
     h, w = rgb.shape[:2]
-    box = images.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(opts.source_mpp))
-    x0, y0, cols, rows = image_folder.grid_boxes(w, h, box)
-    crops = images.cut_crops(rgb, x0, y0, box)
+    box = slide_io.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(opts.source_mpp))
+    x0, y0, cols, rows = plain_images.grid_boxes(w, h, box)
+    crops = slide_io.cut_crops(rgb, x0, y0, box)
     tissue = norm.tissue_fraction(crops)
-    tiles = images.resize_tiles(norm(crops), opts.tile_size) if len(x0) else \
+    tiles = slide_io.resize_tiles(norm(crops), opts.tile_size) if len(x0) else \
         np.zeros((0, opts.tile_size, opts.tile_size, 3), np.uint8)
     keep = tissue >= opts.resolved_min_tissue
-    thumb = report.thumbnail_png(rgb, {"kept": (x0[keep], y0[keep]), "background": (x0[~keep], y0[~keep])}, box,
+    thumb = store_report.thumbnail_png(rgb, {"kept": (x0[keep], y0[keep]), "background": (x0[~keep], y0[~keep])}, box,
                                  None, opts.thumbnail_px)
     idx = np.flatnonzero(keep)
     label = src.extra.get("label", "")
@@ -431,8 +438,8 @@ def stain_reference(opts: PrepareOptions) -> tuple[stain.StainParams | None, str
         return None, ""
     if not opts.stain_reference:
         return stain.builtin_reference(), "builtin (standard H&E reference stain matrix and max concentrations)"
-    rgb, mode = images.read_rgb(opts.stain_reference)
-    sample = images.sample_pixels(rgb)
+    rgb, mode = slide_io.read_rgb(opts.stain_reference)
+    sample = slide_io.sample_pixels(rgb)
     if opts.colour_cast:
         sample = colour.remove_colour_cast(sample, colour.channel_percentiles(sample, opts.colour_percentile))
     try:
@@ -531,7 +538,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
             entry = res["entry"]
             if "skipped" not in res:
                 w.append(res["tiles"], res["expression"], res["obs"])
-                entry["thumbnail"] = report.write_thumbnail(w.tmp_path, src.section, res["thumbnail"])
+                entry["thumbnail"] = store_report.write_thumbnail(w.tmp_path, src.section, res["thumbnail"])
             entries.append(entry)
             log(f"pass 2: {src.section}: {entry['spots_written']} tiles")
         written = [e for e in entries if "skipped" not in e]
@@ -547,7 +554,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
             "microns_per_pixel": opts.resolved_target_mpp, "tile_size": opts.tile_size,
             "sections": entries,
         }
-        report.write_report(w.tmp_path, rep)
+        store_report.write_report(w.tmp_path, rep)
         w.update_manifest(report={k: rep[k] for k in ("n_sections", "n_sections_skipped", "n_spots", "dropped",
                                                        "padded", "tiles_mostly_tissue_fraction",
                                                        "tissue_fraction_mean")})

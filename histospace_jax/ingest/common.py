@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import io
-import os
 import re
 from typing import Mapping, Sequence
 
 import numpy as np
+from scipy import sparse
+
+from histospace_jax.errors import BadInputError
 
 # Centre-to-centre distance of neighbouring spots on the Spatial Transcriptomics (ST) platform, in micrometres
 # (Ståhl et al. 2016; 100 um spots on a 200 um grid). Used to derive a slide's microns per pixel.
@@ -24,7 +25,7 @@ ST_SPOT_SPACING_UM = 200.0
 VISIUM_SPOT_DIAMETER_UM = 55.0
 
 
-class IngestError(ValueError):
+class IngestError(BadInputError):
     """Bad input to `prepare`; the message names the file, the item and the fix."""
 
 
@@ -42,94 +43,74 @@ class SectionSource:
 
 
 class CountMatrix:
-    """Raw counts, spots x genes, kept column-compressed (CSC) so a 36k-gene Visium section stays small.
+    """Raw counts, spots x genes, with gene names.
 
-    `data[indptr[j]:indptr[j+1]]` are the non-zero counts of gene j at rows `indices[...]`.
+    `matrix` is a float64 `scipy.sparse.csc_array` in canonical form (sorted indices, no duplicates, no stored
+    zeros): a 36k-gene Visium section stays small, and per-gene statistics are column reductions. Stored
+    entries are exactly the non-zero counts, which `nonzero_per_gene` and the sparse expression statistics rely
+    on.
     """
 
-    def __init__(self, genes: Sequence[str], n_rows: int, data: np.ndarray, indices: np.ndarray,
-                 indptr: np.ndarray):
+    def __init__(self, genes: Sequence[str], matrix):
         self.genes = [str(g) for g in genes]
-        self.n_rows = int(n_rows)
-        self.data = np.asarray(data, dtype=np.float64)
-        self.indices = np.asarray(indices, dtype=np.int64)
-        self.indptr = np.asarray(indptr, dtype=np.int64)
-        assert len(self.indptr) == len(self.genes) + 1
+        m = sparse.csc_array(matrix, dtype=np.float64)
+        m.sum_duplicates()
+        m.eliminate_zeros()
+        if m.shape[1] != len(self.genes):
+            raise ValueError(f"CountMatrix: {m.shape[1]} columns for {len(self.genes)} gene names")
+        self.matrix = m
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.n_rows, len(self.genes)
+        return self.matrix.shape
+
+    @property
+    def n_rows(self) -> int:
+        return self.matrix.shape[0]
 
     @classmethod
     def from_dense(cls, dense: np.ndarray, genes: Sequence[str]) -> "CountMatrix":
-        dense = np.asarray(dense, dtype=np.float64)
-        gene_idx, row_idx = np.nonzero(dense.T)  # sorted by gene, then row: exactly CSC order
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(gene_idx, minlength=dense.shape[1]))])
-        return cls(genes, dense.shape[0], dense[row_idx, gene_idx], row_idx, indptr)
+        return cls(genes, np.asarray(dense, dtype=np.float64))
 
     @classmethod
     def from_coo(cls, genes: Sequence[str], n_rows: int, rows: np.ndarray, cols: np.ndarray,
                  values: np.ndarray) -> "CountMatrix":
         """Builds from (row, gene, value) triplets; repeated (row, gene) pairs are summed."""
-        rows = np.asarray(rows, dtype=np.int64)
-        cols = np.asarray(cols, dtype=np.int64)
-        values = np.asarray(values, dtype=np.float64)
-        key = cols * max(n_rows, 1) + rows
-        uniq, inverse = np.unique(key, return_inverse=True)
-        summed = np.bincount(inverse, weights=values, minlength=len(uniq))
-        u_cols, u_rows = np.divmod(uniq, max(n_rows, 1))
-        keep = summed != 0
-        u_cols, u_rows, summed = u_cols[keep], u_rows[keep], summed[keep]
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(u_cols, minlength=len(genes)))])
-        return cls(genes, n_rows, summed, u_rows, indptr)
-
-    def _gene_of_entry(self) -> np.ndarray:
-        return np.repeat(np.arange(len(self.genes)), np.diff(self.indptr))
+        return cls(genes, sparse.coo_array((np.asarray(values, np.float64), (rows, cols)),
+                                           shape=(int(n_rows), len(genes))))
 
     def row_sums(self) -> np.ndarray:
-        return np.bincount(self.indices, weights=self.data, minlength=self.n_rows)
+        return np.asarray(self.matrix.sum(axis=1)).ravel()
+
+    def gene_sums(self) -> np.ndarray:
+        return np.asarray(self.matrix.sum(axis=0)).ravel()
+
+    def nonzero_per_gene(self) -> np.ndarray:
+        return np.diff(self.matrix.indptr)
 
     def take_rows(self, rows: np.ndarray) -> "CountMatrix":
         """The sub-matrix of `rows` (unique row indices), in the given order."""
-        rows = np.asarray(rows, dtype=np.int64)
-        new_index = np.full(self.n_rows, -1, dtype=np.int64)
-        new_index[rows] = np.arange(len(rows))
-        mapped = new_index[self.indices]
-        keep = mapped >= 0
-        return CountMatrix.from_coo(self.genes, len(rows), mapped[keep], self._gene_of_entry()[keep],
-                                    self.data[keep])
+        return CountMatrix(self.genes, self.matrix[np.asarray(rows, dtype=np.int64)])
 
     def rename_genes(self, new_names: Sequence[str]) -> tuple["CountMatrix", int]:
         """Renames genes; genes that end up with the same name are summed. Returns (matrix, n merged)."""
         order = list(dict.fromkeys(new_names))
         lookup = {g: i for i, g in enumerate(order)}
         col_map = np.array([lookup[g] for g in new_names], dtype=np.int64)
-        merged = len(new_names) - len(order)
-        cols = col_map[self._gene_of_entry()]
-        return CountMatrix.from_coo(order, self.n_rows, self.indices, cols, self.data), merged
+        # A 0/1 matrix sending each old column to its new one: the product sums the columns that merge.
+        merge = sparse.csc_array((np.ones(len(col_map)), (np.arange(len(col_map)), col_map)),
+                                 shape=(len(col_map), len(order)))
+        return CountMatrix(order, self.matrix @ merge), len(new_names) - len(order)
 
     def dense_columns(self, genes: Sequence[str]) -> tuple[np.ndarray, list[str]]:
         """Dense [n_rows, len(genes)] float64; genes this matrix lacks are zero and returned as `missing`."""
         lookup = {g: i for i, g in enumerate(self.genes)}
+        where = [(j, lookup[g]) for j, g in enumerate(genes) if g in lookup]
         out = np.zeros((self.n_rows, len(genes)), dtype=np.float64)
-        missing = []
-        for j, g in enumerate(genes):
-            i = lookup.get(g)
-            if i is None:
-                missing.append(g)
-                continue
-            lo, hi = self.indptr[i], self.indptr[i + 1]
-            out[self.indices[lo:hi], j] = self.data[lo:hi]
-        return out, missing
-
-    def gene_sums(self, values: np.ndarray | None = None) -> np.ndarray:
-        """Per-gene sum of `values` (one per stored entry; default the counts)."""
-        v = self.data if values is None else values
-        return np.add.reduceat(np.concatenate([v, [0.0]]), self.indptr[:-1])[: len(self.genes)] * (
-            np.diff(self.indptr) > 0)
-
-    def nonzero_per_gene(self) -> np.ndarray:
-        return np.diff(self.indptr)
+        if where:
+            dst, src = (np.array(v, dtype=np.int64) for v in zip(*where))
+            out[:, dst] = self.matrix[:, src].toarray()
+        return out, [g for g in genes if g not in lookup]
 
 
 @dataclasses.dataclass
@@ -313,15 +294,3 @@ def column(header: list[str], rows: list[list[str]], name: str, path: str, offse
             raise IngestError(f"{path}: data row {i + 1} has {len(r)} fields, too few for column {name!r}.")
         out.append(r[j])
     return out
-
-
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    """Writes `payload` to `path` via a temporary file and os.replace, so readers never see half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(payload)
-    os.replace(tmp, path)
-
-
-def bytes_io() -> io.BytesIO:
-    return io.BytesIO()

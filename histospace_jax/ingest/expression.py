@@ -12,11 +12,12 @@ section of a store shares one gene list. A gene absent from a section's matrix c
 from __future__ import annotations
 
 import math
-import os
 from typing import Sequence
 
 import numpy as np
+from scipy import sparse
 
+from histospace_jax.data.store import StoreError, open_store
 from histospace_jax.ingest.common import CountMatrix, IngestError, read_delimited
 
 GENE_FILTERS = ("expressed", "hvg", "mean", "list")
@@ -93,14 +94,16 @@ class GeneStats:
 
 def section_gene_stats(counts: CountMatrix, library_size: np.ndarray, scale: float, log_base: str) -> dict:
     """Per-gene (expressed spots, sum, sum of squares of normalised value) of one section's matrix."""
-    row_lib = library_size[counts.indices]
-    vals = transform_values(counts.data, row_lib, scale, log_base)
+    m = counts.matrix
+    # CSC indices are the row (spot) of each stored entry; only stored entries need transforming (zeros stay 0).
+    vals = transform_values(m.data, library_size[m.indices], scale, log_base)
+    normalised = sparse.csc_array((vals, m.indices, m.indptr), shape=m.shape)
     return {
         "genes": counts.genes,
         "n_spots": counts.n_rows,
-        "expressed": np.diff(counts.indptr).astype(np.float64),
-        "total": counts.gene_sums(vals),
-        "total_sq": counts.gene_sums(vals * vals),
+        "expressed": counts.nonzero_per_gene().astype(np.float64),
+        "total": np.asarray(normalised.sum(axis=0)).ravel(),
+        "total_sq": np.asarray((normalised * normalised).sum(axis=0)).ravel(),
     }
 
 
@@ -186,11 +189,6 @@ def read_hgnc_map(path: str) -> dict[str, dict[str, str]]:
     return {"to_symbol": to_symbol, "to_ensembl": to_ensembl}
 
 
-def looks_ensembl(genes: Sequence[str]) -> bool:
-    sample = [g for g in genes[:200]]
-    return bool(sample) and sum(g.startswith("ENS") for g in sample) > len(sample) / 2
-
-
 def harmonise(counts: CountMatrix, native: str, target: str, gene_map: dict | None, where: str
               ) -> tuple[CountMatrix, dict]:
     """Renames a matrix's genes from its `native` ID type ("symbol"/"ensembl") to `target` ("native" = keep).
@@ -216,22 +214,10 @@ def harmonise(counts: CountMatrix, native: str, target: str, gene_map: dict | No
     return counts, info
 
 
-def library_sizes(counts: CountMatrix) -> np.ndarray:
-    return counts.row_sums()
-
-
 def gene_list_from_store(path: str) -> tuple[list[str], dict]:
     """Genes (and expression settings) of an existing tile store, for --genes_from."""
-    from histospace_jax.data.store import StoreError, open_store  # local: only this path needs tensorstore
-
     try:
         store = open_store(path)
     except StoreError as e:
         raise IngestError(f"--genes_from={path}: {e}") from e
     return store.genes, dict(store.manifest.get("expression", {}))
-
-
-def exists_file(path: str, flag: str) -> str:
-    if not os.path.isfile(path):
-        raise IngestError(f"{flag}={path}: no such file.")
-    return path

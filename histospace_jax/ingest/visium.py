@@ -16,10 +16,14 @@ Gene IDs: symbols (features "name") natively; --gene_ids=ensembl takes the featu
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
+import h5py
 import numpy as np
+import scipy.io
+from scipy import sparse
 
 from histospace_jax.ingest.common import (VISIUM_SPOT_DIAMETER_UM, CountMatrix, IngestError, SectionSource,
                                           SectionTable, check_unique, open_text, split_lines)
@@ -103,28 +107,29 @@ def _decode(a) -> list[str]:
 
 def read_h5(path: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
     """(barcodes, matrix spots x genes) from a Space Ranger feature-barcode h5 (genes x barcodes CSC)."""
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             g = f["matrix"]
             barcodes = _decode(g["barcodes"][:])
             n_genes, n_barcodes = (int(v) for v in g["shape"][:])
-            data = g["data"][:].astype(np.float64)
-            indices = g["indices"][:].astype(np.int64)
-            indptr = g["indptr"][:].astype(np.int64)
+            data, indices, indptr = g["data"][:], g["indices"][:], g["indptr"][:]
             feats = g["features"]
             ids = _decode(feats["id"][:])
             names = _decode(feats["name"][:])
             types = _decode(feats["feature_type"][:]) if "feature_type" in feats else ["Gene Expression"] * n_genes
     except (OSError, KeyError) as e:
         raise IngestError(f"{path}: not a Space Ranger feature-barcode matrix ({e}); copy the file again.") from e
-    # Stored per barcode (column) with gene row indices: that is CSR of spots x genes.
-    rows = np.repeat(np.arange(n_barcodes), np.diff(indptr))
-    return barcodes, _finish(path, barcodes, ids, names, types, rows, indices, data, use_ids)
+    try:
+        genes_by_barcodes = sparse.csc_array((data, indices, indptr), shape=(n_genes, n_barcodes))
+    except ValueError as e:
+        raise IngestError(f"{path}: matrix/data, indices, indptr and shape disagree ({e}); the file is truncated "
+                          "or corrupt, copy it again.") from e
+    _check_shape(path, genes_by_barcodes.shape, ids, barcodes)
+    return barcodes, _finish(path, barcodes, ids, names, types, genes_by_barcodes.T, use_ids)
 
 
 def read_mtx(folder: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
+    """(barcodes, matrix spots x genes) from a Space Ranger matrix folder (Matrix Market, genes x barcodes)."""
     def find(*names):
         for n in names:
             p = os.path.join(folder, n)
@@ -139,38 +144,38 @@ def read_mtx(folder: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
     ids = [f[0] for f in feats]
     names = [f[1] if len(f) > 1 else f[0] for f in feats]
     types = [f[2] if len(f) > 2 else "Gene Expression" for f in feats]
-    lines = [ln for ln in split_lines(open_text(mtx))]
-    if not lines or not lines[0].startswith("%%MatrixMarket matrix coordinate"):
-        raise IngestError(f"{mtx}: not a MatrixMarket coordinate file; copy it again.")
-    body = [ln for ln in lines if not ln.startswith("%")]
-    n_genes, n_barcodes, nnz = (int(v) for v in body[0].split())
-    if (n_genes, n_barcodes) != (len(ids), len(barcodes)):
-        raise IngestError(f"{mtx}: shape {n_genes}x{n_barcodes} does not match {len(ids)} features x "
-                          f"{len(barcodes)} barcodes; the folder mixes files of different runs.")
     try:
-        triplets = np.array(" ".join(body[1:]).split(), dtype=np.float64).reshape(-1, 3)
-    except ValueError:
-        raise IngestError(f"{mtx}: non-numeric or ragged entries; copy the file again.") from None
-    if len(triplets) != nnz:
-        raise IngestError(f"{mtx}: header says {nnz} entries, found {len(triplets)}; the file is truncated.")
-    genes_idx = triplets[:, 0].astype(np.int64) - 1
-    rows = triplets[:, 1].astype(np.int64) - 1
-    return barcodes, _finish(mtx, barcodes, ids, names, types, rows, genes_idx, triplets[:, 2], use_ids)
+        with (gzip.open(mtx, "rb") if mtx.endswith(".gz") else open(mtx, "rb")) as f:
+            genes_by_barcodes = scipy.io.mmread(f)
+    except (OSError, EOFError, ValueError) as e:  # bad gzip stream / truncated stream / malformed Matrix Market
+        raise IngestError(f"{mtx}: cannot read ({e}); the file is truncated or corrupt, download it again.") from e
+    if not sparse.issparse(genes_by_barcodes):
+        raise IngestError(f"{mtx}: a dense Matrix Market array, not Space Ranger's 'coordinate' matrix; copy the "
+                          "matrix folder from Space Ranger's outs/ again.")
+    _check_shape(mtx, genes_by_barcodes.shape, ids, barcodes)
+    return barcodes, _finish(mtx, barcodes, ids, names, types, genes_by_barcodes.T, use_ids)
 
 
-def _finish(path, barcodes, ids, names, types, rows, gene_idx, values, use_ids) -> CountMatrix:
+def _check_shape(path, shape, ids, barcodes) -> None:
+    if tuple(shape) != (len(ids), len(barcodes)):
+        raise IngestError(f"{path}: shape {shape[0]}x{shape[1]} does not match {len(ids)} features x "
+                          f"{len(barcodes)} barcodes; the counts, features and barcodes come from different runs, copy "
+                          "Space Ranger's matrix outputs again.")
+
+
+def _finish(path, barcodes, ids, names, types, spots_by_features, use_ids) -> CountMatrix:
+    """Checks the counts, keeps the Gene Expression features and names the genes."""
     check_unique(barcodes, path, "barcode")
-    if (values < 0).any():
-        i = int(np.argmax(values < 0))
-        raise IngestError(f"{path}: negative count {values[i]} at barcode {barcodes[rows[i]]!r}, gene "
-                          f"{names[gene_idx[i]]!r}; counts must be raw non-negative UMI counts.")
-    if not np.all(np.isfinite(values)):
-        raise IngestError(f"{path}: non-finite counts; copy the file again.")
-    is_gex = np.array([t == "Gene Expression" for t in types])
-    new_col = np.cumsum(is_gex) - 1
-    keep = is_gex[gene_idx]
+    entries = sparse.coo_array(spots_by_features)
+    for bad, what in ((~np.isfinite(entries.data), "non-finite count"), (entries.data < 0, "negative count")):
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise IngestError(f"{path}: {what} {entries.data[i]} at barcode {barcodes[entries.row[i]]!r}, gene "
+                              f"{names[entries.col[i]]!r}; counts must be raw non-negative UMI counts, copy the "
+                              "file again.")
+    is_gex = np.array([t == "Gene Expression" for t in types], dtype=bool)
     genes = [(i if use_ids else n) for i, n, g in zip(ids, names, is_gex) if g]
-    counts = CountMatrix.from_coo(genes, len(barcodes), rows[keep], new_col[gene_idx[keep]], values[keep])
+    counts = CountMatrix(genes, sparse.csc_array(spots_by_features)[:, np.flatnonzero(is_gex)])
     if len(set(genes)) != len(genes):  # a few symbols name two Ensembl genes in 10x references: sum them
         counts, _ = counts.rename_genes(genes)
     return counts

@@ -1,4 +1,4 @@
-"""The per-store report: `report/report.json` (counts) and `report/thumbnails/<section>.png` (spot boxes on the
+"""A store's ingest report: `report/report.json` (counts) and `report/thumbnails/<section>.png` (spot boxes on the
 tissue), written inside the store's temporary directory so they appear atomically with the store."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import re
 import numpy as np
 from PIL import Image, ImageDraw
 
-from histospace_jax.ingest.common import atomic_write_bytes
+from histospace_jax import atomic
 
 REPORT_DIR = "report"
 REPORT_JSON = "report.json"
@@ -19,6 +19,7 @@ THUMB_DIR = "thumbnails"
 # Box colours by fate of the spot/tile.
 COLOURS = {"kept": (0, 200, 0), "padded": (255, 200, 0), "dropped_edge": (230, 0, 0),
            "background": (0, 120, 255)}
+SPOT_DOT_RADIUS = 2.0  # thumbnail pixels: visible at 1024 px without hiding the tile boxes
 
 
 def thumbnail_png(rgb: np.ndarray, boxes: dict[str, tuple[np.ndarray, np.ndarray]], box_size: int,
@@ -35,7 +36,7 @@ def thumbnail_png(rgb: np.ndarray, boxes: dict[str, tuple[np.ndarray, np.ndarray
             draw.rectangle([x / factor, y / factor, (x + box_size) / factor, (y + box_size) / factor],
                            outline=colour, width=1)
     if centres is not None:
-        r = max(1.0, 2.0)
+        r = SPOT_DOT_RADIUS
         for x, y in zip(np.asarray(centres[0]).tolist(), np.asarray(centres[1]).tolist()):
             cx, cy = x / factor, y / factor
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=(0, 0, 0))
@@ -50,18 +51,14 @@ def safe_name(section: str) -> str:
 
 def write_thumbnail(store_tmp: str, section: str, png: bytes) -> str:
     """Writes a section's thumbnail inside the store being built; returns its path relative to the store."""
-    folder = os.path.join(store_tmp, REPORT_DIR, THUMB_DIR)
-    os.makedirs(folder, exist_ok=True)
     rel = os.path.join(REPORT_DIR, THUMB_DIR, f"{safe_name(section)}.png")
-    atomic_write_bytes(os.path.join(store_tmp, rel), png)
+    atomic.write_bytes(os.path.join(store_tmp, rel), png)
     return rel
 
 
 def write_report(store_tmp: str, report: dict) -> str:
-    folder = os.path.join(store_tmp, REPORT_DIR)
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, REPORT_JSON)
-    atomic_write_bytes(path, json.dumps(report, indent=1, default=_jsonable).encode())
+    path = os.path.join(store_tmp, REPORT_DIR, REPORT_JSON)
+    atomic.write_bytes(path, json.dumps(report, indent=1, default=_jsonable).encode())
     return path
 
 

@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from histospace_jax.ingest.common import IngestError, SectionSource
-from histospace_jax.ingest.images import IMAGE_EXTENSIONS
+from histospace_jax.ingest.slide_io import IMAGE_EXTENSIONS
 
 FORMAT = "images"
 

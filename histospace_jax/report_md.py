@@ -1,6 +1,6 @@
 """report.md: what a run did, on which data, how well, against which controls, with its figures.
 
-`write_report(workdir, results)` is called at the end of every mode (loo, external, ae_study, pretrain_ae).
+`write_report(workdir, results)` is called at the end of every mode.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from histospace_jax import checkpointing, reporting
+from histospace_jax import atomic, console
 
 CONTROL_NOTES = {
     "mean_predictor": "training spots' mean profile for every spot (ignores the image; per-gene r undefined)",
@@ -36,19 +36,13 @@ def _md_table(header, rows) -> str:
 
 
 def _metric_rows(label: str, block: dict, n_spots=None) -> list[list]:
-    rows = []
-    for name, m in [("**model**", block)] + [(k, v) for k, v in block.get("controls", {}).items()]:
-        sig = m.get("n_genes_significant")
-        sig_s = _f(sig, 1) if sig is not None else "-"
-        if m.get("n_genes_tested") is not None:
-            sig_s += f" / {m['n_genes_tested']}"
-        rows.append([label, name, n_spots if n_spots is not None else "", m.get("per_gene_pearson"),
-                     m.get("per_gene_pearson_median"), sig_s, m.get("per_spot_pearson"), m.get("mse")])
+    rows = console.metric_rows(label, block, n_spots)
+    for r in rows:
+        r[1] = "**model**" if r[1] == "model" else r[1]
     return rows
 
 
-METRIC_HEADER = ["evaluated", "predictor", "spots", "per-gene r (mean)", "per-gene r (median)",
-                 "genes r>0 sig. (FDR)", "per-spot r", "MSE"]
+METRIC_HEADER = console.METRIC_HEADER
 
 
 def _provenance(results: dict) -> list[str]:
@@ -203,6 +197,17 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
                                           "microns_per_pixel")})
         lines += [f"Deployable model: `{os.path.join(workdir, 'model')}` "
                   f"(`python -m histospace_jax.predict --checkpoint={os.path.join(workdir, 'model')} ...`)", ""]
+    elif mode == "train":
+        t = results["train"]
+        lines += ["## Trained model", "",
+                  f"Trained on `{t['store']}` patients {t['patients']} ({t['n_spots']} spots, {t['n_genes']} genes, "
+                  f"{t['epochs']} epochs). Nothing was held out, so this run measures no accuracy: "
+                  "leave-one-patient-out (`configs/loo.py`) does.", ""]
+        lines += _model_section({k: v for k, v in results["model_export"].items()
+                                 if k in ("encoder_params", "head_params", "checkpoint_bytes", "tile_size",
+                                          "microns_per_pixel")})
+        lines += [f"Deployable model: `{os.path.join(workdir, 'model')}` "
+                  f"(`python -m histospace_jax.predict --checkpoint={os.path.join(workdir, 'model')} ...`)", ""]
     elif mode == "ae_study":
         lines += ["## Autoencoder variants", "", ae_study_markdown(results), ""]
     elif mode == "pretrain_ae":
@@ -212,41 +217,15 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
     lines += _config_section(results)
     lines += _figures(workdir)
     path = os.path.join(workdir, "report.md")
-    checkpointing.write_text_atomic(path, "\n".join(lines) + "\n")
+    atomic.write_text(path, "\n".join(lines) + "\n")
     return path
-
-
-def _ae_rows(results: dict) -> list[list]:
-    rows = []
-    for v, s in results["ae_study"]["variants"].items():
-        rows.append([v, s.get("final_train_mse"), s.get("final_val_mse"), s.get("paper_mse_iciar"),
-                     s.get("encoder_params"), s.get("autoencoder_params"), s.get("checkpoint_bytes")])
-    return rows
-
-
-AE_HEADER = ["variant", "train MSE", "validation MSE", "paper MSE (ICIAR)", "encoder params", "AE params",
-             "checkpoint bytes"]
 
 
 def ae_study_markdown(results: dict) -> str:
     st = results["ae_study"]
     return (f"Image store `{st['image_store']}` ({st['n_tiles']} tiles, {st['n_val_tiles']} held out for "
-            f"validation).\n\n" + _md_table(AE_HEADER, _ae_rows(results)))
-
-
-def ae_study_table(results: dict) -> str:
-    return "Autoencoder variants\n" + reporting.format_table(_ae_rows(results), AE_HEADER)
+            f"validation).\n\n" + _md_table(console.AE_HEADER, console.ae_rows(results)))
 
 
 def _ext_block(e: dict) -> dict:
     return {**e["model"], "controls": e["controls"]}
-
-
-def external_table(results: dict) -> str:
-    e = results["external"]
-    rows = [[c.strip("*") if isinstance(c, str) else c for c in r[1:]]
-            for r in _metric_rows("test", _ext_block(e), e["test"]["n_spots"])]
-    title = f"External test: {e['train']['patients']} -> {e['test']['patients']}"
-    if e["train"].get("synthetic") or e["test"].get("synthetic"):
-        title += "  [SYNTHETIC DATA]"
-    return title + "\n" + reporting.format_table(rows, METRIC_HEADER[1:])

@@ -1,0 +1,83 @@
+"""Models, optimizers and train states built from a config: the one place that turns `config.model` into
+modules, so every mode (and predict) builds the same network."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from histospace_jax import models, steps
+
+AXIS = "batch"  # the pmap axis every step and BatchNorm reduces over
+
+
+def _arch(config) -> dict:
+    m = config.model
+    return dict(variant=m.variant, encoder_features=tuple(m.encoder_features))
+
+
+def autoencoder(config) -> models.Autoencoder:
+    return models.Autoencoder(upconv_impl=config.model.upconv_impl, axis_name=AXIS, **_arch(config))
+
+
+def encoder(config) -> models.Encoder:
+    return models.Encoder(config.model.variant, tuple(config.model.encoder_features))
+
+
+def histospace(config, n_genes: int, axis_name: str | None = AXIS) -> models.HistoSpace:
+    m = config.model
+    return models.HistoSpace(n_genes=n_genes, conv_features=tuple(m.head_conv_features),
+                             fc_features=tuple(m.head_fc_features), dropout_rate=m.dropout_rate,
+                             axis_name=axis_name, **_arch(config))
+
+
+def architecture(config) -> dict:
+    """The model's architecture as model.json records it (histospace_from_architecture reads it back)."""
+    m = config.model
+    return {"variant": m.variant, "encoder_features": list(m.encoder_features),
+            "head_conv_features": list(m.head_conv_features), "head_fc_features": list(m.head_fc_features),
+            "dropout_rate": float(m.dropout_rate)}
+
+
+def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
+    return models.HistoSpace(n_genes=n_genes, variant=arch["variant"],
+                             encoder_features=tuple(arch["encoder_features"]),
+                             conv_features=tuple(arch["head_conv_features"]),
+                             fc_features=tuple(arch["head_fc_features"]), dropout_rate=arch.get("dropout_rate", 0.0))
+
+
+def autoencoder_state(config) -> steps.TrainState:
+    c, t = config.ae, config.data.tile_size
+    tx = steps.make_ae_optimizer(c.learning_rate, c.weight_decay)
+    return steps.create_train_state(autoencoder(config), jax.random.PRNGKey(config.seed),
+                                    jnp.zeros((1, t, t, 3)), tx)
+
+
+def head_states(config, n_genes: int, encoder_variables: dict, seed_offsets) -> list[steps.TrainState]:
+    """HistoSpace states with fresh heads (seeded by config.seed and each of `seed_offsets`, e.g. fold number + 1)
+    on the frozen `encoder_variables`. They share one module and optimizer, so they stack (vmap over folds)."""
+    c = config.train
+    model = histospace(config, n_genes)
+    tx = steps.make_regression_optimizer(c.learning_rate, c.weight_decay)
+    return [steps.create_regression_state(model, jax.random.PRNGKey(config.seed * 1000 + int(k)), encoder_variables,
+                                          tx, config.data.tile_size) for k in seed_offsets]
+
+
+def encoder_variables_of(ae_state) -> dict:
+    """The encoder's {'params', 'batch_stats'} inside an autoencoder state, as host arrays."""
+    v = {"params": ae_state.params["encoder"]}
+    if ae_state.batch_stats:
+        v["batch_stats"] = ae_state.batch_stats["encoder"]
+    return jax.tree_util.tree_map(np.asarray, v)
+
+
+def random_encoder_variables(config, seed: int) -> dict:
+    """An untrained encoder (the control that shows what pretraining buys)."""
+    t = config.data.tile_size
+    v = encoder(config).init(jax.random.PRNGKey(seed), jnp.zeros((1, t, t, 3)))
+    return jax.tree_util.tree_map(np.asarray, dict(v))
+
+
+def count_params(tree) -> int:
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(tree)))

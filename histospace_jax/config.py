@@ -1,0 +1,228 @@
+"""The default configuration and its validation.
+
+`configs/*.py` build on `get_config()` (the README's demo: leave-one-patient-out on the built-in synthetic
+data). `validate(config)` checks every numeric key against its allowed range and every choice against its
+options, and raises errors.ConfigError naming the key, the value and the range (main exits 64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from histospace_jax.errors import ConfigError
+
+MODES = ("loo", "train", "external", "pretrain_ae", "ae_study")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mode = "loo"  # "loo" | "train" | "external" | "pretrain_ae" | "ae_study"
+    c.seed = 0
+    c.log_every_steps = 20
+    c.eval_batch_size = 128
+
+    c.data = ml_collections.ConfigDict()
+    c.data.store = ""  # tile store path; "" = the built-in SYNTHETIC demo
+    c.data.demo_root = ""  # where demo stores are written once and reused; "" = ~/.cache/histospace_jax/demo
+    c.data.tile_size = 128
+    c.data.worker_count = 0  # Grain worker processes (0 = read in the main process)
+    c.data.demo = ml_collections.ConfigDict(dict(
+        n_patients=6, sections_per_patient=2, grid=(14, 14), n_genes=64,
+        n_pretrain_patients=2, pretrain_grid=(16, 16), noise_sd=0.35, seed=0))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.variant = "relu_bn"  # "pool" | "relu" | "relu_bn" (the paper's three autoencoders)
+    c.model.encoder_features = (32, 64, 128)
+    c.model.head_conv_features = (128,)  # more entries = the paper's deeper heads
+    c.model.head_fc_features = (256,)
+    c.model.dropout_rate = 0.0
+    c.model.upconv_impl = "subpixel"  # "subpixel" (fast, same function) | "transpose" (lax reference)
+
+    c.ae = ml_collections.ConfigDict()
+    c.ae.checkpoint = ""  # load a pretrained autoencoder (Orbax dir, e.g. WORKDIR/checkpoints/ae) instead
+    c.ae.store = ""  # image store for pretraining; "" = demo pretraining store, or the regression store
+    c.ae.epochs = 3
+    c.ae.batch_size = 32
+    c.ae.learning_rate = 1e-3
+    c.ae.weight_decay = 0.0
+    c.ae.val_fraction = 0.1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 0  # fixed (no model selection on the held-out patient); 0 = auto: 10, or 3 on the demo
+    c.train.batch_size = 32
+    c.train.learning_rate = 1e-3
+    c.train.weight_decay = 1e-4
+    c.train.huber_delta = 1.0
+
+    c.loo = ml_collections.ConfigDict()
+    c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
+    c.loo.feature_cache = True  # encode every tile once; heads train on cached features
+    c.loo.folds_per_program = 0  # folds trained together in one compiled program; 0 = all
+    # Also train the heads on an untrained encoder: "on" | "off" | "auto" (on for real stores; off on the
+    # synthetic demo, where it would double the run time).
+    c.loo.random_encoder_control = "auto"
+    c.loo.random_encoder_seed = 12345  # init seed of that untrained encoder
+    c.loo.fdr = 0.05  # per-gene significance: genes with r > 0 at this Benjamini-Hochberg FDR
+
+    c.external = ml_collections.ConfigDict()  # mode "external": train on data.store, test on external.store
+    c.external.store = ""  # test store; "" = data.store itself (then set disjoint train/test_patients)
+    c.external.train_patients = ""  # comma-separated patients of data.store to train on; "" = all
+    c.external.test_patients = ""  # comma-separated patients of external.store to test on; "" = all
+    c.external.exclude_overlap = True  # leave test spots sharing a patient / image / tile with training out
+    c.external.map_genes = "GNAS,HLA-B"  # genes drawn as spatial maps (truth beside prediction)
+
+    c.clustering = ml_collections.ConfigDict()  # K-means (k=2) on predicted expression vs pathologist labels
+    c.clustering.cancer_labels = "invasive cancer,cancer in situ,tumour,tumor"  # labels counted as cancer
+
+    c.ae_study = ml_collections.ConfigDict()  # mode "ae_study": the paper's three autoencoder variants
+    c.ae_study.variants = ("pool", "relu", "relu_bn")
+    c.ae_study.n_grid_tiles = 8  # validation tiles shown with their reconstructions
+
+    c.distributed = ml_collections.ConfigDict()  # multi-process jobs; see histospace_jax/distributed.py
+    c.distributed.mode = "auto"  # "auto": start when a coordinator is set or a cluster is detected | "on" | "off"
+    c.distributed.coordinator_address = ""  # "host:port" of process 0; or $HISTOSPACE_COORDINATOR_ADDRESS
+    c.distributed.num_processes = 0  # or $HISTOSPACE_NUM_PROCESSES
+    c.distributed.process_id = -1  # or $HISTOSPACE_PROCESS_ID
+    c.distributed.local_device_ids = ""  # e.g. "0,1" (one process per GPU group); "" = all visible
+    c.distributed.cpu_collectives = "gloo"  # cross-process collectives on CPU devices
+    c.distributed.initialization_timeout = 300
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_steps = 200
+    c.checkpoint.max_to_keep = 2
+    return c
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+_INF = math.inf
+# key -> (lowest, highest, lowest allowed?, highest allowed?, integer?). Tuple-valued keys: every element.
+NUMERIC_RANGES = {
+    "seed": (-_INF, _INF, True, True, True),
+    "log_every_steps": (1, _INF, True, True, True),
+    "eval_batch_size": (1, _INF, True, True, True),
+    "data.tile_size": (8, _INF, True, True, True),
+    "data.worker_count": (0, _INF, True, True, True),
+    "data.demo.n_patients": (2, _INF, True, True, True),
+    "data.demo.sections_per_patient": (1, _INF, True, True, True),
+    "data.demo.grid": (2, _INF, True, True, True),
+    "data.demo.n_genes": (1, _INF, True, True, True),
+    "data.demo.n_pretrain_patients": (1, _INF, True, True, True),
+    "data.demo.pretrain_grid": (2, _INF, True, True, True),
+    "data.demo.noise_sd": (0, _INF, True, True, False),
+    "data.demo.seed": (-_INF, _INF, True, True, True),
+    "model.encoder_features": (1, _INF, True, True, True),
+    "model.head_conv_features": (1, _INF, True, True, True),
+    "model.head_fc_features": (1, _INF, True, True, True),
+    "model.dropout_rate": (0, 1, True, False, False),
+    "ae.epochs": (0, _INF, True, True, True),
+    "ae.batch_size": (1, _INF, True, True, True),
+    "ae.learning_rate": (0, _INF, False, True, False),
+    "ae.weight_decay": (0, _INF, True, True, False),
+    "ae.val_fraction": (0, 1, True, False, False),
+    "train.epochs": (0, _INF, True, True, True),
+    "train.batch_size": (1, _INF, True, True, True),
+    "train.learning_rate": (0, _INF, False, True, False),
+    "train.weight_decay": (0, _INF, True, True, False),
+    "train.huber_delta": (0, _INF, False, True, False),
+    "loo.folds_per_program": (0, _INF, True, True, True),
+    "loo.random_encoder_seed": (-_INF, _INF, True, True, True),
+    "loo.fdr": (0, 1, False, False, False),
+    "ae_study.n_grid_tiles": (1, _INF, True, True, True),
+    "distributed.num_processes": (0, _INF, True, True, True),
+    "distributed.process_id": (-1, _INF, True, True, True),
+    "distributed.initialization_timeout": (1, _INF, True, True, True),
+    "checkpoint.every_steps": (1, _INF, True, True, True),
+    "checkpoint.max_to_keep": (1, _INF, True, True, True),
+}
+CHOICES = {
+    "mode": MODES,
+    "model.variant": ("pool", "relu", "relu_bn"),
+    "model.upconv_impl": ("subpixel", "transpose"),
+    "loo.random_encoder_control": ("on", "off", "auto"),
+    "distributed.mode": ("auto", "on", "off"),
+    "ae_study.variants": ("pool", "relu", "relu_bn"),
+}
+
+
+def flat_items(d, prefix: str = ""):
+    """(dotted key, value) of every leaf of a (nested) ConfigDict or dict."""
+    for k, v in d.items():
+        if isinstance(v, (dict, ml_collections.ConfigDict)):
+            yield from flat_items(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def describe_range(rule) -> str:
+    lo, hi, lo_in, hi_in, integer = rule
+    kind = "an integer" if integer else "a number"
+    if hi == _INF and lo == -_INF:
+        return kind
+    if hi == _INF:
+        return f"{kind} {'>=' if lo_in else '>'} {lo:g}"
+    return f"{kind} in {'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+
+
+def _in_range(v, rule) -> bool:
+    lo, hi, lo_in, hi_in, integer = rule
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if integer and float(v) != int(v):
+        return False
+    if not math.isfinite(float(v)) and not (v == hi == _INF):
+        return False
+    return (v > lo or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))
+
+
+def validate(config) -> None:
+    """Raises ConfigError for the first key outside its range or choices (names key, value and range)."""
+    values = dict(flat_items(config))
+    for key, rule in NUMERIC_RANGES.items():
+        if key not in values:
+            continue
+        v = values[key]
+        elems = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+        if isinstance(v, (tuple, list)) and not elems:
+            raise ConfigError(f"config key {key}={v!r}: needs at least one value, each {describe_range(rule)}")
+        for e in elems:
+            if not _in_range(e, rule):
+                each = "each value " if isinstance(v, (tuple, list)) else ""
+                raise ConfigError(f"config key {key}={v!r}: {each}must be {describe_range(rule)} "
+                                  f"(set --config.{key}=...)")
+    for key, options in CHOICES.items():
+        if key not in values:
+            continue
+        v = values[key]
+        elems = tuple(v) if isinstance(v, (tuple, list)) else (v,)
+        bad = [e for e in elems if str(e).lower() not in options]
+        if bad or not elems:
+            raise ConfigError(f"config key {key}={v!r}: use {' | '.join(repr(o) for o in options)}")
+    if values["data.tile_size"] % 8:
+        raise ConfigError(f"config key data.tile_size={values['data.tile_size']}: must be a multiple of 8 (the "
+                          "encoder halves it three times)")
+
+
+# ------------------------------------------------------------------------------------------------ "auto" values
+
+DEMO_HEAD_EPOCHS = 3  # keeps the README demo within ~10 minutes on a 2-core CPU
+REAL_HEAD_EPOCHS = 10
+
+
+def resolve_auto(config, log=print) -> None:
+    """Resolves train.epochs = 0 ("auto"): REAL_HEAD_EPOCHS on a user's store, DEMO_HEAD_EPOCHS on the demo."""
+    if config.train.epochs == 0:
+        on_demo = not config.data.store
+        config.train.epochs = DEMO_HEAD_EPOCHS if on_demo else REAL_HEAD_EPOCHS
+        log(f"train.epochs=auto -> {config.train.epochs} ({'synthetic demo' if on_demo else 'real store'}); "
+            "set --config.train.epochs=N to choose")
+
+
+def random_encoder_control_on(config) -> bool:
+    """loo.random_encoder_control: "on", "off", or "auto" (on for a user's store, off on the demo)."""
+    value = str(config.loo.random_encoder_control).lower()
+    if value == "auto":
+        return bool(config.data.store)
+    return value == "on"

@@ -1,0 +1,114 @@
+"""What a run prints: progress lines (step, loss, throughput, ETA) and the result tables."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import jax
+
+
+def log(msg: str) -> None:
+    """Prints on process 0 only, so a multi-host job logs once."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
+class Progress:
+    """Step, loss, throughput and ETA lines for long loops."""
+
+    def __init__(self, name: str, total_steps: int, items_per_step: int, start_step: int = 0):
+        self.name, self.total, self.items = name, total_steps, items_per_step
+        self.start_step, self.t0 = start_step, time.time()
+
+    def line(self, step: int, **values) -> str:
+        done = max(step - self.start_step, 1)
+        elapsed = time.time() - self.t0
+        rate = done * self.items / max(elapsed, 1e-9)
+        eta = (self.total - step) * elapsed / done
+        vals = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+        return f"[{self.name}] step {step}/{self.total} {vals} {rate:.1f} tiles/s ETA {format_seconds(eta)}"
+
+
+def format_seconds(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def format_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
+    cells = [list(map(_cell, header))] + [list(map(_cell, r)) for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = [" | ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+# ------------------------------------------------------------------------------------------------ result rows
+# Shared by the console tables below and report.md (report_md.py).
+
+METRIC_HEADER = ["evaluated", "predictor", "spots", "per-gene r (mean)", "per-gene r (median)",
+                 "genes r>0 sig. (FDR)", "per-spot r", "MSE"]
+AE_HEADER = ["variant", "train MSE", "validation MSE", "paper MSE (ICIAR)", "encoder params", "AE params",
+             "checkpoint bytes"]
+
+
+def significance_cell(m: dict) -> str:
+    sig = m.get("n_genes_significant")
+    if sig is None:
+        return "-"
+    text = f"{sig:.1f}" if isinstance(sig, float) else str(sig)
+    if m.get("n_genes_tested") is not None:
+        text += f"/{m['n_genes_tested']}"
+    return text
+
+
+def metric_rows(label: str, block: dict, n_spots=None) -> list[list]:
+    """One row for the model and one per control of a result block (a fold, the summary, an external test)."""
+    rows = []
+    for name, m in [("model", block)] + list(block.get("controls", {}).items()):
+        rows.append([label, name, "" if n_spots is None else n_spots, m.get("per_gene_pearson", float("nan")),
+                     m.get("per_gene_pearson_median", float("nan")), significance_cell(m),
+                     m.get("per_spot_pearson", float("nan")), m.get("mse", float("nan"))])
+    return rows
+
+
+def ae_rows(results: dict) -> list[list]:
+    return [[v, s.get("final_train_mse"), s.get("final_val_mse"), s.get("paper_mse_iciar"), s.get("encoder_params"),
+             s.get("autoencoder_params"), s.get("checkpoint_bytes")]
+            for v, s in results["ae_study"]["variants"].items()]
+
+
+# ------------------------------------------------------------------------------------------------ tables
+
+
+def loo_table(results: dict) -> str:
+    """Model and controls side by side: per fold and the mean over folds."""
+    header = ["held out", "predictor", "spots", "gene r", "gene r med", "sig genes", "spot r", "MSE"]
+    rows = []
+    for f in results["folds"]:
+        rows += metric_rows(f["held_out"], f, f["n_spots"])
+    rows += metric_rows("MEAN", results["summary"], sum(f["n_spots"] for f in results["folds"]))
+    title = f"Leave-one-patient-out on {results['dataset']['name']}"
+    if results["dataset"].get("synthetic"):
+        title += "  [SYNTHETIC DATA]"
+    return title + "\n" + format_table(rows, header)
+
+
+def external_table(results: dict) -> str:
+    e = results["external"]
+    rows = [r[1:] for r in metric_rows("test", {**e["model"], "controls": e["controls"]}, e["test"]["n_spots"])]
+    title = f"External test: {e['train']['patients']} -> {e['test']['patients']}"
+    if e["train"].get("synthetic") or e["test"].get("synthetic"):
+        title += "  [SYNTHETIC DATA]"
+    return title + "\n" + format_table(rows, METRIC_HEADER[1:])
+
+
+def ae_study_table(results: dict) -> str:
+    return "Autoencoder variants\n" + format_table(ae_rows(results), AE_HEADER)

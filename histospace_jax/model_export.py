@@ -1,0 +1,80 @@
+"""The deployable model directory that `predict` reads: WORKDIR/model/ with an Orbax checkpoint of the whole
+HistoSpace model (encoder + head variables) and model.json (genes, architecture, tile size, microns per pixel,
+colour/stain preprocessing of the training store). Written by the `train` and `external` modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from histospace_jax import atomic, builders, checkpointing
+from histospace_jax.errors import BadInputError
+
+MODEL_JSON = "model.json"
+
+
+def dir_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:
+                pass
+    return total
+
+
+def export(model_dir: str, config, state, genes: list[str], store, encoder_source: str) -> dict:
+    """Writes `model_dir` from a trained HistoSpace train state; returns model.json's content (+ size)."""
+    variables = {"params": state.params}
+    if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+    variables = jax.tree_util.tree_map(np.asarray, variables)
+    # A re-export replaces the old checkpoint (Orbax keeps step directories; a stale step 0 would be restored).
+    shutil.rmtree(os.path.join(model_dir, "checkpoint"), ignore_errors=True)
+    ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoint"), max_to_keep=1)
+    ckpt.save(0, variables, meta={"genes": len(genes)})
+    ckpt.close()
+    m = store.manifest
+    info = {
+        "format": "histospace-model", "version": 1, "genes": list(genes),
+        "model": builders.architecture(config),
+        "tile_size": int(m.get("tile_size", config.data.tile_size)),
+        "microns_per_pixel": m.get("microns_per_pixel"),
+        "colour_cast": m.get("colour_cast"), "stain_normalisation": m.get("stain_normalisation"),
+        "expression": m.get("expression"), "trained_on": {"store": store.path, "synthetic": store.synthetic},
+        "encoder": encoder_source,
+        "encoder_params": builders.count_params(variables["params"]["encoder"]),
+        "head_params": builders.count_params(variables["params"]["head"]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    atomic.write_json(os.path.join(model_dir, MODEL_JSON), info)
+    info["checkpoint_bytes"] = dir_bytes(model_dir)
+    return info
+
+
+def load(model_dir: str):
+    """(model.json content, HistoSpace module, variables) of a model directory."""
+    info_path = os.path.join(model_dir, MODEL_JSON)
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except FileNotFoundError as e:
+        raise BadInputError(f"{info_path}: missing; --checkpoint must be the model/ directory written by "
+                            "`python -m histospace_jax.main --config=configs/train.py --workdir=W` (W/model) or by "
+                            "the external mode.") from e
+    except json.JSONDecodeError as e:
+        raise BadInputError(f"{info_path}: not valid JSON ({e}); export the model again.") from e
+    model = builders.histospace_from_architecture(info["model"], len(info["genes"]))
+    t = int(info["tile_size"])
+    template = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)))))
+    ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoint"), read_only=True)
+    variables, _ = ckpt.restore(None, template)
+    ckpt.close()
+    return info, model, variables

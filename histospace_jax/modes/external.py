@@ -1,0 +1,186 @@
+"""Mode external: train one head on all (or external.train_patients) spots of data.store, evaluate on
+external.store (or on data.store's external.test_patients) on the genes both stores share, with the
+mean-profile, untrained-head and random-encoder controls; spatial maps of named genes; an overlap check of the
+two stores (patients, image hashes, tile hashes); exports the deployable model for predict."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+
+from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, evaluation,
+                            features, folds, metrics, model_export, plots)
+from histospace_jax.data import open_store
+from histospace_jax.errors import BadInputError, ConfigError
+
+# HER2ST patients E-H are the STNet patients below (same tissue, re-released): evaluating a HER2ST-trained
+# model on STNet (or the reverse) on those patients is not an external test.
+HER2ST_STNET_SAME_PATIENT = {"E": "BC23567", "F": "BC23810", "G": "BC23903", "H": "BC24044"}
+
+
+def _canonical_patient(p: str, manifest: dict) -> str:
+    if manifest.get("source_format") == "her2st" and p in HER2ST_STNET_SAME_PATIENT:
+        return HER2ST_STNET_SAME_PATIENT[p]
+    return p
+
+
+def tile_hashes(store, rows: np.ndarray, batch: int = 256) -> list[str]:
+    out = []
+    for a in range(0, len(rows), batch):
+        for t in store.tiles[rows[a:a + batch]]:
+            out.append(hashlib.sha1(np.ascontiguousarray(t).tobytes()).hexdigest())
+    return out
+
+
+def compare_stores(store_a, rows_a: np.ndarray, store_b, rows_b: np.ndarray) -> dict:
+    """Shared patients (HER2ST E-H == STNet BC23567/BC23810/BC23903/BC24044), shared source images (manifest
+    sha256) and identical tiles between the training rows of A and the evaluation rows of B.
+    Returns the overlap and, per B row, whether it overlaps."""
+    ma, mb = store_a.manifest, store_b.manifest
+    pa = {_canonical_patient(p, ma) for p in set(store_a.obs["patient"][rows_a].tolist())}
+    pb_rows = np.array([_canonical_patient(p, mb) for p in store_b.obs["patient"][rows_b]])
+    shared_patients = sorted(pa & set(pb_rows.tolist()))
+    sec_a = set(store_a.obs["section"][rows_a].tolist())
+    hashes_a = {s.get("image_sha256") for s in ma.get("sections", []) if s.get("section") in sec_a} - {None, ""}
+    sec_hash_b = {s.get("section"): s.get("image_sha256") for s in mb.get("sections", [])}
+    shared_image_sections = sorted({s for s in set(store_b.obs["section"][rows_b].tolist())
+                                    if sec_hash_b.get(s) and sec_hash_b.get(s) in hashes_a})
+    ha = set(tile_hashes(store_a, rows_a))
+    hb = tile_hashes(store_b, rows_b)
+    same_tile = np.array([h in ha for h in hb], bool)
+    overlap_row = (np.isin(pb_rows, shared_patients) | np.isin(store_b.obs["section"][rows_b], shared_image_sections)
+                   | same_tile)
+    return {"shared_patients": shared_patients, "shared_image_sections_of_B": shared_image_sections,
+            "identical_tiles": int(same_tile.sum()), "overlapping_B_spots": int(overlap_row.sum()),
+            "compared": "patient ids (HER2ST E-H mapped to STNet ids), source image sha256 from the manifests, "
+                        "sha1 of every tile", "_rows": overlap_row}
+
+
+def _select_patients(store, wanted: str, what: str) -> np.ndarray:
+    if not wanted:
+        return np.arange(store.n_spots)
+    names = [p for p in wanted.split(",") if p]
+    unknown = [p for p in names if p not in store.patients]
+    if unknown:
+        raise ConfigError(f"{what}={wanted!r}: patients {unknown} are not in {store.path} "
+                          f"(patients: {store.patients})")
+    return np.flatnonzero(np.isin(store.obs["patient"], names))
+
+
+def run(config, workdir: str, inputs) -> tuple[dict, dict]:
+    """Train on store A (all, or config.external.train_patients), evaluate on store B (config.external.store,
+    default A itself with config.external.test_patients) on the shared genes."""
+    e = config.external
+    store_a_path, ae_store, writer = inputs.store, inputs.ae_store, inputs.writer
+    store_a = open_store(store_a_path)
+    store_b = open_store(e.store or store_a_path)
+    rows_a = _select_patients(store_a, e.train_patients, "external.train_patients")
+    rows_b = _select_patients(store_b, e.test_patients, "external.test_patients")
+    genes = [g for g in store_a.genes if g in set(store_b.genes)]
+    if not genes:
+        raise BadInputError(f"{store_a.path} and {store_b.path} share no genes; prepare B with "
+                            f"--genes_from={store_a.path}")
+    warnings = []
+    overlap = compare_stores(store_a, rows_a, store_b, rows_b)
+    over_rows = overlap.pop("_rows")
+    if overlap["overlapping_B_spots"]:
+        msg = (f"WARNING: the test set overlaps the training set: {overlap['overlapping_B_spots']} of "
+               f"{len(rows_b)} evaluation spots (shared patients {overlap['shared_patients']}, shared images "
+               f"{overlap['shared_image_sections_of_B']}, identical tiles {overlap['identical_tiles']})")
+        if e.exclude_overlap:
+            msg += "; they are left out of the evaluation (external.exclude_overlap=True)"
+            rows_b = rows_b[~over_rows]
+        else:
+            msg += "; they are KEPT (external.exclude_overlap=False): the result is not an external test"
+        console.log(msg)
+        warnings.append(msg)
+    if len(rows_b) < 3:
+        raise BadInputError(f"{store_b.path}: only {len(rows_b)} evaluation spots left after removing the overlap "
+                            "with the training set; test on other patients or another store")
+    ga, gb = store_a.gene_index(genes), store_b.gene_index(genes)
+    expr_a = np.asarray(store_a.expression, np.float32)[rows_a][:, ga]
+    truth = np.asarray(store_b.expression, np.float32)[rows_b][:, gb]
+    console.log(f"[external] train {store_a.path} ({len(rows_a)} spots) -> test {store_b.path} "
+                f"({len(rows_b)} spots), {len(genes)} shared genes")
+
+    ae = autoencoder.pretrain(config, workdir, ae_store or store_a_path, writer)
+
+    def feats_of(store, variables):
+        return features.for_config(config, workdir, store, variables)
+
+    fdr = config.loo.fdr
+    fa, fb = feats_of(store_a, ae["variables"])[rows_a], feats_of(store_b, ae["variables"])[rows_b]
+    state, init_state, curve = folds.train_one_head(config, workdir, fa, expr_a, ae["variables"], writer, "external")
+    pred = folds.predict_features(state, fb)
+    results = {"model": metrics.full_regression_metrics(truth, pred, fdr)}
+    controls = {"mean_predictor": metrics.full_regression_metrics(
+                    truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr),
+                "untrained_head": metrics.full_regression_metrics(truth, folds.predict_features(init_state, fb),
+                                                                     fdr)}
+    control_r = {}
+    if config_lib.random_encoder_control_on(config):
+        rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
+        ra, rb = feats_of(store_a, rv)[rows_a], feats_of(store_b, rv)[rows_b]
+        rstate, _, _ = folds.train_one_head(config, workdir, ra, expr_a, rv, writer, "external_random_encoder")
+        rpred = folds.predict_features(rstate, rb)
+        controls["random_encoder"] = metrics.full_regression_metrics(truth, rpred, fdr)
+        control_r["random_encoder"] = metrics.pearson_per_gene(truth, rpred)
+    results["controls"] = controls
+    gene_r = metrics.pearson_per_gene(truth, pred)
+
+    # Spatial maps of the named genes (those present), else the best-predicted genes.
+    named = [g for g in e.map_genes.split(",") if g]
+    present = [g for g in named if g in genes]
+    missing = [g for g in named if g not in genes]
+    if missing:
+        warnings.append(f"map genes {missing} are not among the {len(genes)} shared genes")
+    if not present:
+        order = np.argsort(-np.nan_to_num(gene_r, nan=-2))
+        present = [genes[i] for i in order[:2]]
+        warnings.append(f"no named map gene available; mapping the two best-predicted genes {present}")
+    gi = [genes.index(g) for g in present]
+    figures = {}
+    if jax.process_index() == 0:
+        fname = "figures/external_spatial_maps.png"
+        plots.plot_spatial_maps(os.path.join(workdir, fname), store_b.obs, rows_b, present, truth[:, gi], pred[:, gi],
+                          title=f"Trained on {os.path.basename(store_a.path)} "
+                                f"{e.train_patients or 'all patients'}; tested on "
+                                f"{os.path.basename(store_b.path)} {e.test_patients or 'all patients'}")
+        figures["spatial_maps"] = fname
+        if curve:
+            atomic.write_csv(os.path.join(workdir, "curves", "external.csv"), curve)
+            ep = [r["epoch"] for r in curve]
+            plots.plot_curves(os.path.join(workdir, "figures", "external_curve.png"),
+                              {"train Huber": (ep, [r["train_huber"] for r in curve])},
+                              title="External: head training loss (all training spots)", xlabel="epoch",
+                              ylabel="Huber loss", logy=True)
+            figures["curve"] = "figures/external_curve.png"
+        rows_csv = [{"gene": g, "pearson_r": float(r), **{f"{k}_r": float(v[i]) for k, v in control_r.items()}}
+                    for i, (g, r) in enumerate(zip(genes, gene_r))]
+        atomic.write_csv(os.path.join(workdir, "per_gene.csv"), rows_csv)
+        atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), rows_B=rows_b, pred=pred,
+                         truth=truth)
+    cluster_result = clustering.pathology_clustering(workdir, store_b.obs, rows_b, pred, truth=truth,
+                                                     cancer_labels=config.clustering.cancer_labels, seed=config.seed,
+                                                     prefix="external_clustering")
+    model_info = {}
+    if jax.process_index() == 0:
+        model_info = model_export.export(os.path.join(workdir, "model"), config, state, genes, store_a,
+                                         ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae"))
+    external = {
+        "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
+                  "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic},
+        "test": {"store": store_b.path, "patients": sorted(set(store_b.obs["patient"][rows_b].tolist())),
+                 "n_spots": int(len(rows_b)), "synthetic": store_b.synthetic},
+        "n_shared_genes": len(genes), "overlap": overlap, "warnings": warnings, **results,
+        "top_genes": evaluation.top_genes(genes, gene_r, True),
+        "bottom_genes": evaluation.top_genes(genes, gene_r, False),
+        "map_genes": {g: float(gene_r[genes.index(g)]) for g in present},
+        "clustering": cluster_result, "figures": figures, "model_export": model_info,
+        "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"},
+    }
+    return ({"mode": "external", "dataset": {**inputs.dataset, "store": store_a_path}, "external": external},
+            {})

@@ -1,0 +1,43 @@
+"""Mode train: one head trained on every patient of a store, exported to WORKDIR/model/ for
+`python -m histospace_jax.predict`. Nothing is held out, so nothing is evaluated (use mode loo for that)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from histospace_jax import atomic, autoencoder, features, folds, model_export, plots
+from histospace_jax.data import open_store
+from histospace_jax.errors import BadInputError
+
+
+def run(config, workdir: str, inputs) -> tuple[dict, dict]:
+    store = open_store(inputs.store)
+    if not store.genes:
+        raise BadInputError(f"{inputs.store}: has no expression (image-only store); training needs a spot store "
+                            "from `python -m histospace_jax.prepare` with --format=stnet|her2st|visium")
+    ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer)
+    feats = features.for_config(config, workdir, store, ae["variables"])
+    expression = np.asarray(store.expression, np.float32)
+    state, _, curve = folds.train_one_head(config, workdir, feats, expression, ae["variables"], inputs.writer,
+                                           "train_all")
+    encoder_source = ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae")
+    info = {}
+    if jax.process_index() == 0:
+        info = model_export.export(os.path.join(workdir, "model"), config, state, store.genes, store, encoder_source)
+        if curve:
+            atomic.write_csv(os.path.join(workdir, "curves", "train.csv"), curve)
+            ep = [r["epoch"] for r in curve]
+            plots.plot_curves(os.path.join(workdir, "curves", "train.png"),
+                              {"train Huber": (ep, [r["train_huber"] for r in curve])},
+                              title="Head training loss (all spots)", xlabel="epoch", ylabel="Huber loss", logy=True)
+    results = {"mode": "train",
+               "dataset": {**inputs.dataset, "store": store.path, "synthetic": store.synthetic},
+               "train": {"store": store.path, "patients": store.patients, "n_spots": store.n_spots,
+                         "n_genes": len(store.genes), "epochs": config.train.epochs,
+                         "final_train_huber": curve[-1]["train_huber"] if curve else None},
+               "model_export": info,
+               "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"}}
+    return results, {}
