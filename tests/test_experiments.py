@@ -1,12 +1,12 @@
-"""Fold isolation of the fold-parallel LOO, pathology clustering, store overlap checks, the ae_study and
-external modes end to end."""
+"""Fold isolation of the fold-parallel LOO, pathology clustering, store overlap checks (the modes end to end:
+test_modes.py)."""
 
 import os
 
 import numpy as np
 import pytest
 
-from histospace_jax import builders, clustering, config as config_lib, folds, metric_log, model_export, train
+from histospace_jax import builders, clustering, config as config_lib, folds, metric_log
 from histospace_jax.data import store as store_lib
 from histospace_jax.modes import external
 
@@ -141,77 +141,3 @@ def test_compare_stores_finds_shared_patients_and_tiles(tmp_path):
     assert out["_rows"].tolist() == [True, False, False]
     same = external.compare_stores(a, np.arange(3), a, np.array([2]))
     assert same["identical_tiles"] == 1 and same["_rows"].tolist() == [True]
-
-
-def test_ae_study_mode_end_to_end(tmp_path):
-    """Mode ae_study on a tiny image store: every variant trained, curves, grids, results.json, report.md."""
-    import json
-
-    rng = np.random.default_rng(0)
-    n = 40
-    tiles = rng.integers(0, 255, size=(n, 16, 16, 3), dtype=np.uint8)
-    obs = {"section": np.array(["s"] * n), "patient": np.array(["p"] * n), "array_x": np.arange(n),
-           "array_y": np.zeros(n, int), "pixel_x": np.zeros(n), "pixel_y": np.zeros(n)}
-    path = store_lib.write_store(str(tmp_path / "img"), tiles, np.zeros((n, 0), np.float32), [], obs)
-    c = tiny_config()
-    c.mode = "ae_study"
-    c.ae.store = path
-    c.data.store = path
-    c.ae.epochs = 2
-    c.ae.batch_size = 8
-    c.ae_study.n_grid_tiles = 4
-    res = train.train_and_evaluate(c, str(tmp_path / "w"))
-    assert set(res["ae_study"]["variants"]) == {"pool", "relu", "relu_bn"}
-    for v, s in res["ae_study"]["variants"].items():
-        assert np.isfinite(s["final_val_mse"]) and s["paper_mse_iciar"] > 0
-    w = tmp_path / "w"
-    assert (w / "figures" / "ae_study_curves.png").exists()
-    assert (w / "figures" / "ae_study_reconstructions.png").exists()
-    assert (w / "curves" / "ae_study.csv").exists()
-    assert json.load(open(w / "results.json"))["mode"] == "ae_study"
-    assert "Autoencoder variants" in open(w / "report.md").read()
-
-
-def test_external_two_stores_shared_genes_and_export(tmp_path):
-    """external mode between two stores with different gene lists: evaluated on the shared genes, overlap
-    (a re-released patient, E == BC23567) left out of the evaluation, controls present, model exported."""
-    import json
-
-    rng = np.random.default_rng(0)
-
-    def make(path, patients, genes, fmt):
-        n = len(patients)
-        tiles = rng.integers(0, 255, size=(n, 16, 16, 3), dtype=np.uint8)
-        expr = rng.normal(size=(n, len(genes))).astype(np.float32)
-        obs = {"section": np.array([f"{p}1" for p in patients]), "patient": np.array(patients),
-               "array_x": np.arange(n) % 6, "array_y": np.arange(n) // 6, "pixel_x": np.zeros(n),
-               "pixel_y": np.zeros(n)}
-        return store_lib.write_store(str(path), tiles, expr, genes, obs,
-                                     manifest={"source_format": fmt, "microns_per_pixel": 1.0,
-                                               "colour_cast": {"enabled": False},
-                                               "stain_normalisation": {"method": "none"}})
-
-    a = make(tmp_path / "a", ["E"] * 24 + ["F"] * 24, ["G1", "G2", "G3", "G4"], "her2st")
-    b = make(tmp_path / "b", ["BC23567"] * 12 + ["X"] * 24, ["G4", "G2", "G9", "G1"], "stnet")
-    c = tiny_config()
-    c.mode = "external"
-    c.data.store = a
-    c.external.store = b
-    c.external.map_genes = "G2,G404"
-    c.ae.epochs = 1
-    c.ae.batch_size = 8
-    c.loo.random_encoder_control = "on"
-    res = train.train_and_evaluate(c, str(tmp_path / "w"))
-    e = res["external"]
-    assert e["n_shared_genes"] == 3  # G1, G2, G4 in A's order
-    assert e["overlap"]["shared_patients"] == ["BC23567"]
-    assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
-    assert set(e["controls"]) == {"mean_predictor", "untrained_head", "random_encoder"}
-    assert e["warnings"] and list(e["map_genes"]) == ["G2"]
-    w = tmp_path / "w"
-    assert (w / "figures" / "external_spatial_maps.png").exists()
-    info = json.load(open(w / "model" / "model.json"))
-    assert info["genes"] == ["G1", "G2", "G4"]
-    _, model, variables = model_export.load(str(w / "model"))
-    assert set(variables["params"]) == {"encoder", "head"}
-    assert "External test" in open(w / "report.md").read()
