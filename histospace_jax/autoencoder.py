@@ -57,19 +57,25 @@ class _EpochEval(loop.Hook):
         val = (reconstruction_mse(self.eval_step, lp.rstate, self.store_path, self.val_rows,
                                   self.config.eval_batch_size) if len(self.val_rows) else float("nan"))
         self.writer.write("ae_epoch", step, loop=lp.spec.name, epoch=epoch, train_mse=mean_loss, val_mse=val)
-        console.log(f"[ae] epoch {epoch}/{self.config.ae.epochs} train_mse={mean_loss:.5f} val_mse={val:.5f}")
+        console.log(f"[{lp.spec.name}] epoch {epoch}/{self.config.ae.epochs} train_mse={mean_loss:.5f} "
+                    f"val_mse={val:.5f}")
         return [{"epoch": epoch, "train_mse": mean_loss, "val_mse": val}]
 
 
-def pretrain(config, workdir: str, store_path: str, writer) -> dict:
-    """Trains (or resumes, or with config.ae.checkpoint loads) the autoencoder on the tiles of `store_path`.
-    Returns {'variables': encoder variables, 'summary': ..., 'state': the trained autoencoder state}."""
+def pretrain(config, workdir: str, store_path: str, writer, *, rows: np.ndarray | None = None, name: str = "ae",
+             seen: str = "") -> dict:
+    """Trains (or resumes, or with config.ae.checkpoint loads) the autoencoder on the tiles of `store_path`
+    (only `rows` of it when given; checkpoints under WORKDIR/checkpoints/<name with _ for spaces>).
+    Returns {'variables': encoder variables, 'summary': ..., 'state': the trained autoencoder state}.
+    `seen` says in words which tiles it learnt from (results.json reports it)."""
     if config.ae.checkpoint:
         return load(config)
     c = config.ae
     state = builders.autoencoder_state(config)
-    n = open_store(store_path).n_spots
-    val_rows, train_rows = validation_split(n, c.val_fraction, config.seed)
+    all_rows = np.arange(open_store(store_path).n_spots) if rows is None else np.asarray(rows)
+    n = len(all_rows)
+    val_pos, train_pos = validation_split(n, c.val_fraction, config.seed)
+    val_rows, train_rows = all_rows[val_pos], all_rows[train_pos]
     steps_per_epoch = len(train_rows) // c.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"{store_path}: {len(train_rows)} training tiles is fewer than ae.batch_size={c.batch_size}; "
@@ -78,7 +84,8 @@ def pretrain(config, workdir: str, store_path: str, writer) -> dict:
     source = pipeline.ArraySource({"image": pipeline.LazyStoreColumn(store_path, "tiles")}, train_rows)
     iterator = iter(pipeline.train_loader(source, global_batch_size=c.batch_size, seed=config.seed,
                                           num_epochs=c.epochs, worker_count=config.data.worker_count))
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", "ae"), config.checkpoint.max_to_keep)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", name.replace(" ", "_")),
+                                      config.checkpoint.max_to_keep)
     compat = checkpointing.compat_signature(config, checkpointing.AE_KEYS, n_train_rows=int(len(train_rows)))
     train_step = steps.pmap_step(steps.ae_train_step, axis_name=builders.AXIS)
     n_dev = jax.local_device_count()
@@ -86,19 +93,21 @@ def pretrain(config, workdir: str, store_path: str, writer) -> dict:
     def step_fn(rstate, batch):
         return train_step(rstate, steps.shard_batch({"image": batch["image"]}, n_dev))
 
-    spec = loop.LoopSpec(name="ae", total_steps=total, steps_per_epoch=steps_per_epoch, items_per_step=c.batch_size,
+    spec = loop.LoopSpec(name=name, total_steps=total, steps_per_epoch=steps_per_epoch, items_per_step=c.batch_size,
                          log_every=config.log_every_steps, checkpoint_every=config.checkpoint.every_steps,
                          data_source=store_path, fix_hint=f"ae.learning_rate={c.learning_rate}")
     state, curve = loop.run(state, step_fn, iterator, spec=spec, checkpointer=ckpt, compat=compat, writer=writer,
                             hooks=[_EpochEval(config, store_path, val_rows, writer)])
-    summary = {"store": store_path, "variant": config.model.variant, "epochs": c.epochs, "steps": total,
+    summary = {"store": store_path, "tiles_seen": seen or f"all {n} tiles of {store_path}",
+               "variant": config.model.variant, "epochs": c.epochs, "steps": total,
                "n_train_tiles": int(len(train_rows)), "n_val_tiles": int(len(val_rows)),
                "final_train_mse": curve[-1]["train_mse"] if curve else None,
                "final_val_mse": curve[-1]["val_mse"] if curve else None, "curve": curve}
     if curve and jax.process_index() == 0:
-        atomic.write_csv(os.path.join(workdir, "curves", "ae.csv"), curve)
+        stem = name.replace(" ", "_")
+        atomic.write_csv(os.path.join(workdir, "curves", f"{stem}.csv"), curve)
         ep = [r["epoch"] for r in curve]
-        plots.plot_curves(os.path.join(workdir, "curves", "ae.png"),
+        plots.plot_curves(os.path.join(workdir, "curves", f"{stem}.png"),
                           {"train MSE": (ep, [r["train_mse"] for r in curve]),
                            "validation MSE": (ep, [r["val_mse"] for r in curve])},
                           title=f"Autoencoder ({config.model.variant})", xlabel="epoch", ylabel="MSE", logy=True)

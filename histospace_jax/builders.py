@@ -29,7 +29,13 @@ def histospace(config, n_genes: int, axis_name: str | None = AXIS) -> models.His
     m = config.model
     return models.HistoSpace(n_genes=n_genes, conv_features=tuple(m.head_conv_features),
                              fc_features=tuple(m.head_fc_features), dropout_rate=m.dropout_rate,
-                             axis_name=axis_name, **_arch(config))
+                             axis_name=axis_name, output_init=_output_init(config), **_arch(config))
+
+
+def _output_init(config) -> str:
+    # Before resolve_auto (e.g. a bare config in a test), "auto" means the recipe's choice.
+    value = config.model.output_init
+    return ("zeros" if config.recipe == "standard" else "lecun") if value == "auto" else value
 
 
 def architecture(config) -> dict:
@@ -37,14 +43,15 @@ def architecture(config) -> dict:
     m = config.model
     return {"variant": m.variant, "encoder_features": list(m.encoder_features),
             "head_conv_features": list(m.head_conv_features), "head_fc_features": list(m.head_fc_features),
-            "dropout_rate": float(m.dropout_rate)}
+            "dropout_rate": float(m.dropout_rate), "output_init": _output_init(config)}
 
 
 def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
     return models.HistoSpace(n_genes=n_genes, variant=arch["variant"],
                              encoder_features=tuple(arch["encoder_features"]),
                              conv_features=tuple(arch["head_conv_features"]),
-                             fc_features=tuple(arch["head_fc_features"]), dropout_rate=arch.get("dropout_rate", 0.0))
+                             fc_features=tuple(arch["head_fc_features"]), dropout_rate=arch.get("dropout_rate", 0.0),
+                             output_init=arch.get("output_init", "lecun"))
 
 
 def autoencoder_state(config) -> steps.TrainState:
@@ -54,14 +61,14 @@ def autoencoder_state(config) -> steps.TrainState:
                                     jnp.zeros((1, t, t, 3)), tx)
 
 
-def head_states(config, n_genes: int, encoder_variables: dict, seed_offsets) -> list[steps.TrainState]:
-    """HistoSpace states with fresh heads (seeded by config.seed and each of `seed_offsets`, e.g. fold number + 1)
-    on the frozen `encoder_variables`. They share one module and optimizer, so they stack (vmap over folds)."""
+def head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets) -> list[steps.TrainState]:
+    """HistoSpace states with fresh heads (seeded by config.seed and each of `seed_offsets`) on the frozen
+    encoders (one per state). They share one module and optimizer, so they stack (vmap over heads)."""
     c = config.train
     model = histospace(config, n_genes)
     tx = steps.make_regression_optimizer(c.learning_rate, c.weight_decay)
-    return [steps.create_regression_state(model, jax.random.PRNGKey(config.seed * 1000 + int(k)), encoder_variables,
-                                          tx, config.data.tile_size) for k in seed_offsets]
+    return [steps.create_regression_state(model, jax.random.PRNGKey(config.seed * 100003 + int(k)), enc, tx,
+                                          config.data.tile_size) for enc, k in zip(encoder_variables, seed_offsets)]
 
 
 def encoder_variables_of(ae_state) -> dict:

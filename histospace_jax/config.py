@@ -19,6 +19,11 @@ MODES = ("loo", "train", "external", "pretrain_ae", "ae_study")
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "loo"  # "loo" | "train" | "external" | "pretrain_ae" | "ae_study"
+    # "standard": this project's recipe (standardised targets, output starting at the training mean, dihedral
+    # augmentation, seed ensembles, best epoch by inner validation on the training patients). "paper": the
+    # HistoSPACE paper's (raw targets, default init, no augmentation, one head, final epoch). The "auto" keys
+    # below follow the recipe; set them to ablate one element.
+    c.recipe = "standard"
     c.seed = 0
     c.log_every_steps = 20
     c.eval_batch_size = 128
@@ -38,6 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.head_conv_features = (128,)  # more entries = the paper's deeper heads
     c.model.head_fc_features = (256,)
     c.model.dropout_rate = 0.0
+    c.model.output_init = "auto"  # "zeros" (first prediction = training mean) | "lecun" | "auto" (recipe)
     c.model.upconv_impl = "subpixel"  # "subpixel" (fast, same function) | "transpose" (lax reference)
 
     c.ae = ml_collections.ConfigDict()
@@ -48,13 +54,22 @@ def get_config() -> ml_collections.ConfigDict:
     c.ae.learning_rate = 1e-3
     c.ae.weight_decay = 0.0
     c.ae.val_fraction = 0.1
+    # Without ae.store / ae.checkpoint, leave-one-patient-out pretrains one autoencoder per fold on that fold's
+    # training patients' tiles. True pretrains one on every tile of the store, held-out patients included
+    # (transductive: unsupervised, but the encoder has seen the test images; results.json says so).
+    c.ae.transductive = False
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 0  # fixed (no model selection on the held-out patient); 0 = auto: 10, or 3 on the demo
     c.train.batch_size = 32
     c.train.learning_rate = 1e-3
     c.train.weight_decay = 1e-4
-    c.train.huber_delta = 1.0
+    c.train.huber_delta = 1.0  # in standard deviations of each gene when targets are standardised
+    c.train.standardise_targets = "auto"  # "on" | "off" | "auto" (recipe): per gene, on each fold's training rows
+    c.train.augment = "auto"  # "dihedral" (8 flips/rotations; cached features of each) | "none" | "auto"
+    c.train.ensemble = 0  # heads per fold, trained together from different seeds; 0 = auto (recipe, demo: 1)
+    c.train.select_epoch = "auto"  # "on": keep each head's best epoch on inner validation | "off" | "auto"
+    c.train.inner_val_fraction = 0.2  # share of spatial blocks held out for inner validation (one-section patients)
 
     c.loo = ml_collections.ConfigDict()
     c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
@@ -127,6 +142,8 @@ NUMERIC_RANGES = {
     "train.learning_rate": (0, _INF, False, True, False),
     "train.weight_decay": (0, _INF, True, True, False),
     "train.huber_delta": (0, _INF, False, True, False),
+    "train.ensemble": (0, _INF, True, True, True),
+    "train.inner_val_fraction": (0, 1, False, False, False),
     "loo.folds_per_program": (0, _INF, True, True, True),
     "loo.random_encoder_seed": (-_INF, _INF, True, True, True),
     "loo.fdr": (0, 1, False, False, False),
@@ -139,6 +156,11 @@ NUMERIC_RANGES = {
 }
 CHOICES = {
     "mode": MODES,
+    "recipe": ("standard", "paper"),
+    "model.output_init": ("zeros", "lecun", "auto"),
+    "train.standardise_targets": ("on", "off", "auto"),
+    "train.augment": ("dihedral", "none", "auto"),
+    "train.select_epoch": ("on", "off", "auto"),
     "model.variant": ("pool", "relu", "relu_bn"),
     "model.upconv_impl": ("subpixel", "transpose"),
     "loo.random_encoder_control": ("on", "off", "auto"),
@@ -211,13 +233,36 @@ DEMO_HEAD_EPOCHS = 3  # keeps the README demo within ~10 minutes on a 2-core CPU
 REAL_HEAD_EPOCHS = 10
 
 
+# Per recipe: (standardise_targets, output_init, augment, ensemble on a real store, select_epoch).
+RECIPES = {
+    "standard": ("on", "zeros", "dihedral", 5, "on"),
+    "paper": ("off", "lecun", "none", 1, "off"),
+}
+
+
 def resolve_auto(config, log=print) -> None:
-    """Resolves train.epochs = 0 ("auto"): REAL_HEAD_EPOCHS on a user's store, DEMO_HEAD_EPOCHS on the demo."""
+    """Resolves the "auto" values: train.epochs = 0 (REAL_HEAD_EPOCHS on a user's store, DEMO_HEAD_EPOCHS on
+    the demo) and the recipe's elements. The demo keeps one head without augmentation (its 10-minute budget
+    on a 2-core CPU); both are logged."""
+    on_demo = not config.data.store
     if config.train.epochs == 0:
-        on_demo = not config.data.store
         config.train.epochs = DEMO_HEAD_EPOCHS if on_demo else REAL_HEAD_EPOCHS
         log(f"train.epochs=auto -> {config.train.epochs} ({'synthetic demo' if on_demo else 'real store'}); "
             "set --config.train.epochs=N to choose")
+    standardise, output_init, augment, ensemble, select = RECIPES[config.recipe]
+    chosen = []
+    for node, key, value in ((config.train, "standardise_targets", standardise),
+                             (config.model, "output_init", output_init),
+                             (config.train, "augment", "none" if on_demo else augment),
+                             (config.train, "select_epoch", select)):
+        if node[key] == "auto":
+            node[key] = value
+            chosen.append(f"{key}={value}")
+    if config.train.ensemble == 0:
+        config.train.ensemble = 1 if on_demo else ensemble
+        chosen.append(f"ensemble={config.train.ensemble}")
+    if chosen:
+        log(f"recipe={config.recipe}: " + ", ".join(chosen) + (" (synthetic demo)" if on_demo else ""))
 
 
 def random_encoder_control_on(config) -> bool:

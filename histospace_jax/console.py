@@ -54,7 +54,7 @@ def _cell(v) -> str:
 # Shared by the console tables below and report.md (report_md.py).
 
 METRIC_HEADER = ["evaluated", "predictor", "spots", "per-gene r (mean)", "per-gene r (median)",
-                 "genes r>0 sig. (FDR)", "per-spot r", "MSE"]
+                 "depth-adjusted r", "genes R²>0", "genes r>0 sig. (FDR)", "per-spot r", "MSE"]
 AE_HEADER = ["variant", "train MSE", "validation MSE", "paper MSE (ICIAR)", "encoder params", "AE params",
              "checkpoint bytes"]
 
@@ -69,12 +69,24 @@ def significance_cell(m: dict) -> str:
     return text
 
 
+def predictor_label(name: str, m: dict) -> str:
+    """The predictor's name, marked FAILED (with the folds) where it collapsed: never a silent number."""
+    if m.get("failed"):
+        return f"{name} FAILED"
+    if m.get("n_folds_failed"):
+        return f"{name} ({m['n_folds_failed']} FAILED)"
+    return name
+
+
 def metric_rows(label: str, block: dict, n_spots=None) -> list[list]:
     """One row for the model and one per control of a result block (a fold, the summary, an external test)."""
     rows = []
     for name, m in [("model", block)] + list(block.get("controls", {}).items()):
-        rows.append([label, name, "" if n_spots is None else n_spots, m.get("per_gene_pearson", float("nan")),
-                     m.get("per_gene_pearson_median", float("nan")), significance_cell(m),
+        share = m.get("share_genes_r2_positive", float("nan"))
+        rows.append([label, predictor_label(name, m), "" if n_spots is None else n_spots,
+                     m.get("per_gene_pearson", float("nan")), m.get("per_gene_pearson_median", float("nan")),
+                     m.get("depth_adjusted_per_gene_pearson", float("nan")),
+                     "-" if share != share else f"{share:.0%}", significance_cell(m),
                      m.get("per_spot_pearson", float("nan")), m.get("mse", float("nan"))])
     return rows
 
@@ -90,14 +102,19 @@ def ae_rows(results: dict) -> list[list]:
 
 def loo_table(results: dict) -> str:
     """Model and controls side by side: per fold and the mean over folds."""
-    header = ["held out", "predictor", "spots", "gene r", "gene r med", "sig genes", "spot r", "MSE"]
+    header = ["held out", "predictor", "spots", "gene r", "gene r med", "depth-adj r", "R²>0", "sig genes",
+              "spot r", "MSE"]
     rows = []
     for f in results["folds"]:
         rows += metric_rows(f["held_out"], f, f["n_spots"])
-    rows += metric_rows("MEAN", results["summary"], sum(f["n_spots"] for f in results["folds"]))
+    s = results["summary"]
+    rows += metric_rows("MEAN", s, sum(f["n_spots"] for f in results["folds"]))
     title = f"Leave-one-patient-out on {results['dataset']['name']}"
     if results["dataset"].get("synthetic"):
         title += "  [SYNTHETIC DATA]"
+    if s.get("n_folds_failed"):
+        title += (f"\n{s['n_folds_failed']} of {s['n_folds']} folds FAILED ({', '.join(s['failed_folds'])}): the "
+                  "model's mean over folds is undefined")
     return title + "\n" + format_table(rows, header)
 
 

@@ -1,50 +1,124 @@
-"""Held-out metrics of every fold with its controls, and the summary over folds. Pure functions of arrays."""
+"""Held-out metrics of every fold with its controls, and the summary over folds. Pure functions of arrays.
+
+Every predictor (the model and each control) gets the same metric block: per-gene r (mean, median, genes
+without a defined r), depth-adjusted per-gene r, per-spot r, MSE, per-gene R² against the training mean
+profile (mean and the share of genes with R² > 0), and genes significant at the FDR by the independent-spots
+t-test. The model also gets what needs more than one number per gene: per-section r, significance by
+permuting blocks of the spot grid (which respects spatial autocorrelation), a bootstrap interval of its
+per-gene r over sections (or blocks), and whether it failed (collapsed).
+
+A fold fails when its predictions are constant across spots for more than FAILED_CONSTANT_FRACTION of the
+genes, or when no gene has a defined r. The summary over folds is then undefined (NaN) for that predictor and
+carries the failed folds: a mean over the surviving folds alone is never reported.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 
-from histospace_jax import metrics
+from histospace_jax import controls, metrics
 
-SUMMARY_KEYS = ("per_gene_pearson", "per_gene_pearson_median", "n_genes_significant", "per_spot_pearson", "mse")
+FAILED_CONSTANT_FRACTION = 0.05
+SUMMARY_KEYS = ("per_gene_pearson", "per_gene_pearson_median", "depth_adjusted_per_gene_pearson",
+                "n_genes_significant", "per_spot_pearson", "mse", "r2_mean", "share_genes_r2_positive")
 
 
-def fold_results(plan, preds: dict, untrained: dict, expression: np.ndarray, extra_controls: dict | None = None,
-                 fdr: float = 0.05) -> list[dict]:
-    """Per fold of `plan`: the model's metrics and every control's (mean-profile predictor, untrained head, and
-    each of `extra_controls` {name: {fold: predictions}}), each with the FDR significance count."""
+def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray, log_depth: np.ndarray | None,
+                      fdr: float) -> dict:
+    """The metric block of one predictor on one held-out set. `reference` is the training mean profile [G]."""
+    out = metrics.full_regression_metrics(truth, pred, fdr)
+    out["depth_adjusted_per_gene_pearson"] = (
+        metrics.nanmean_or_nan(metrics.depth_adjusted_pearson_per_gene(truth, pred, log_depth))
+        if log_depth is not None else float("nan"))
+    r2 = metrics.r2_per_gene(truth, pred, reference)
+    out["r2_mean"] = metrics.nanmean_or_nan(r2)
+    out["share_genes_r2_positive"] = metrics.share_positive(r2)
+    constant = metrics.constant_gene_fraction(pred)
+    out["constant_gene_fraction"] = constant
+    reasons = []
+    if constant > FAILED_CONSTANT_FRACTION:
+        reasons.append(f"predictions constant across spots for {constant:.0%} of genes")
+    if out["n_genes_undefined_r"] >= truth.shape[1]:
+        reasons.append("no gene has a defined per-gene r")
+    out["failed"] = bool(reasons)
+    if reasons:
+        out["failure"] = "; ".join(reasons)
+    return out
+
+
+def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float, seed: int) -> dict:
+    """Per-section r, spatial block-permutation significance and the bootstrap interval of per-gene r."""
+    sections = np.asarray(obs_rows["section"])
+    blocks = controls.grid_blocks(obs_rows["array_x"], obs_rows["array_y"], sections)
+    p = controls.block_permutation_pvalues(truth, pred, blocks, n_perm=200, seed=seed)
+    units = sections if len(np.unique(sections)) >= 3 else blocks
+    ci = controls.bootstrap_mean_gene_r(truth, pred, units, n_boot=200, seed=seed)
+    return {"per_section_pearson": metrics.per_section_pearson(truth, pred, sections),
+            "n_genes_significant_spatial": int(controls.n_significant_fdr(p, fdr)),
+            "spatial_test": "one-sided block permutation (4x4-spot blocks of the grid, 200 permutations), "
+                            "Benjamini-Hochberg",
+            "per_gene_pearson_ci95": [ci["low"], ci["high"]],
+            "ci_units": f"{ci['n_units']} {'sections' if units is sections else 'grid blocks'}"}
+
+
+def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarray, obs: dict,
+                 extra_controls: dict | None = None, fdr: float = 0.05, seed: int = 0) -> list[dict]:
+    """Per fold of `plan`: the model's metric block and extras, and every control's block (mean-profile
+    predictor, untrained head, and each of `extra_controls` {name: {fold: predictions}})."""
+    log_depth = np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0)) if "library_size" in obs else None
     out = []
     for f in range(len(plan.folds)):
         rows, train_rows = plan.held_out_rows(f), plan.training_rows(f)
         truth = expression[rows]
-        model = metrics.full_regression_metrics(truth, preds[f], fdr)
-        baseline = metrics.full_regression_metrics(
-            truth, metrics.mean_profile_prediction(expression[train_rows], len(rows)), fdr)
-        controls = {"mean_predictor": baseline,
-                    "untrained_head": metrics.full_regression_metrics(truth, untrained[f], fdr)}
+        reference = expression[train_rows].astype(np.float64).mean(0)
+        depth = None if log_depth is None else log_depth[rows]
+        block = lambda pred: predictor_metrics(truth, pred, reference, depth, fdr)  # noqa: E731
+        model = block(preds[f])
+        obs_rows = {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")}
+        model.update(model_extras(truth, preds[f], obs_rows, fdr, seed))
+        baseline = block(metrics.mean_profile_prediction(expression[train_rows], len(rows)))
+        baseline["failed"] = False  # constant by design: it is the reference, not a failure
+        baseline.pop("failure", None)
+        controls_ = {"mean_predictor": baseline}
+        if untrained is not None:
+            controls_["untrained_head"] = block(untrained[f])
         control_r = {}
         for name, ctrl in (extra_controls or {}).items():
-            controls[name] = metrics.full_regression_metrics(truth, ctrl[f], fdr)
+            controls_[name] = block(ctrl[f])
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
         out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model,
                     "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
-                    "controls": controls,
+                    "controls": controls_,
                     "per_gene_r": metrics.pearson_per_gene(truth, preds[f]),
                     "per_gene_r_controls": control_r})
     return out
 
 
-def summarise(folds: list[dict]) -> dict:
-    """Means over folds (each held-out patient weighs the same)."""
-    def mean(get):
-        return metrics.nanmean_or_nan([get(f) for f in folds])
+def _mean_over_folds(values: list[float], failed: list[bool]) -> float:
+    """The plain mean: NaN when any fold failed or has no value (never a mean over the survivors)."""
+    v = np.asarray(values, np.float64)
+    if any(failed) or not np.isfinite(v).all():
+        return float("nan")
+    return float(v.mean())
 
-    summary = {k: mean(lambda f, k=k: f[k]) for k in SUMMARY_KEYS}
-    summary["baseline_per_spot_pearson"] = mean(lambda f: f["baseline"]["per_spot_pearson"])
-    summary["baseline_mse"] = mean(lambda f: f["baseline"]["mse"])
-    summary["controls"] = {name: {k: mean(lambda f, k=k, name=name: f["controls"][name].get(k, float("nan")))
-                                  for k in SUMMARY_KEYS}
-                           for name in folds[0]["controls"]}
+
+def summarise(folds: list[dict]) -> dict:
+    """Means over folds (each held-out patient weighs the same), with the failed folds named first."""
+    failed = [f["held_out"] for f in folds if f.get("failed")]
+    summary = {"n_folds": len(folds), "n_folds_failed": len(failed), "failed_folds": failed}
+    flags = [bool(f.get("failed")) for f in folds]
+    for k in SUMMARY_KEYS:
+        summary[k] = _mean_over_folds([f.get(k, float("nan")) for f in folds], flags)
+    summary["baseline_per_spot_pearson"] = _mean_over_folds([f["baseline"]["per_spot_pearson"] for f in folds],
+                                                            [False] * len(folds))
+    summary["baseline_mse"] = _mean_over_folds([f["baseline"]["mse"] for f in folds], [False] * len(folds))
+    summary["controls"] = {}
+    for name in folds[0]["controls"]:
+        blocks = [f["controls"][name] for f in folds]
+        cflags = [bool(b.get("failed")) for b in blocks]
+        summary["controls"][name] = {
+            "n_folds_failed": int(sum(cflags)),
+            **{k: _mean_over_folds([b.get(k, float("nan")) for b in blocks], cflags) for k in SUMMARY_KEYS}}
     return summary
 
 
@@ -54,3 +128,56 @@ def top_genes(genes, r, best: bool, k: int = 10) -> list:
     ok = np.flatnonzero(np.isfinite(r))
     order = ok[np.argsort(-r[ok] if best else r[ok], kind="stable")][:k]
     return [[genes[i], float(r[i])] for i in order]
+
+
+def alpha_groups(obs: dict, rows: np.ndarray) -> np.ndarray:
+    """Groups of training rows for choosing a control's ridge penalty by leave-one-group-out: sections when
+    there are at least 3, else blocks of the spot grid (neighbouring spots are too alike to validate on)."""
+    sections = np.asarray(obs["section"])[rows]
+    if len(np.unique(sections)) >= 3:
+        return np.unique(sections, return_inverse=True)[1]
+    return controls.grid_blocks(np.asarray(obs["array_x"])[rows], np.asarray(obs["array_y"])[rows], sections)
+
+
+def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: np.ndarray,
+                      feature_maps: list[np.ndarray], encoder_of_fold: list[int]) -> tuple[dict, dict]:
+    """The controls a sceptical reviewer asks for, per fold, fitted on the training patients only:
+    trivial_image (ridge on colour and H/E/D statistics of each tile), linear_probe (ridge on the top principal
+    components of the same frozen features the heads see, pooled) and, when the store keeps each spot's
+    library size, depth_oracle (per gene, a line in log library size). Penalties are chosen by leave-one-group-
+    out on the training rows. Returns ({control: {fold: predictions}}, {control: {fold name: alpha}})."""
+    preds = {"trivial_image": {}, "linear_probe": {}}
+    alphas = {"trivial_image": {}, "linear_probe": {}}
+    has_depth = "library_size" in obs
+    if has_depth:
+        preds["depth_oracle"] = {}
+        log_depth = np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0))
+    for f in range(len(plan.folds)):
+        tr, te = plan.training_rows(f), plan.held_out_rows(f)
+        y = expression[tr].astype(np.float64)
+        groups = alpha_groups(obs, tr)
+        a, _ = controls.choose_ridge_alpha(colour_features[tr], y, groups)
+        preds["trivial_image"][f] = controls.ridge_predict(controls.ridge_fit(colour_features[tr], y, a),
+                                                           colour_features[te])
+        alphas["trivial_image"][plan.name(f)] = float(a)
+        maps = feature_maps[encoder_of_fold[f]]
+        preds["linear_probe"][f], a = controls.linear_probe(maps[tr], y, groups, maps[te])
+        alphas["linear_probe"][plan.name(f)] = float(a)
+        if has_depth:
+            preds["depth_oracle"][f] = controls.depth_oracle(log_depth[tr], y, log_depth[te])
+    return preds, alphas
+
+
+def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0) -> dict:
+    """Per held-out patient: how well one half of its counts predicts the other (controls.noise_ceiling), from
+    the counts the stored expression and library sizes imply. Empty without library sizes in the store."""
+    if "library_size" not in obs:
+        return {}
+    lib = np.asarray(obs["library_size"], np.float64)
+    out = {}
+    for f in range(len(plan.folds)):
+        rows = plan.held_out_rows(f)
+        counts = controls.counts_from_expression(expression[rows], lib[rows])
+        nc = controls.noise_ceiling(counts, lib[rows].astype(np.int64), seed=seed)
+        out[plan.name(f)] = {k: v for k, v in nc.items() if not k.endswith("per_gene")}
+    return out

@@ -22,8 +22,17 @@ from histospace_jax import console, models, steps
 from histospace_jax.data import pipeline
 
 
-def cache_key(store, encoder_variables: dict, variant: str) -> str:
+def dihedral(tiles: np.ndarray, view: int) -> np.ndarray:
+    """View `view` (0-7) of [N, T, T, C] tiles: rotation by 90 * (view % 4) degrees, mirrored for view >= 4.
+    View 0 is the tile itself. Tissue has no preferred orientation, so all 8 are equally valid inputs."""
+    out = np.rot90(tiles, k=view % 4, axes=(1, 2))
+    return np.ascontiguousarray(out[:, :, ::-1] if view >= 4 else out)
+
+
+def cache_key(store, encoder_variables: dict, variant: str, views: int = 1) -> str:
     h = hashlib.sha256()
+    if views != 1:
+        h.update(f"views={views}".encode())
     h.update(json.dumps(store.manifest, sort_keys=True).encode())
     h.update(str(store.n_spots).encode())
     h.update(variant.encode())
@@ -35,8 +44,9 @@ def cache_key(store, encoder_variables: dict, variant: str) -> str:
 
 
 def compute_features(store, encoder_variables: dict, *, variant: str, encoder_features=(32, 64, 128),
-                     batch_size: int = 128, log=None) -> np.ndarray:
-    """Encoder features of every spot, float32 [N, h, w, C], in store order."""
+                     batch_size: int = 128, views: int = 1, log=None) -> np.ndarray:
+    """Encoder features of every spot, float32 [V, N, h, w, C] in store order: V = 1 (the tiles) or 8 (their
+    dihedral views)."""
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
     encode = jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features))))
@@ -44,42 +54,46 @@ def compute_features(store, encoder_variables: dict, *, variant: str, encoder_fe
     source = pipeline.ArraySource({"image": store.tiles})
     out = None
     done = 0
+    progress = console.Progress("features", store.n_spots, views)
     for batch in pipeline.ordered_batches(source, batch_size, pad_to_multiple=n_dev):
-        tiles = batch["image"]
-        feats = encode(variables, tiles.reshape((n_dev, -1) + tiles.shape[1:]))
-        feats = np.asarray(feats).reshape((-1,) + feats.shape[2:])
         n_real = int(batch["mask"].sum())
-        if out is None:
-            out = np.empty((store.n_spots,) + feats.shape[1:], np.float32)
-        out[done:done + n_real] = feats[:n_real]
+        for v in range(views):
+            tiles = dihedral(batch["image"], v)
+            feats = encode(variables, tiles.reshape((n_dev, -1) + tiles.shape[1:]))
+            feats = np.asarray(feats).reshape((-1,) + feats.shape[2:])
+            if out is None:
+                out = np.empty((views, store.n_spots) + feats.shape[1:], np.float32)
+            out[v, done:done + n_real] = feats[:n_real]
         done += n_real
         if log is not None and (done == store.n_spots or done % (batch_size * 20) < batch_size):
-            log(f"[features] {done}/{store.n_spots} tiles encoded")
+            log(progress.line(done).replace(" step ", " ").replace("tiles/s", "encodings/s"))
     return out
 
 
 def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: str,
-                    encoder_features=(32, 64, 128), batch_size: int = 128, log=None) -> tuple[np.ndarray, str]:
-    """Features from the on-disk cache, computing and storing them on a miss. Returns (features, path)."""
-    key = cache_key(store, encoder_variables, variant)
+                    encoder_features=(32, 64, 128), batch_size: int = 128, views: int = 1,
+                    log=None) -> tuple[np.ndarray, str]:
+    """Features [V, N, h, w, C] from the on-disk cache, computing and storing them on a miss. Returns
+    (features, path)."""
+    key = cache_key(store, encoder_variables, variant, views)
     path = os.path.join(os.path.abspath(cache_dir), f"features-{key}")
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     if os.path.exists(os.path.join(path, "zarr.json")):
         try:
             arr = ts.open(spec, read=True).result()
-            if int(arr.shape[0]) == store.n_spots:
+            if tuple(arr.shape[:2]) == (views, store.n_spots):
                 if log:
                     log(f"[features] cache hit {path}")
                 return arr.read().result(), path
         except Exception:  # unreadable cache entry: recompute and replace it
             pass
     feats = compute_features(store, encoder_variables, variant=variant, encoder_features=encoder_features,
-                             batch_size=batch_size, log=log)
+                             batch_size=batch_size, views=views, log=log)
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": tmp},
                    "metadata": {"shape": list(feats.shape), "data_type": "float32",
                                 "chunk_grid": {"name": "regular",
-                                               "configuration": {"chunk_shape": [64] + list(feats.shape[1:])}}}},
+                                               "configuration": {"chunk_shape": [1, 64] + list(feats.shape[2:])}}}},
                   create=True).result()
     arr.write(feats).result()
     if os.path.exists(path):
@@ -96,8 +110,10 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
 
 
 def for_config(config, workdir: str, store, encoder_variables: dict) -> np.ndarray:
-    """The features of every spot of `store` under `encoder_variables`, from WORKDIR/cache."""
+    """The features [V, N, h, w, C] of every spot of `store` under `encoder_variables`, from WORKDIR/cache; V = 8
+    dihedral views with train.augment=dihedral, else 1."""
+    views = 8 if config.train.augment == "dihedral" else 1
     feats, _ = cached_features(os.path.join(workdir, "cache"), store, encoder_variables, variant=config.model.variant,
                                encoder_features=tuple(config.model.encoder_features),
-                               batch_size=config.eval_batch_size, log=console.log)
+                               batch_size=config.eval_batch_size, views=views, log=console.log)
     return feats

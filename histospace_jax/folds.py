@@ -1,9 +1,16 @@
-"""Fold planning and fold-parallel head training.
+"""Fold planning, inner validation splits and the training of every fold's heads in one program.
 
-Every fold's head is trained in one compiled program (vmap over stacked per-fold parameters). All folds read
-the same shuffled batch stream; fold k's loss and BatchNorm statistics mask out the spots of its held-out
-patient, so a held-out spot contributes exactly nothing to fold k's training (tested by perturbing held-out
-data). A fold whose held-out index matches no spot trains on every row (the `train` and `external` modes).
+Members: each fold trains `train.ensemble` heads from different seeds; all members of all folds run in one
+compiled program (vmap over stacked member states). Every member draws full batches from its own fold's
+training rows (per-fold sampling): a held-out patient's spots are never in a training batch, and BatchNorm
+statistics come from real rows only. Features (the frozen encoder's output, cached, with the 8 dihedral
+views when augmenting) and expression live on the device; a batch is just row and view indices, gathered
+there.
+
+Targets are standardised per gene on each fold's training rows when train.standardise_targets is on; the
+heads predict standardised values and predictions are mapped back. With train.select_epoch on, each member
+keeps the parameters of its best epoch on the fold's inner validation rows (from training patients only: a
+section of a patient with several, else blocks of the spot grid), never on the held-out patient.
 """
 
 from __future__ import annotations
@@ -11,20 +18,22 @@ from __future__ import annotations
 import dataclasses
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import builders, checkpointing, loop, steps
+from histospace_jax import builders, checkpointing, console, loop, steps
 from histospace_jax.data import pipeline
-from histospace_jax.errors import ConfigError
+from histospace_jax.errors import BadInputError
 
-ALL_ROWS = "(none held out)"
+BLOCK_CELLS = 4  # inner-validation blocks: 4 x 4 spots of the array grid
+_NO_SCORE = 1e30  # "not evaluated yet" (checkpoints refuse non-finite arrays)
 
 
 @dataclasses.dataclass
 class FoldPlan:
-    patients: list[str]          # all patients in the store (plus ALL_ROWS for a fold that holds none out)
+    patients: list[str]          # all patients in the store
     spot_patient: np.ndarray     # [N] index into patients
     folds: list[int]             # patient indices held out, one per fold
 
@@ -41,136 +50,352 @@ class FoldPlan:
 def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
     patients, pidx = pipeline.patient_indices(store)
     if len(patients) < 2:
-        raise ConfigError(f"{store.path}: leave-one-patient-out needs >= 2 patients, found {patients}; use a store "
-                          "with several patients, or --config=configs/train.py to train on all of them")
+        raise BadInputError(f"{store.path}: leave-one-patient-out needs >= 2 patients, found {patients}; use a store "
+                            "with several patients, or --config=configs/train.py to train on all of them")
     wanted = [p for p in only.split(",") if p] if only else patients
     unknown = [p for p in wanted if p not in patients]
     if unknown:
-        raise ConfigError(f"loo.patients names {unknown}, not in {store.path} (patients: {patients})")
+        raise BadInputError(f"loo.patients names {unknown}, not in {store.path} (patients: {patients})")
     return FoldPlan(patients, pidx, [patients.index(p) for p in wanted])
 
 
-def plan_all_rows(n_rows: int) -> FoldPlan:
-    """One fold that trains on every row and holds none out."""
-    return FoldPlan(["(all)", ALL_ROWS], np.zeros(n_rows, np.int32), [1])
+def grid_blocks(obs: dict, rows: np.ndarray, cells: int = BLOCK_CELLS) -> np.ndarray:
+    """Block id of each of `rows`: cells x cells squares of the spot grid, separately per section."""
+    sec = np.unique(obs["section"][rows], return_inverse=True)[1]
+    bx = np.floor_divide(np.asarray(obs["array_x"][rows], np.float64), cells).astype(np.int64)
+    by = np.floor_divide(np.asarray(obs["array_y"][rows], np.float64), cells).astype(np.int64)
+    key = np.stack([sec, bx - bx.min(), by - by.min()], 1)
+    return np.unique(key, axis=0, return_inverse=True)[1].ravel()
 
 
-def make_fold_train_step(huber_delta: float):
-    """pmap(vmap over folds) of regression_train_step; fold k masks out its held-out patient's rows."""
+def inner_split(obs: dict, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(inner-train rows, inner-validation rows, how) of a fold's training rows.
 
-    def step(states, batch, fold_patients):
-        def one(state, held_out):
-            b = {k: v for k, v in batch.items() if k in ("features", "image", "expression")}
-            b["mask"] = batch["patient_idx"] != held_out
-            return steps.regression_train_step(state, b, huber_delta=huber_delta, axis_name=builders.AXIS)
-
-        return jax.vmap(one)(states, fold_patients)
-
-    return jax.pmap(step, axis_name=builders.AXIS, in_axes=(0, 0, None), donate_argnums=(0,))
-
-
-def make_fold_predict():
-    def predict(states, batch):
-        b = {k: v for k, v in batch.items() if k in ("features", "image")}
-        return jax.vmap(lambda s: steps.predict_step(s, b))(states)
-
-    return jax.pmap(predict, axis_name=builders.AXIS)
-
-
-def predict_rows(rstates, source, n_folds: int, n_rows: int, n_genes: int, batch_size: int) -> np.ndarray:
-    """Predictions [n_folds, n_rows, n_genes] of replicated stacked states for every row of `source`."""
-    n_dev = jax.local_device_count()
-    predict = make_fold_predict()
-    preds = np.zeros((n_folds, n_rows, n_genes), np.float32)
-    for batch in pipeline.ordered_batches(source, batch_size, pad_to_multiple=n_dev):
-        b = {k: v for k, v in batch.items() if k in ("features", "image")}
-        out = np.asarray(predict(rstates, steps.shard_batch(b, n_dev)))  # [D, F, b, G]
-        out = out.transpose(1, 0, 2, 3).reshape(n_folds, -1, n_genes)
-        real = batch["mask"] > 0
-        preds[:, batch["index"][real]] = out[:, real]
-    return preds
+    Units are whole sections of patients with several sections (a patient's last remaining section always
+    stays in training) and grid blocks of single-section patients; units are drawn at random until at least
+    `fraction` of the rows are in validation. Spatial units, not random spots: neighbouring spots are
+    correlated, so random spots would make validation look better than a new patient will."""
+    patients, sections = obs["patient"][rows], obs["section"][rows]
+    blocks = grid_blocks(obs, rows)
+    units: list[np.ndarray] = []
+    kinds = set()
+    for p in dict.fromkeys(patients.tolist()):
+        mine = patients == p
+        secs = list(dict.fromkeys(sections[mine].tolist()))
+        if len(secs) > 1:
+            units += [np.flatnonzero(mine & (sections == s)) for s in secs[1:]]
+            kinds.add("sections")
+        else:
+            units += [np.flatnonzero(mine & (blocks == b)) for b in np.unique(blocks[mine])]
+            kinds.add("blocks")
+    order = np.random.default_rng([seed, 7]).permutation(len(units))
+    val, n_val = [], 0
+    for u in order:
+        if n_val >= fraction * len(rows):
+            break
+        val.append(units[u])
+        n_val += len(units[u])
+    val_idx = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    keep = np.ones(len(rows), bool)
+    keep[val_idx] = False
+    how = f"{n_val} of {len(rows)} training spots by " + (" and ".join(sorted(kinds)) or "none")
+    return rows[keep], rows[val_idx], how
 
 
-def data_source_name(columns: dict) -> str:
-    """Where a batch's rows come from, for error messages."""
-    for col in columns.values():
-        if isinstance(col, pipeline.LazyStoreColumn):
-            return f"the store {col.store_path}"
-    return "the training store (row = store row; features from the cache)"
+@dataclasses.dataclass
+class HeadData:
+    """What the heads of a group of folds learn from."""
+
+    names: list[str]                  # per fold
+    train_rows: list[np.ndarray]      # per fold: rows the heads learn from (inner-train)
+    val_rows: list[np.ndarray]        # per fold: inner-validation rows (training patients; may be empty)
+    encoder_of_fold: list[int]        # per fold: index into `features`
+    features: np.ndarray              # [E, V, N, h, w, C]: E encoders, V views (1, or 8 dihedral)
+    expression: np.ndarray            # [N, G]
+    encoder_variables: list[dict]     # per encoder: {'params', 'batch_stats'} (kept in the states for export)
+
+    def encoder_digests(self) -> list[str]:
+        return [checkpointing.tree_digest(v) for v in self.encoder_variables]
 
 
-class _FoldCurve(loop.Hook):
-    def __init__(self, names, writer):
-        self.names, self.writer = names, writer
+def standardisation(expression: np.ndarray, rows: np.ndarray, on: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, sd) per gene on `rows`; (0, 1) when off. A gene constant on the rows gets sd 1 (predicted at its
+    mean), never a division by zero."""
+    g = expression.shape[1]
+    if not on:
+        return np.zeros(g, np.float32), np.ones(g, np.float32)
+    x = expression[rows].astype(np.float64)
+    sd = x.std(0)
+    return x.mean(0).astype(np.float32), np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
+
+
+class MemberBatches:
+    """Random access by step to every member's batch: rows of its own fold's training set, reshuffled every
+    pass, and a dihedral view per row. Stateless (a function of seed, member and step), so the Grain iterator
+    over it resumes exactly from its saved position."""
+
+    def __init__(self, rows_per_member: list[np.ndarray], batch_size: int, n_steps: int, n_views: int, seed: int):
+        self.rows = rows_per_member
+        self.batch, self.n_steps, self.n_views, self.seed = batch_size, n_steps, n_views, seed
+
+    def __len__(self) -> int:
+        return self.n_steps
+
+    def _member(self, m: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.rows[m]
+        n = len(rows)
+        pos = np.arange(step * self.batch, (step + 1) * self.batch)
+        passes, at = pos // n, pos % n
+        idx = np.empty(self.batch, np.int32)
+        view = np.zeros(self.batch, np.int32)
+        for p in np.unique(passes):
+            rng = np.random.default_rng([self.seed, m, int(p)])
+            perm = rng.permutation(n)
+            views = rng.integers(0, self.n_views, n) if self.n_views > 1 else np.zeros(n, np.int64)
+            sel = passes == p
+            idx[sel] = rows[perm[at[sel]]]
+            view[sel] = views[at[sel]]
+        return idx, view
+
+    def __getitem__(self, step: int) -> dict:
+        pairs = [self._member(m, int(step)) for m in range(len(self.rows))]
+        return {"index": np.stack([p[0] for p in pairs]), "view": np.stack([p[1] for p in pairs])}
+
+
+def _split_devices(x: np.ndarray) -> np.ndarray:
+    """[M, B] -> [D, M, B / D]: each device takes its share of every member's batch."""
+    d = jax.local_device_count()
+    m, b = x.shape
+    if b % d:
+        raise ValueError(f"a batch of {b} rows does not split over {d} devices; choose a batch size divisible by "
+                         "the device count")
+    return x.reshape(m, d, b // d).transpose(1, 0, 2)
+
+
+def make_member_train_step(huber_delta: float):
+    def step(states, feats, expr, mu, sd, enc_of, fold_of, idx, view):
+        def one(state, e, f, i, v):
+            batch = {"features": feats[e, v, i], "expression": (expr[i] - mu[f]) / sd[f]}
+            return steps.regression_train_step(state, batch, huber_delta=huber_delta, axis_name=builders.AXIS)
+
+        return jax.vmap(one)(states, enc_of, fold_of, idx, view)
+
+    return jax.pmap(step, axis_name=builders.AXIS, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 0), donate_argnums=(0,))
+
+
+def make_member_predict():
+    def predict(states, feats, enc_of, idx, view):
+        def one(state, e, i):
+            return steps.predict_step(state, {"features": feats[e, view, i]})
+
+        return jax.vmap(one)(states, enc_of, idx)
+
+    return jax.pmap(predict, axis_name=builders.AXIS, in_axes=(0, 0, 0, 0, None), static_broadcasted_argnums=(4,))
+
+
+class MemberProgram:
+    """The device-side data and compiled steps shared by training, validation and prediction."""
+
+    def __init__(self, config, data: HeadData, n_members_per_fold: int):
+        self.k = n_members_per_fold
+        n_folds = len(data.names)
+        self.fold_of = np.repeat(np.arange(n_folds, dtype=np.int32), self.k)
+        self.enc_of = np.asarray(data.encoder_of_fold, np.int32)[self.fold_of]
+        standardise = config.train.standardise_targets == "on"
+        stats = [standardisation(data.expression, r, standardise) for r in data.train_rows]
+        self.mu = np.stack([s[0] for s in stats])
+        self.sd = np.stack([s[1] for s in stats])
+        self.n_views = data.features.shape[1]
+        self.feats, self.expr = _replicated(data.features), _replicated(data.expression)
+        self.mu_r, self.sd_r = _replicated(self.mu), _replicated(self.sd)
+        self.enc_r, self.fold_r = _replicated(self.enc_of), _replicated(self.fold_of)
+        self.train_step = make_member_train_step(config.train.huber_delta)
+        self.predict = make_member_predict()
+        self.chunk = max(jax.local_device_count(), config.eval_batch_size // jax.local_device_count()
+                         * jax.local_device_count())
+
+    def step(self, rstates, batch):
+        return self.train_step(rstates, self.feats, self.expr, self.mu_r, self.sd_r, self.enc_r, self.fold_r,
+                               _split_devices(batch["index"]), _split_devices(batch["view"]))
+
+    def predict_standardised(self, rstates, rows_per_member: list[np.ndarray]) -> list[np.ndarray]:
+        """Each member's predictions (standardised units, mean over the dihedral views) on its rows."""
+        length = max([len(r) for r in rows_per_member] + [1])
+        length = -(-length // self.chunk) * self.chunk
+        idx = np.zeros((len(rows_per_member), length), np.int32)
+        for m, r in enumerate(rows_per_member):
+            idx[m, :len(r)] = r
+        out = None
+        for a in range(0, length, self.chunk):
+            part = _split_devices(idx[:, a:a + self.chunk])
+            acc = sum(np.asarray(self.predict(rstates, self.feats, self.enc_r, part, v)) for v in range(self.n_views))
+            acc = acc.transpose(1, 0, 2, 3).reshape(len(rows_per_member), self.chunk, -1) / self.n_views
+            out = acc if out is None else np.concatenate([out, acc], 1)
+        return [out[m, :len(r)] for m, r in enumerate(rows_per_member)]
+
+    def to_expression(self, member: int, z: np.ndarray) -> np.ndarray:
+        f = self.fold_of[member]
+        return self.mu[f] + self.sd[f] * z
+
+
+class _EpochEnd(loop.Hook):
+    """Per epoch: each fold's training loss (mean over its members) and inner-validation MSE; with
+    select_epoch, every member keeps the state of its best validation epoch."""
+
+    def __init__(self, program: MemberProgram, data: HeadData, select: bool, writer):
+        self.program, self.data, self.select, self.writer = program, data, select, writer
+        self.val_rows = [data.val_rows[f] for f in program.fold_of]
 
     def on_epoch_end(self, lp, epoch, step, mean_loss):
-        rows = []
-        for k, name in enumerate(self.names):
-            rows.append({"epoch": epoch, "fold": name, "train_huber": mean_loss[k]})
-            self.writer.write("loo_epoch", step, loop=lp.spec.name, epoch=epoch, fold=name, train_huber=mean_loss[k])
+        rows, p = [], self.program
+        val = np.full(len(p.fold_of), np.nan)
+        if any(len(r) for r in self.val_rows):
+            z = p.predict_standardised(lp.rstate["train"], self.val_rows)
+            for m, r in enumerate(self.val_rows):
+                if len(r):
+                    truth = (self.data.expression[r] - p.mu[p.fold_of[m]]) / p.sd[p.fold_of[m]]
+                    val[m] = float(np.mean((z[m] - truth) ** 2))
+        if self.select and np.isfinite(val).any():
+            score = np.where(np.isfinite(val), val, _NO_SCORE)
+            best = np.asarray(lp.rstate["best_score"][0])
+            better = score < best
+            if better.any():
+                lp.rstate = {**lp.rstate,
+                             "best": _where_member(better, lp.rstate["train"], lp.rstate["best"]),
+                             "best_score": _replicated(np.where(better, score, best)),
+                             "best_epoch": _replicated(np.where(better, epoch,
+                                                                np.asarray(lp.rstate["best_epoch"][0])))}
+        for f, name in enumerate(self.data.names):
+            mine = p.fold_of == f
+            row = {"epoch": epoch, "fold": name, "train_huber": float(np.mean(mean_loss[mine])),
+                   "val_mse": float(np.nanmean(val[mine])) if np.isfinite(val[mine]).any() else float("nan")}
+            rows.append(row)
+            self.writer.write("head_epoch", step, loop=lp.spec.name, **row)
         return rows
 
 
-def train_heads(config, workdir: str, *, columns: dict, expression: np.ndarray, plan: FoldPlan,
-                encoder_variables: dict, fold_group: list[int], tag: str, writer) -> dict:
-    """Trains the heads of `fold_group` (fold numbers of `plan`) in one program, resuming from
-    WORKDIR/checkpoints/<tag>. Returns {'states': trained host states stacked over the group, 'preds' and
-    'untrained': [len(fold_group), N, G] predictions of every row after and before training, 'curve'}."""
-    c = config.train
-    n, g = expression.shape
-    held = np.array([plan.folds[f] for f in fold_group], np.int32)
-    init_states = builders.head_states(config, g, encoder_variables, [int(f) + 1 for f in fold_group])
-    stacked = jax.tree_util.tree_map(lambda *xs: np.asarray(jnp.stack(xs)), *init_states)
-    n_dev = jax.local_device_count()
-    steps_per_epoch = n // c.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"{n} spots is fewer than train.batch_size={c.batch_size}; lower --config.train.batch_size")
-    source = pipeline.ArraySource(columns, patient_idx=plan.spot_patient)
-    untrained = predict_rows(steps.replicate(stacked), source, len(fold_group), n, g, config.eval_batch_size)
-    iterator = iter(pipeline.train_loader(source, global_batch_size=c.batch_size, seed=config.seed + 1,
-                                          num_epochs=c.epochs, worker_count=config.data.worker_count))
-    names = [plan.patients[p] for p in held]
-    compat = checkpointing.compat_signature(config, checkpointing.HEAD_KEYS, n_rows=int(n), n_genes=int(g),
-                                            held_out=names, encoder=checkpointing.tree_digest(encoder_variables))
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", tag), config.checkpoint.max_to_keep)
-    train_step = make_fold_train_step(c.huber_delta)
+_IDENTITY = jax.pmap(lambda x: x)
 
-    def step_fn(rstates, batch):
-        b = {k: batch[k] for k in columns}
-        b["patient_idx"] = batch["patient_idx"]
-        return train_step(rstates, steps.shard_batch(b, n_dev), held)
+
+def _replicated(x):
+    """A copy of `x` on every local device, kept there: later pmapped calls take it without a transfer."""
+    x = np.asarray(x)
+    return _IDENTITY(np.broadcast_to(x, (jax.local_device_count(),) + x.shape))
+
+
+def _where_member(better: np.ndarray, new, old):
+    """Per member (axis 1 of replicated stacked trees): new where `better`, else old."""
+    b = jnp.asarray(better)
+
+    def pick(n, o):
+        shape = (1, len(better)) + (1,) * (n.ndim - 2)
+        return jnp.where(b.reshape(shape), n, o)
+
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> dict:
+    """Trains train.ensemble heads per fold of `data` in one program, resuming from WORKDIR/checkpoints/<tag>.
+
+    Returns {'predict': fn(fold, rows) -> expression predictions [len(rows), G] (mean over the fold's heads and
+    the views), 'untrained': the same for the heads at initialisation, 'curve', 'best_epoch' per fold,
+    'states': the final member states (host, stacked), 'program'}."""
+    c = config.train
+    k = int(c.ensemble)
+    n_folds = len(data.names)
+    g = data.expression.shape[1]
+    for f, rows in enumerate(data.train_rows):
+        if len(rows) < c.batch_size:
+            raise BadInputError(
+                f"fold holding out {data.names[f]}: only {len(rows)} training spots after the inner-validation "
+                f"split ({len(data.val_rows[f])} spots), fewer than train.batch_size={c.batch_size}; lower "
+                "--config.train.batch_size, add patients, or turn inner validation off "
+                "(--config.train.select_epoch=off)")
+    if g < 1:
+        raise BadInputError(f"no genes to train on ({data.names})")
+    program = MemberProgram(config, data, k)
+    members = len(program.fold_of)
+    init = builders.head_states(config, g, [data.encoder_variables[data.encoder_of_fold[f]] for f in program.fold_of],
+                                [int(f) * 1000 + m % k + 1 for m, f in enumerate(program.fold_of)])
+    stacked = jax.tree_util.tree_map(lambda *xs: np.asarray(jnp.stack(xs)), *init)
+    rows_per_member = [data.train_rows[f] for f in program.fold_of]
+    mean_rows = float(np.mean([len(r) for r in data.train_rows]))
+    steps_per_epoch = max(1, int(mean_rows // c.batch_size))
+    total = c.epochs * steps_per_epoch
+    sampler = MemberBatches(rows_per_member, c.batch_size, total, program.n_views, config.seed + 1)
+    iterator = iter(grain.MapDataset.source(sampler).to_iter_dataset(
+        grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+    select = c.select_epoch == "on" and any(len(r) for r in data.val_rows)
+    compat = checkpointing.compat_signature(
+        config, checkpointing.HEAD_KEYS, n_rows=int(len(data.expression)), n_genes=int(g), folds=data.names,
+        train_rows=[int(len(r)) for r in data.train_rows], encoders=data.encoder_digests(),
+        views=int(program.n_views))
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", tag), config.checkpoint.max_to_keep)
+    state = {"train": stacked, "best": stacked, "best_score": np.full(members, _NO_SCORE, np.float32),
+             "best_epoch": np.zeros(members, np.int32)}
+
+    def step_fn(rstate, batch):
+        new, metrics = program.step(rstate["train"], batch)
+        return {**rstate, "train": new}, metrics
 
     name = tag.replace("_", " ", 1)  # "loo_main_0" -> "loo main_0"
-    spec = loop.LoopSpec(name=name, total_steps=c.epochs * steps_per_epoch, steps_per_epoch=steps_per_epoch,
-                         items_per_step=c.batch_size, log_every=config.log_every_steps,
+    spec = loop.LoopSpec(name=name, total_steps=total, steps_per_epoch=steps_per_epoch,
+                         items_per_step=c.batch_size * members, log_every=config.log_every_steps,
                          checkpoint_every=config.checkpoint.every_steps, loss_name="huber",
-                         data_source=data_source_name(columns), labels=names,
+                         data_source="the training store (row = store row; features from the cache)",
+                         labels=[f"{data.names[f]}#{s}" for f in range(n_folds) for s in range(k)],
                          fix_hint=f"train.learning_rate={c.learning_rate}")
-    states, curve = loop.run(stacked, step_fn, iterator, spec=spec, checkpointer=ckpt, compat=compat, writer=writer,
-                             hooks=[_FoldCurve(names, writer)])
-    preds = predict_rows(steps.replicate(states), source, len(fold_group), n, g, config.eval_batch_size)
-    return {"states": jax.tree_util.tree_map(np.asarray, states), "preds": preds, "untrained": untrained,
-            "curve": curve}
+    final, curve = loop.run(state, step_fn, iterator, spec=spec, checkpointer=ckpt, compat=compat, writer=writer,
+                            hooks=[_EpochEnd(program, data, select, writer)])
+    chosen = final["best"] if select else final["train"]
+    chosen_r = steps.replicate(chosen)
+    init_r = steps.replicate(stacked)
+    best_epoch = np.asarray(final["best_epoch"]) if select else np.full(members, c.epochs)
+    if select:
+        console.log(f"[{name}] best epoch on inner validation per head: "
+                    + ", ".join(f"{spec.labels[m]}={int(best_epoch[m])}" for m in range(members)))
+
+    def predictor(rstates):
+        def predict(fold: int, rows: np.ndarray) -> np.ndarray:
+            ms = np.flatnonzero(program.fold_of == fold)
+            z = program.predict_standardised(rstates, [rows if m in ms else rows[:0] for m in range(members)])
+            return np.mean([program.to_expression(m, z[m]) for m in ms], 0).astype(np.float32)
+        return predict
+
+    return {"predict": predictor(chosen_r), "untrained": predictor(init_r), "curve": curve,
+            "best_epoch": {data.names[f]: [int(x) for x in best_epoch[program.fold_of == f]] for f in range(n_folds)},
+            "states": jax.tree_util.tree_map(np.asarray, chosen), "program": program}
 
 
-def unstack(states, k: int):
-    """Fold k's state out of states stacked over a fold group."""
-    return jax.tree_util.tree_map(lambda x: x[k], states)
+def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
+                          encoder_variables: dict, writer, tag: str) -> dict:
+    """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
+    these rows). Returns {'states': member states stacked [K], 'mean', 'sd' (target standardisation), 'curve',
+    'best_epoch', 'untrained_states'}."""
+    rows = np.arange(len(expression))
+    if config.train.select_epoch == "on":
+        tr, va, how = inner_split(obs, rows, config.train.inner_val_fraction, config.seed)
+    else:
+        tr, va, how = rows, rows[:0], "none"
+    data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
+                    expression=expression, encoder_variables=[encoder_variables])
+    res = train_heads(config, workdir, data, tag=tag, writer=writer)
+    program = res["program"]
+    untrained = builders.head_states(config, expression.shape[1], [encoder_variables] * len(program.fold_of),
+                                     [m % int(config.train.ensemble) + 1 for m in range(len(program.fold_of))])
+    return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
+            "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how,
+            "untrained_states": jax.tree_util.tree_map(lambda *xs: np.asarray(jnp.stack(xs)), *untrained)}
 
 
-def train_one_head(config, workdir: str, feats: np.ndarray, expression: np.ndarray, encoder_variables: dict,
-                   writer, tag: str):
-    """One head trained on every row (fixed epochs, nothing held out). Returns (trained state, initial state,
-    loss curve)."""
-    n = len(expression)
-    res = train_heads(config, workdir, columns={"features": feats, "expression": expression},
-                      expression=expression, plan=plan_all_rows(n), encoder_variables=encoder_variables,
-                      fold_group=[0], tag=tag, writer=writer)
-    initial = builders.head_states(config, expression.shape[1], encoder_variables, [1])[0]
-    return unstack(res["states"], 0), initial, res["curve"]
-
-
-def predict_features(state, feats: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Predictions of one head state on cached features."""
-    fn = jax.jit(lambda s, f: steps.predict_step(s, {"features": f}))
-    return np.concatenate([np.asarray(fn(state, jnp.asarray(feats[a:a + batch]))) for a in range(0, len(feats), batch)])
+def ensemble_predict_features(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray,
+                              batch: int = 256) -> np.ndarray:
+    """Predictions (expression units) of heads stacked over members on features [V, n, h, w, C]: the mean over
+    members and views of mean + sd * standardised prediction."""
+    fn = jax.jit(jax.vmap(lambda s, f: steps.predict_step(s, {"features": f}), in_axes=(0, None)))
+    n_views, n = feats.shape[:2]
+    out = []
+    for a in range(0, n, batch):
+        z = sum(np.asarray(fn(states, jnp.asarray(feats[v, a:a + batch]))) for v in range(n_views)) / n_views
+        out.append(mean + sd * z.mean(0))
+    return np.concatenate(out).astype(np.float32)

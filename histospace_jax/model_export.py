@@ -1,6 +1,8 @@
 """The deployable model directory that `predict` reads: WORKDIR/model/ with an Orbax checkpoint of the whole
-HistoSpace model (encoder + head variables) and model.json (genes, architecture, tile size, microns per pixel,
-colour/stain preprocessing of the training store). Written by the `train` and `external` modes."""
+HistoSpace model (encoder + head variables of every ensemble member, stacked on a leading axis) and model.json
+(genes, architecture, ensemble size, test-time dihedral views, the per-gene target mean and sd that map the
+heads' standardised outputs back to expression, tile size, microns per pixel, colour/stain preprocessing of
+the training store). Written by the `train` and `external` modes."""
 
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def dir_bytes(path: str) -> int:
     return total
 
 
-def export(model_dir: str, config, state, genes: list[str], store, encoder_source: str) -> dict:
-    """Writes `model_dir` from a trained HistoSpace train state; returns model.json's content (+ size)."""
-    variables = {"params": state.params}
-    if state.batch_stats:
-        variables["batch_stats"] = state.batch_stats
+def export(model_dir: str, config, states, genes: list[str], store, encoder_source: str, *, mean, sd,
+           views: int) -> dict:
+    """Writes `model_dir` from trained HistoSpace train states stacked over ensemble members; returns
+    model.json's content (+ size)."""
+    variables = {"params": states.params}
+    if states.batch_stats:
+        variables["batch_stats"] = states.batch_stats
     variables = jax.tree_util.tree_map(np.asarray, variables)
+    k = int(jax.tree_util.tree_leaves(variables["params"])[0].shape[0])
     # A re-export replaces the old checkpoint (Orbax keeps step directories; a stale step 0 would be restored).
     shutil.rmtree(os.path.join(model_dir, "checkpoint"), ignore_errors=True)
     ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoint"), max_to_keep=1)
@@ -43,15 +48,18 @@ def export(model_dir: str, config, state, genes: list[str], store, encoder_sourc
     ckpt.close()
     m = store.manifest
     info = {
-        "format": "histospace-model", "version": 1, "genes": list(genes),
+        "format": "histospace-model", "version": 2, "genes": list(genes),
         "model": builders.architecture(config),
+        "ensemble": k, "views": int(views),
+        "target_mean": np.asarray(mean, np.float64).round(6).tolist(),
+        "target_sd": np.asarray(sd, np.float64).round(6).tolist(),
         "tile_size": int(m.get("tile_size", config.data.tile_size)),
         "microns_per_pixel": m.get("microns_per_pixel"),
         "colour_cast": m.get("colour_cast"), "stain_normalisation": m.get("stain_normalisation"),
         "expression": m.get("expression"), "trained_on": {"store": store.path, "synthetic": store.synthetic},
         "encoder": encoder_source,
-        "encoder_params": builders.count_params(variables["params"]["encoder"]),
-        "head_params": builders.count_params(variables["params"]["head"]),
+        "encoder_params": builders.count_params(variables["params"]["encoder"]) // k,
+        "head_params_per_member": builders.count_params(variables["params"]["head"]) // k,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic.write_json(os.path.join(model_dir, MODEL_JSON), info)
@@ -60,7 +68,8 @@ def export(model_dir: str, config, state, genes: list[str], store, encoder_sourc
 
 
 def load(model_dir: str):
-    """(model.json content, HistoSpace module, variables) of a model directory."""
+    """(model.json content, HistoSpace module, variables stacked over the ensemble members) of a model
+    directory."""
     info_path = os.path.join(model_dir, MODEL_JSON)
     try:
         with open(info_path) as f:
@@ -71,9 +80,13 @@ def load(model_dir: str):
                             "the external mode.") from e
     except json.JSONDecodeError as e:
         raise BadInputError(f"{info_path}: not valid JSON ({e}); export the model again.") from e
+    if info.get("version") != 2:
+        raise BadInputError(f"{info_path}: model format version {info.get('version')}; this histospace_jax reads "
+                            "version 2. Export the model again with `--config=configs/train.py`.")
     model = builders.histospace_from_architecture(info["model"], len(info["genes"]))
-    t = int(info["tile_size"])
-    template = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)))))
+    t, k = int(info["tile_size"]), int(info["ensemble"])
+    one = dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3))))
+    template = jax.tree_util.tree_map(lambda x: np.zeros((k,) + np.shape(x), np.asarray(x).dtype), one)
     ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoint"), read_only=True)
     variables, _ = ckpt.restore(None, template)
     ckpt.close()

@@ -179,6 +179,10 @@ class RegressionHead(nn.Module):
     fc_features: Sequence[int] = (256,)
     dropout_rate: float = 0.0
     axis_name: str | None = None
+    # "zeros": the output layer starts at zero, so the first prediction is exactly the target mean (0 for
+    # standardised targets) and there is no random output variance for the optimiser to remove by killing
+    # the ReLUs (the collapse seen on real patients). "lecun": flax's default (the paper's).
+    output_init: str = "lecun"
 
     @nn.compact
     def __call__(self, features, train: bool = False, mask=None):
@@ -190,6 +194,8 @@ class RegressionHead(nn.Module):
             x = nn.relu(nn.Dense(f, name=f"fc{i}")(x))
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        if self.output_init == "zeros":
+            return nn.Dense(self.n_genes, kernel_init=nn.initializers.zeros, name="out")(x)
         return nn.Dense(self.n_genes, name="out")(x)
 
 
@@ -207,11 +213,12 @@ class HistoSpace(nn.Module):
     fc_features: Sequence[int] = (256,)
     dropout_rate: float = 0.0
     axis_name: str | None = None
+    output_init: str = "lecun"
 
     def setup(self):
         self.encoder = Encoder(self.variant, self.encoder_features)
         self.head = RegressionHead(self.n_genes, self.conv_features, self.fc_features, self.dropout_rate,
-                                   axis_name=self.axis_name)
+                                   axis_name=self.axis_name, output_init=self.output_init)
 
     def __call__(self, images, train: bool = False, mask=None):
         features = self.encoder(images, train=False)

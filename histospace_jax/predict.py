@@ -35,7 +35,7 @@ import numpy as np
 import tensorstore as ts
 from absl import app, flags
 
-from histospace_jax import atomic, model_export, models, plots
+from histospace_jax import atomic, features, model_export, models, plots
 from histospace_jax.errors import EXIT_BAD_INPUT, BadInputError
 from histospace_jax.ingest import build, common, slide_io, stain
 
@@ -49,9 +49,19 @@ class PredictError(BadInputError):
 # ------------------------------------------------------------------------------------------------ model
 
 
-def make_predict_fn(model, variables):
-    fn = jax.jit(lambda v, x: model.apply(v, models.to_unit_range(x), False))
-    return lambda tiles: np.asarray(fn(variables, tiles))
+def make_predict_fn(model, variables, info: dict):
+    """uint8 tiles -> expression: the mean over the ensemble's members and the model's dihedral views of the
+    heads' standardised outputs, mapped back with the training store's per-gene mean and sd."""
+    mean = np.asarray(info["target_mean"], np.float32)
+    sd = np.asarray(info["target_sd"], np.float32)
+    views = int(info["views"])
+    fn = jax.jit(jax.vmap(lambda v, x: model.apply(v, models.to_unit_range(x), False), in_axes=(0, None)))
+
+    def predict(tiles):
+        z = sum(np.asarray(fn(variables, features.dihedral(tiles, v))) for v in range(views)) / views
+        return mean + sd * z.mean(0)
+
+    return predict
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
@@ -147,7 +157,7 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
     if os.path.exists(output) and not overwrite:
         raise PredictError(f"{output}: already exists; pass --overwrite or choose another --output.")
     info, model, variables = model_export.load(model_dir)
-    predict = make_predict_fn(model, variables)
+    predict = make_predict_fn(model, variables, info)
     gene_names = list(info["genes"])
     rgb, mode = slide_io.read_rgb(image)
     height, width = rgb.shape[:2]

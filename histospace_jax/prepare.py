@@ -13,7 +13,12 @@ Defaults, and why:
 * --stain=macenko: deterministic, closed-form and about as good as Vahadane on H&E; --stain=vahadane matches the
   paper, --stain=none keeps the stains. Reference: --stain_reference=IMAGE, else a standard built-in H&E reference.
 * Expression: log(1 + counts / library_size * 1e4), library size over all genes; genes expressed (count > 0) in
-  >= 50% of the job's spots (the paper's filter).
+  >= 50% of the job's spots (the paper's filter), pooled over all sections and patients of the job (recorded in
+  the manifest's gene_selection.pooled_over: a later leave-one-patient-out's held-out patient was among them).
+* Spots: those with no counts are dropped, then those with fewer than --min_umi=100 UMIs (a 1-UMI spot would turn
+  its single count into log1p(1e4) ~ 9.2; below 100 UMIs one count is worth >= log1p(100) ~ 4.6, the level of the
+  most expressed genes, while real spots of even shallow ST sections hold >= ~150). Each spot's depth is kept in
+  obs: library_size (total UMI over all genes) and n_genes_detected (genes with count > 0).
 * --workers=1 keeps one slide in memory; --workers=N processes N sections at once (N slides in memory).
 The store gets `report/report.json` and `report/thumbnails/<section>.png` (green boxes: tiles kept; yellow:
 padded at the image edge; blue: rejected as background; red: dropped at the edge; black dots: spot centres).
@@ -53,6 +58,14 @@ flags.DEFINE_float("norm_scale", 1e4, "Library-size normalisation target (counts
 flags.DEFINE_enum("log_base", "e", ["e", "2", "10", "none"], "Base of log(1 + x); none = no log.")
 flags.DEFINE_integer("workers", 1, "Sections processed at once (each holds one slide in memory).")
 flags.DEFINE_enum("missing_counts", "drop", ["drop", "error"], "Spots under tissue without a count row.")
+flags.DEFINE_integer(
+    "min_umi", build.DEFAULT_MIN_UMI,
+    "Drop spots whose library size (total UMI over all genes) is below this, after dropping empty spots; counted "
+    "per section in the report as dropped.below_min_umi. Default 100: with counts per 10k and log1p, one count in a "
+    "spot of L UMIs becomes log1p(1e4/L) (9.2 at L=1, 4.6 at L=100, ~1-3 at ordinary depths), so spots under 100 "
+    "UMIs are empty or failed spots whose few counts mimic the most expressed genes; real spots of shallow ST "
+    "sections (HER2ST B4, median ~650) start near 150, so 100 keeps them (500, a common Visium floor, would drop "
+    "~40% of B4). 0 or 1 keeps every non-empty spot.")
 flags.DEFINE_list("image", [], "visium: full-resolution H&E image per --input, comma-separated.")
 flags.DEFINE_list("section_name", [], "visium: section names per --input (default: folder above outs/).")
 flags.DEFINE_list("patient", [], "visium: patient per --input (default: the section name).")
@@ -69,7 +82,7 @@ def options_from_flags() -> build.PrepareOptions:
         stain=FLAGS.stain, stain_reference=FLAGS.stain_reference, gene_filter=FLAGS.gene_filter,
         min_expressed_pct=FLAGS.min_expressed_pct, n_genes=FLAGS.n_genes, gene_list=FLAGS.gene_list,
         genes_from=FLAGS.genes_from, gene_map=FLAGS.gene_map, gene_ids=FLAGS.gene_ids, norm_scale=FLAGS.norm_scale,
-        log_base=FLAGS.log_base, workers=FLAGS.workers, missing_counts=FLAGS.missing_counts,
+        log_base=FLAGS.log_base, workers=FLAGS.workers, missing_counts=FLAGS.missing_counts, min_umi=FLAGS.min_umi,
         image=tuple(FLAGS.image), section_name=tuple(FLAGS.section_name), patient=tuple(FLAGS.patient),
         skip_unreadable=FLAGS.skip_unreadable, thumbnail_px=FLAGS.thumbnail_px,
     )

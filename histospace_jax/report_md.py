@@ -18,6 +18,12 @@ CONTROL_NOTES = {
     "mean_predictor": "training spots' mean profile for every spot (ignores the image; per-gene r undefined)",
     "untrained_head": "the regression head at initialisation (no training)",
     "random_encoder": "the same head trained on a randomly initialised, untrained encoder (what pretraining buys)",
+    "trivial_image": "ridge regression on colour and H/E/D statistics of each tile (does the model use more than "
+                     "colour?)",
+    "linear_probe": "ridge on the top 256 principal components of the frozen features the heads see, pooled 4x4 "
+                    "plus global mean and std (is the trained head better than a linear model on its own inputs?)",
+    "depth_oracle": "per gene, a line in the spot's log library size fitted on the training patients (how much of "
+                    "per-gene r is sequencing depth?)",
 }
 
 
@@ -163,6 +169,12 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
     lines += _provenance(results)
     if mode == "loo":
         lines += ["## Leave-one-patient-out: model and controls", ""]
+        summ = results["summary"]
+        if summ.get("n_folds_failed"):
+            lines += [f"> **{summ['n_folds_failed']} of {summ['n_folds']} folds FAILED** "
+                      f"({', '.join(summ['failed_folds'])}): the model's mean over folds is undefined. A fold fails "
+                      "when its predictions are constant for more than 5% of the genes or no gene has a defined r.",
+                      ""]
         rows = []
         for f in results["folds"]:
             rows += _metric_rows(f"held out {f['held_out']}", f, f["n_spots"])
@@ -172,6 +184,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
                   if k in results["summary"].get("controls", {})]
         lines += [f"- {k}: {v}" for k, v in results.get("metric_notes", {}).items()
                   if k in ("per_gene_pearson", "n_genes_significant", "per_spot_pearson")] + [""]
+        lines += _fold_details(results)
         if per_gene and genes:
             lines += _genes_section(genes, per_gene)
         lines += _clustering_section(results.get("clustering"))
@@ -193,7 +206,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
         lines += _clustering_section(e.get("clustering"))
         lines += _model_section(e.get("model_export", {}) and
                                 {k: v for k, v in e["model_export"].items()
-                                 if k in ("encoder_params", "head_params", "checkpoint_bytes", "tile_size",
+                                 if k in ("encoder_params", "head_params_per_member", "ensemble", "checkpoint_bytes", "tile_size",
                                           "microns_per_pixel")})
         lines += [f"Deployable model: `{os.path.join(workdir, 'model')}` "
                   f"(`python -m histospace_jax.predict --checkpoint={os.path.join(workdir, 'model')} ...`)", ""]
@@ -204,7 +217,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
                   f"{t['epochs']} epochs). Nothing was held out, so this run measures no accuracy: "
                   "leave-one-patient-out (`configs/loo.py`) does.", ""]
         lines += _model_section({k: v for k, v in results["model_export"].items()
-                                 if k in ("encoder_params", "head_params", "checkpoint_bytes", "tile_size",
+                                 if k in ("encoder_params", "head_params_per_member", "ensemble", "checkpoint_bytes", "tile_size",
                                           "microns_per_pixel")})
         lines += [f"Deployable model: `{os.path.join(workdir, 'model')}` "
                   f"(`python -m histospace_jax.predict --checkpoint={os.path.join(workdir, 'model')} ...`)", ""]
@@ -219,6 +232,43 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
     path = os.path.join(workdir, "report.md")
     atomic.write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _fold_details(results: dict) -> list[str]:
+    """What a sceptical reader asks next, per held-out patient."""
+    rows = []
+    ceilings = results.get("noise_ceiling", {})
+    for f in results["folds"]:
+        ci = f.get("per_gene_pearson_ci95") or [float("nan")] * 2
+        sections = ", ".join(f"{s} {r:.3f}" for s, r in f.get("per_section_pearson", {}).items())
+        rows.append([f["held_out"], f"[{_f(ci[0], 3)}, {_f(ci[1], 3)}] ({f.get('ci_units', '')})", sections,
+                     f"{f.get('n_genes_significant_spatial', '-')} (t-test {f.get('n_genes_significant', '-')})",
+                     _f(ceilings.get(f["held_out"], {}).get("ceiling_r_mean"), 3)])
+    lines = ["## Per held-out patient", "",
+             _md_table(["held out", "per-gene r, 95% bootstrap interval", "per-section r",
+                        "genes significant: spatial block permutation (independent-spots t-test)",
+                        "noise ceiling of per-gene r"], rows), "",
+             "- Depth-adjusted r: truth and prediction residualised per gene on the spot's log library size within "
+             "the held-out patient, then per-gene r: gene-specific signal beyond sequencing depth.",
+             "- Noise ceiling: the mean over genes of sqrt(split-half reliability, Spearman-Brown corrected) from a "
+             "binomial split of each spot's counts: about the best per-gene r any predictor could reach against "
+             "this noisy measurement.", ""]
+    t = results.get("training", {})
+    if t:
+        lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]
+        for name, how in t.get("inner_validation", {}).items():
+            lines.append(f"- holding out {name}: inner validation {how}; best epoch per head "
+                         f"{t.get('best_epoch', {}).get(name)}")
+        for control, by_fold in t.get("control_ridge_alpha", {}).items():
+            lines.append(f"- {control} ridge penalty (leave-one-group-out on training patients): {by_fold}")
+        lines.append("")
+    ae = results.get("autoencoder", {})
+    if ae:
+        lines += ["## What the autoencoder saw", ""]
+        lines += [f"- {name}: {a.get('tiles_seen', a.get('loaded_from', '?'))}" for name, a in ae.items()
+                  if isinstance(a, dict)]
+        lines += [f"- gene selection: {results.get('gene_selection', 'not recorded')}", ""]
+    return lines
 
 
 def ae_study_markdown(results: dict) -> str:

@@ -6,7 +6,7 @@ import pytest
 from histospace_jax.data import open_store, write_store
 from histospace_jax.ingest import build, expression
 from histospace_jax.ingest.common import CountMatrix, IngestError
-from tests.test_ingest_fixtures import write_stnet
+from tests.test_ingest_fixtures import FIXTURE_MIN_UMI, write_stnet
 
 
 def test_normalise_by_hand():
@@ -24,6 +24,8 @@ def test_count_matrix_operations_match_dense():
     m = CountMatrix.from_dense(dense, list("abcde"))
     np.testing.assert_array_equal(m.row_sums(), dense.sum(1))
     np.testing.assert_array_equal(m.nonzero_per_gene(), (dense > 0).sum(0))
+    np.testing.assert_array_equal(m.nonzero_per_row(), (dense > 0).sum(1))
+    assert m.nonzero_per_row().dtype == np.int64
     np.testing.assert_array_equal(m.gene_sums(), dense.sum(0))
     sub = m.take_rows(np.array([4, 1]))
     np.testing.assert_array_equal(sub.dense_columns(list("abcde"))[0], dense[[4, 1]])
@@ -124,7 +126,7 @@ def test_genes_from_another_store(tmp_path):
                  "pixel_y": [0.0]}, manifest={"expression": {"scale": 1e4, "log_base": "e"}})
     write_stnet(str(tmp_path / "rel"))
     rep = build.prepare(build.PrepareOptions(format="stnet", input=str(tmp_path / "rel"), output=str(tmp_path / "s"),
-                                             stain="none", genes_from=str(other)))
+                                             stain="none", genes_from=str(other), min_umi=FIXTURE_MIN_UMI))
     store = open_store(tmp_path / "s")
     assert store.genes == ["ENSG00000001003", "ENSG00000001004", "MISSING1"]
     assert store.manifest["genes_missing_from_input"] == ["MISSING1"]

@@ -15,6 +15,9 @@ from tests.conftest import SHARED_DATA
 from tests.test_ingest_fixtures import st_grid, synth_he, write_gz
 
 SECTIONS = ("B4", "C3")  # B4: fatty tissue (the hard case for the tissue check); both miss count rows for spots
+# Spots written at the default --min_umi=100 (selected spots with a count row: B4 283, C3 180; B4 has two 1-UMI
+# spots, C3 one, all dropped as below_min_umi).
+SPOTS_AT_DEFAULTS = {"B4": 281, "C3": 179}
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,15 +45,38 @@ def her2st_store(tmp_path_factory):
 
 @pytest.mark.shared_data
 def test_spot_count_equals_selected_spots_with_counts(her2st_store):
+    """Spots written: selected, with a count row, and a library of at least the default 100 UMIs."""
     root, store, rep = her2st_store
+    shallow_total = 0
     for sec in SECTIONS:
         selected, _, counts = _independent_counts(root, sec)
-        expected = [k for k in selected if k in counts]
-        assert len(expected) < len(selected)  # the release really lacks some rows: the drop path is exercised
+        with_counts = [k for k in selected if k in counts]
+        assert len(with_counts) < len(selected)  # the release really lacks some rows: the drop path is exercised
+        expected = [k for k in with_counts if counts[k].sum() >= build.DEFAULT_MIN_UMI]
+        shallow = [k for k in with_counts if 0 < counts[k].sum() < build.DEFAULT_MIN_UMI]
+        assert shallow  # both sections hold near-empty spots: the min_umi path is exercised on real data
         got = store.obs["spot_id"][store.obs["section"] == sec]
-        assert sorted(got) == sorted(expected)
+        assert sorted(got) == sorted(expected) and len(got) == SPOTS_AT_DEFAULTS[sec]
         entry = next(e for e in rep["sections"] if e["section"] == sec)
-        assert entry["dropped"]["no_counts"] == len(selected) - len(expected)
+        assert entry["dropped"]["no_counts"] == len(selected) - len(with_counts)
+        assert entry["dropped"]["below_min_umi"] == len(shallow) and entry["dropped"]["zero_library"] == 0
+        shallow_total += len(shallow)
+    assert rep["dropped"]["below_min_umi"] == shallow_total
+    assert store.manifest["spot_filters"]["min_umi"] == build.DEFAULT_MIN_UMI
+
+
+@pytest.mark.shared_data
+def test_depth_obs_equal_recomputation_from_raw_counts(her2st_store):
+    root, store, _ = her2st_store
+    assert store.obs["library_size"].dtype == np.float64 and store.obs["n_genes_detected"].dtype == np.int64
+    for sec in SECTIONS:
+        _, _, counts = _independent_counts(root, sec)
+        rows = np.flatnonzero(store.obs["section"] == sec)
+        raw = np.stack([counts[k] for k in store.obs["spot_id"][rows]])
+        np.testing.assert_array_equal(store.obs["library_size"][rows], raw.sum(axis=1))
+        np.testing.assert_array_equal(store.obs["n_genes_detected"][rows], (raw > 0).sum(axis=1))
+    # Over all genes of the raw matrix, not the selected ones: most detected genes are not among the selected.
+    assert store.obs["n_genes_detected"].max() > len(store.genes)
 
 
 @pytest.mark.shared_data

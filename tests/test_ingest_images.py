@@ -31,6 +31,9 @@ def test_grid_tiles_and_background_rejection(tmp_path):
     assert store.manifest["has_expression"] is False and store.manifest["synthetic"] is False
     np.testing.assert_allclose(sorted(set(store.obs["pixel_x"])), [32.0, 96.0])  # box centres, full-res frame
     assert store.tiles[0].shape == (32, 32, 3)
+    # Image-only: no sequencing depth, no spot filters.
+    assert "library_size" not in store.obs and "n_genes_detected" not in store.obs
+    assert "spot_filters" not in store.manifest and "below_min_umi" not in rep["dropped"]
 
 
 def test_rgba_grayscale_and_corrupt_images(tmp_path):

@@ -10,11 +10,12 @@ import pytest
 from histospace_jax.data import open_store
 from histospace_jax.ingest import build, stnet
 from histospace_jax.ingest.common import IngestError
-from tests.test_ingest_fixtures import write_gz, write_stnet
+from tests.test_ingest_fixtures import FIXTURE_MIN_UMI, write_gz, write_stnet
 
 
 def _opts(root, out, **kw):
     kw.setdefault("stain", "none")
+    kw.setdefault("min_umi", FIXTURE_MIN_UMI)
     return build.PrepareOptions(format="stnet", input=str(root), output=str(out), **kw)
 
 
@@ -223,3 +224,80 @@ def test_all_zero_spot_is_dropped_and_counted(tmp_path):
     ids = set(store.obs["spot_id"][store.obs["section"] == "BC1_C1"])
     assert zeroed["key"] not in ids and len(ids) > 0
     assert np.isfinite(store.expression[:]).all()
+
+
+def test_depth_obs_equal_recomputation_from_raw_counts(stnet_store):
+    """library_size and n_genes_detected are over all genes of the RAW matrix: the HGNC map merges genes 2 and 3
+    into SHARED, but a spot expressing both still detects two genes."""
+    info, store, _ = stnet_store
+    assert store.obs["library_size"].dtype == np.float64 and store.obs["n_genes_detected"].dtype == np.int64
+    merged_differs = 0
+    for sec, t in info["sections"].items():
+        lookup = {k: i for i, k in enumerate(t["keys"])}
+        rows = np.flatnonzero(store.obs["section"] == sec)
+        raw = t["counts"][[lookup[k] for k in store.obs["spot_id"][rows]]]
+        np.testing.assert_array_equal(store.obs["library_size"][rows], raw.sum(axis=1))
+        np.testing.assert_array_equal(store.obs["n_genes_detected"][rows], (raw > 0).sum(axis=1))
+        merged_differs += int(((raw[:, 2] > 0) & (raw[:, 3] > 0)).sum())
+    assert merged_differs > 0  # the raw-vs-merged distinction is exercised
+    assert store.manifest["obs_depth"].keys() == {"library_size", "n_genes_detected"}
+
+
+def test_gene_selection_records_its_pool(stnet_store):
+    _, store, rep = stnet_store
+    sel = store.manifest["gene_selection"]
+    assert sel["pooled_over"] == build.GENE_POOL and "held-out patients" in sel["pooled_over"]
+    assert sel["patients_pooled"] == ["BC1", "BC2"] and sel["sections_pooled"] == ["BC1_C1", "BC2_D1"]
+    assert sel["n_spots_considered"] == store.n_spots
+    assert rep["genes"]["selection"]["pooled_over"] == build.GENE_POOL
+
+
+def test_min_umi_drops_exactly_the_shallow_spots_and_counts_them(tmp_path):
+    root = str(tmp_path / "rel")
+    info = write_stnet(root)
+    zeroed = {}
+
+    def zero_one_spot(lines):  # an empty spot is counted as zero_library only, not also as below_min_umi
+        fields = lines[5].split("\t")
+        zeroed["key"] = fields[0]
+        lines[5] = "\t".join([fields[0]] + ["0"] * (len(fields) - 1))
+        return lines
+
+    _rewrite_counts(root, "BC1_C1", zero_one_spot)
+    libs = {}
+    for sec, t in info["sections"].items():
+        for k, c, u in zip(t["keys"], t["counts"], t["under"]):
+            if u and k != t["missing"]:
+                libs[(sec, k)] = 0 if (sec, k) == ("BC1_C1", zeroed["key"]) else int(c.sum())
+    threshold = int(np.median(list(libs.values())))
+    rep = build.prepare(_opts(root, tmp_path / "store", min_umi=threshold))
+    store = open_store(tmp_path / "store")
+    expected = {key for key, lib in libs.items() if lib >= threshold}
+    assert set(zip(store.obs["section"], store.obs["spot_id"])) == expected
+    assert store.obs["library_size"].min() >= threshold
+    total = 0
+    for sec in info["sections"]:
+        shallow = sum(1 for (s, _), lib in libs.items() if s == sec and 0 < lib < threshold)
+        entry = next(e for e in rep["sections"] if e["section"] == sec)
+        assert entry["dropped"]["below_min_umi"] == shallow > 0
+        total += shallow
+    assert rep["dropped"]["below_min_umi"] == total and rep["dropped"]["zero_library"] == 1
+    with open(os.path.join(store.path, "report", "report.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["dropped"]["below_min_umi"] == total
+    assert store.manifest["report"]["dropped"]["below_min_umi"] == total
+    assert store.manifest["spot_filters"]["min_umi"] == threshold
+    assert store.n_spots == len(expected) == rep["n_spots"]
+
+
+def test_min_umi_default_and_validation(tmp_path):
+    assert build.PrepareOptions(format="stnet", input="x", output="y").min_umi == build.DEFAULT_MIN_UMI == 100
+    root = str(tmp_path / "rel")
+    write_stnet(root)
+    with pytest.raises(IngestError, match="--min_umi=-1"):
+        build.prepare(_opts(root, tmp_path / "s", min_umi=-1))
+    # The fixture's spots hold tens of UMIs: at the default every spot is below the floor, and nothing is written.
+    with pytest.raises(IngestError, match=r"below --min_umi=100 UMIs: lower --min_umi") as e:
+        build.prepare(build.PrepareOptions(format="stnet", input=root, output=str(tmp_path / "s"), stain="none"))
+    assert str(e.value).startswith(root) and "'below_min_umi': " in str(e.value)
+    assert not os.path.exists(tmp_path / "s")

@@ -13,7 +13,7 @@ from PIL import Image
 from histospace_jax.data import open_store
 from histospace_jax.ingest import build, visium
 from histospace_jax.ingest.common import IngestError
-from tests.test_ingest_fixtures import synth_he, write_gz
+from tests.test_ingest_fixtures import FIXTURE_MIN_UMI, synth_he, write_gz
 
 N_BC, N_GENES = 40, 9
 
@@ -89,6 +89,11 @@ def test_visium_layouts_give_the_same_table(tmp_path, matrix, positions):
     np.testing.assert_allclose(dense[:, 0], truth["counts"][0, i] + truth["counts"][7, i])
     np.testing.assert_allclose(dense[:, 1], truth["counts"][3, i])
     assert "ADT8" not in t.counts.genes and len(set(t.counts.genes)) == len(t.counts.genes)
+    # Depth over the raw Gene Expression features: the two GENE0 features count as two genes detected.
+    gex = truth["counts"][:8, i]
+    np.testing.assert_array_equal(t.genes_detected(), (gex > 0).sum(axis=0))
+    np.testing.assert_array_equal(t.counts.row_sums(), gex.sum(axis=0))
+    assert ((gex[0] > 0) & (gex[7] > 0)).any()
 
 
 def test_visium_prepare_end_to_end_ensembl_ids(tmp_path):
@@ -96,7 +101,7 @@ def test_visium_prepare_end_to_end_ensembl_ids(tmp_path):
     out = tmp_path / "store"
     build.prepare(build.PrepareOptions(format="visium", input=str(tmp_path / "outs"), output=str(out),
                                        image=(str(tmp_path / "image.png"),), section_name=("S1",), patient=("P1",),
-                                       gene_ids="ensembl", gene_filter="mean", n_genes=3))
+                                       gene_ids="ensembl", gene_filter="mean", n_genes=3, min_umi=FIXTURE_MIN_UMI))
     store = open_store(out)
     assert store.n_spots == len(truth["in_matrix"])
     assert all(g.startswith("ENSG") for g in store.genes) and len(store.genes) == 3
@@ -105,6 +110,9 @@ def test_visium_prepare_end_to_end_ensembl_ids(tmp_path):
     c = truth["counts"][:8, truth["in_matrix"]]  # gene-expression features only
     expected = np.log1p(c[j] / c.sum(axis=0) * 1e4)
     np.testing.assert_allclose(store.expression[:][:, 0], expected, rtol=1e-5)
+    np.testing.assert_array_equal(store.obs["library_size"], c.sum(axis=0))
+    np.testing.assert_array_equal(store.obs["n_genes_detected"], (c > 0).sum(axis=0))
+    assert store.obs["n_genes_detected"].dtype == np.int64
     # The top-mean gene really has the highest mean normalised expression.
     means = np.log1p(c / c.sum(axis=0) * 1e4).mean(axis=1)
     assert j == int(np.argmax(means))
@@ -193,9 +201,14 @@ def test_real_space_ranger_files(shared_data):
         indptr = f["matrix/indptr"][:]
         data = f["matrix/data"][:]
         barcodes = [b.decode() for b in f["matrix/barcodes"][:]]
+        types = [x.decode() for x in f["matrix/features/feature_type"][:]]
+    assert set(types) == {"Gene Expression"}  # so every stored entry is a gene count
     totals = dict(zip(barcodes, np.add.reduceat(data.astype(float), indptr[:-1])))
+    detected = dict(zip(barcodes, np.add.reduceat((data > 0).astype(int), indptr[:-1])))
     assert t.n_spots == 554 and t.dropped["no_counts"] == 0
     np.testing.assert_allclose(t.counts.row_sums(), [totals[b] for b in t.spot_ids])
+    np.testing.assert_array_equal(t.genes_detected(), [detected[b] for b in t.spot_ids])
+    assert t.counts.row_sums().min() >= build.DEFAULT_MIN_UMI  # the default floor keeps every spot of 396A
     assert t.microns_per_pixel == pytest.approx(55.0 / 150.21964981443412)
     with open(os.path.join(outs, "spatial", "tissue_positions_list.csv")) as f:
         first = {ln.split(",")[0]: ln.strip().split(",") for ln in f}

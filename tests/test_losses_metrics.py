@@ -62,3 +62,67 @@ def test_mean_profile_baseline_scores_high_per_spot_but_undefined_per_gene():
     assert m["per_spot_pearson"] > 0.9
     assert np.isnan(m["per_gene_pearson"])
     assert m["n_genes_undefined_r"] == 40
+
+
+# ------------------------------------------------------------------------------------- reviewer's metrics
+
+
+def test_depth_adjusted_pearson_matches_scipy_residual_correlation():
+    import scipy.stats
+
+    rng = np.random.default_rng(2)
+    depth = rng.normal(8.0, 0.7, 60)
+    y = np.outer(depth, [1.0, 0.3, -0.5, 0.0]) + rng.normal(size=(60, 4))
+    p = np.outer(depth, [0.8, 0.0, 1.0, 0.2]) + 0.5 * y + rng.normal(size=(60, 4))
+    r = metrics.depth_adjusted_pearson_per_gene(y, p, depth)
+    for g in range(4):
+        fy = scipy.stats.linregress(depth, y[:, g])
+        fp = scipy.stats.linregress(depth, p[:, g])
+        ref = scipy.stats.pearsonr(y[:, g] - fy.intercept - fy.slope * depth,
+                                   p[:, g] - fp.intercept - fp.slope * depth)[0]
+        assert r[g] == pytest.approx(ref, rel=1e-9)
+
+
+def test_depth_adjusted_pearson_removes_a_depth_only_predictor():
+    rng = np.random.default_rng(3)
+    depth = rng.normal(8.0, 1.0, 200)
+    y = np.outer(depth, np.ones(3)) + 0.3 * rng.normal(size=(200, 3))
+    depth_only = np.outer(depth, [2.0, -1.0, 0.5]) + 1.0
+    assert np.all(np.abs(metrics.pearson_per_gene(y, depth_only)) > 0.9)  # raw r is all depth
+    assert np.all(np.isnan(metrics.depth_adjusted_pearson_per_gene(y, depth_only, depth)))
+    noisy = depth_only + 0.1 * rng.normal(size=(200, 3))
+    assert np.all(np.abs(metrics.depth_adjusted_pearson_per_gene(y, noisy, depth)) < 0.25)
+    assert np.all(np.isnan(metrics.depth_adjusted_pearson_per_gene(y[:2], noisy[:2], depth[:2])))
+
+
+def test_r2_per_gene_by_hand():
+    y = np.array([[1.0, 2.0], [3.0, 2.0], [5.0, 2.0]])
+    pred = np.array([[1.0, 1.0], [4.0, 3.0], [5.0, 2.0]])
+    ref = np.array([3.0, 2.0])
+    # gene 0: SSE(pred) = 1, SSE(mean 3) = 4 + 0 + 4 = 8 -> 1 - 1/8; gene 1: reference exact -> undefined.
+    r2 = metrics.r2_per_gene(y, pred, ref)
+    assert r2[0] == pytest.approx(1 - 1 / 8) and np.isnan(r2[1])
+    np.testing.assert_array_equal(metrics.r2_per_gene(y, pred, np.tile(ref, (3, 1))), r2)
+    assert metrics.r2_per_gene(y, y, np.array([0.0, 0.0]))[0] == 1.0
+    assert metrics.share_positive([0.5, -0.1, np.nan, 0.0, 2.0]) == pytest.approx(0.5)
+    assert np.isnan(metrics.share_positive([np.nan]))
+
+
+def test_constant_gene_fraction():
+    rng = np.random.default_rng(4)
+    pred = rng.normal(size=(50, 4))
+    pred[:, 0] = 3.0
+    pred[:, 1] = 1000.0 + 1e-5 * rng.normal(size=50)  # std 1e-5 <= 1e-6 * 1000: collapsed
+    assert metrics.constant_gene_fraction(pred) == pytest.approx(0.5)
+    assert metrics.constant_gene_fraction(pred, rel_tol=1e-9) == pytest.approx(0.25)
+
+
+def test_per_section_pearson_matches_subsets():
+    rng = np.random.default_rng(5)
+    y = rng.normal(size=(40, 5))
+    p = y + rng.normal(size=(40, 5))
+    sec = np.array(["s1"] * 25 + ["s2"] * 15)
+    out = metrics.per_section_pearson(y, p, sec)
+    assert set(out) == {"s1", "s2"}
+    assert out["s1"] == pytest.approx(np.mean(metrics.pearson_per_gene(y[:25], p[:25])))
+    assert out["s2"] == pytest.approx(np.mean(metrics.pearson_per_gene(y[25:], p[25:])))

@@ -6,6 +6,7 @@ Layout of a store directory::
     tiles/          zarr v3 array, uint8 [N, T, T, 3]
     expression/     zarr v3 array, float32 [N, G]
     obs.csv         one row per spot: spot_id, section, patient, array_x, array_y, pixel_x, pixel_y, label
+                    [, library_size, n_genes_detected: sequencing depth, in spot stores written since they exist]
 
 Stores are written through `StoreWriter`, which builds the store under a temporary sibling path and renames it
 into place only when `close()` succeeds, so a reader never sees a half-written store.
@@ -43,6 +44,14 @@ OBS_COLUMNS: dict[str, Any] = {
     "label": str,
 }
 REQUIRED_OBS = ("section", "patient", "array_x", "array_y", "pixel_x", "pixel_y")
+# Columns a store has only when its writer declares them (`StoreWriter(extra_obs=...)`), after OBS_COLUMNS.
+# Sequencing depth of spot stores: `library_size` is the spot's total count (UMI) over ALL genes of its raw count
+# matrix, before gene selection; `n_genes_detected` the number of those genes with a count > 0. Image-only stores
+# and stores written before these columns existed lack them: test with `"library_size" in store.obs`.
+OPTIONAL_OBS: dict[str, Any] = {
+    "library_size": np.float64,
+    "n_genes_detected": np.int64,
+}
 # Tiles are compressed one per inner chunk, so a random read decodes exactly one tile, and grouped into shard
 # files of TILES_PER_SHARD so a large store is not hundreds of thousands of small files.
 TILES_PER_SHARD = 256
@@ -151,9 +160,27 @@ def _read_obs(path: str, n: int) -> dict[str, np.ndarray]:
     cols = list(zip(*body)) if body else [()] * len(header)
     obs = {}
     for name, values in zip(header, cols):
-        dtype = OBS_COLUMNS.get(name, str)
-        obs[name] = np.array(values, dtype=dtype) if dtype is not str else np.array(values, dtype=object).astype(str)
+        dtype = OBS_COLUMNS.get(name, OPTIONAL_OBS.get(name, str))
+        if dtype is str:
+            obs[name] = np.array(values, dtype=object).astype(str)
+            continue
+        try:
+            obs[name] = np.array(values, dtype=dtype)
+        except ValueError:
+            bad = next((i, v) for i, v in enumerate(values) if not _parses(v, dtype))
+            raise StoreError(
+                f"{obs_path}: column {name!r}, data row {bad[0] + 1}: {bad[1]!r} is not a {np.dtype(dtype).name} "
+                "value; the spot table is damaged, prepare the store again."
+            ) from None
     return obs
+
+
+def _parses(value: str, dtype) -> bool:
+    try:
+        np.array([value], dtype=dtype)
+        return True
+    except ValueError:
+        return False
 
 
 def open_store(path: str | os.PathLike) -> TileStore:
@@ -212,10 +239,17 @@ class StoreWriter:
         tile_size: int = 128,
         manifest: Mapping[str, Any] | None = None,
         overwrite: bool = False,
+        extra_obs: Sequence[str] = (),
     ):
         self.path = os.path.abspath(os.fspath(path))
         if os.path.exists(self.path) and not overwrite:
             raise StoreError(f"{self.path}: already exists. Pass overwrite (prepare --overwrite) to replace it.")
+        unknown = [c for c in extra_obs if c not in OPTIONAL_OBS]
+        if unknown or len(set(extra_obs)) != len(extra_obs):
+            raise StoreError(f"{self.path}: extra obs columns {list(extra_obs)}: each must be one of "
+                             f"{list(OPTIONAL_OBS)}, at most once.")
+        self.obs_columns = list(OBS_COLUMNS) + list(extra_obs)
+        self.extra_obs = tuple(extra_obs)
         genes = [str(g) for g in genes]
         # An empty gene list is allowed: image-only stores (autoencoder pretraining) carry no expression.
         dup = sorted({g for g in genes if genes.count(g) > 1}) if len(set(genes)) != len(genes) else []
@@ -265,7 +299,7 @@ class StoreWriter:
         ).result()
         self._obs_file = open(os.path.join(self.tmp_path, OBS_FILE), "w", newline="")
         self._obs_writer = csv.writer(self._obs_file)
-        self._obs_writer.writerow(list(OBS_COLUMNS))
+        self._obs_writer.writerow(self.obs_columns)
         self.n = 0
         self._closed = False
 
@@ -301,6 +335,11 @@ class StoreWriter:
             if len(col) != n:
                 raise StoreError(f"{self.path}: {where}: obs column {name!r} has {len(col)} values for {n} spots.")
             columns[name] = col
+        for name in self.extra_obs:
+            if name not in obs:
+                raise StoreError(f"{self.path}: {where}: obs column {name!r} missing (this store declares it in "
+                                 "extra_obs); pass it for every spot.")
+            columns[name] = self._numeric_obs(name, obs[name], n, where)
         if n == 0:
             return
         new_n = self.n + n
@@ -308,9 +347,27 @@ class StoreWriter:
         self._expr = self._expr.resize(exclusive_max=[new_n, len(self.genes)]).result()
         self._tiles[self.n:new_n].write(tiles).result()
         self._expr[self.n:new_n].write(expression).result()
-        for row in zip(*(columns[c] for c in OBS_COLUMNS)):
+        for row in zip(*(columns[c] for c in self.obs_columns)):
             self._obs_writer.writerow([_format_obs_value(v) for v in row])
         self.n = new_n
+
+    def _numeric_obs(self, name: str, values, n: int, where: str) -> np.ndarray:
+        """An optional numeric obs column, checked: finite, non-negative, and whole numbers for integer columns."""
+        dtype = np.dtype(OPTIONAL_OBS[name])
+        try:
+            col = np.asarray(values, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            raise StoreError(f"{self.path}: {where}: obs column {name!r} must be numeric ({e}).") from e
+        if col.shape != (n,):
+            raise StoreError(f"{self.path}: {where}: obs column {name!r} has shape {col.shape} for {n} spots.")
+        bad = ~np.isfinite(col) | (col < 0)
+        if dtype.kind == "i":
+            bad |= col != np.rint(col)
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise StoreError(f"{self.path}: {where}: obs column {name!r} has {float(col[i])!r} at spot row {i}; it "
+                             f"must be a finite non-negative {dtype.name} value.")
+        return col.astype(dtype)
 
     def update_manifest(self, **entries) -> None:
         """Adds manifest entries known only while writing (e.g. final counts); written by close()."""
@@ -370,9 +427,11 @@ def _replace_dir(src: str, dst: str, overwrite: bool) -> None:
 
 
 def write_store(path, tiles, expression, genes, obs, *, manifest=None, overwrite=False, tile_size=None) -> str:
-    """Writes a whole store in one call (small stores, tests)."""
+    """Writes a whole store in one call (small stores, tests). Optional obs columns (OPTIONAL_OBS) present in `obs`
+    are written too."""
     tiles = np.asarray(tiles)
+    extra = tuple(c for c in OPTIONAL_OBS if c in obs)
     with StoreWriter(path, genes=genes, tile_size=tile_size or tiles.shape[1], manifest=manifest,
-                     overwrite=overwrite) as w:
+                     overwrite=overwrite, extra_obs=extra) as w:
         w.append(tiles, expression, obs)
     return w.path

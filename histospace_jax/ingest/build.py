@@ -1,11 +1,14 @@
 """The two-pass prepare job: public release on disk -> tile store (+ report).
 
 Pass 1 reads every section's spot table and count matrix (no images) to choose the genes from statistics over
-all spots of the job, and to settle which spots are kept (missing counts, empty libraries, tiles leaving the
-image) together with each slide's scale and image hash. Pass 2 reads each slide image once, removes its colour
-cast, normalises its stains, cuts the tiles, and appends the section to a `StoreWriter`. One slide is in memory
-per worker (default one worker); with --workers=N, N sections are processed at once in spawned processes and
-appended in input order, so the store does not depend on the worker count.
+all spots of the job (every patient's, so a later leave-one-patient-out's held-out patient is among them; the
+manifest says so under gene_selection.pooled_over), and to settle which spots are kept (missing counts, empty
+libraries, libraries below --min_umi, tiles leaving the image) together with each slide's scale and image hash.
+Spot stores keep each spot's depth in obs (library_size, n_genes_detected, both over all genes of the raw
+matrix). Pass 2 reads each slide image once, removes its colour cast, normalises its stains, cuts the tiles, and
+appends the section to a `StoreWriter`. One slide is in memory per worker (default one worker); with --workers=N,
+N sections are processed at once in spawned processes and appended in input order, so the store does not depend
+on the worker count.
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ EDGE_MODES = ("pad", "drop")
 DEFAULT_TILE_UM = 100.0  # default tile side in micrometres: one ST spot diameter (100 um)
 DEFAULT_MIN_TISSUE_IMAGES = 0.5
 MOSTLY_TISSUE = 0.5  # a tile is "tissue" in the report when at least half its pixels are tissue
+# Spots with a library of fewer UMIs are dropped (prepare --min_umi). At the default normalisation (counts per
+# 10k, log1p) a spot with L UMIs gives one count the value log1p(1e4 / L): ~9.2 at 1 UMI and ~4.6 at 100, against
+# ~1-3 in spots of ordinary depth (HER2ST sections: medians ~650 to ~10,000 UMI; Visium: thousands). Below 100
+# UMI a spot's profile is a handful of counts blown up to the scale of the most expressed genes, i.e. an empty or
+# failed spot, not tissue signal. 100 is low enough to keep every real spot of shallow sections (HER2ST B4's
+# shallowest non-empty spots hold ~150 UMI and its median is ~650; Visium 396A's shallowest spot 174) while a
+# common QC floor of 500 would drop ~40% of B4.
+DEFAULT_MIN_UMI = 100
+# Obs columns of spot stores (not of image-only ones): the spot's sequencing depth.
+DEPTH_OBS = ("library_size", "n_genes_detected")
+GENE_POOL = "all spots of all sections in this store (held-out patients of leave-one-patient-out included)"
 CHUNK = 64  # crops normalised at a time: bounds the float64 OD buffers to ~25 MB at 128 px
 
 
@@ -63,6 +77,7 @@ class PrepareOptions:
     log_base: str = "e"
     workers: int = 1
     missing_counts: str = "drop"
+    min_umi: int = DEFAULT_MIN_UMI
     image: tuple[str, ...] = ()
     section_name: tuple[str, ...] = ()
     patient: tuple[str, ...] = ()
@@ -97,6 +112,8 @@ def validate(opts: PrepareOptions) -> None:
         (opts.norm_scale > 0, f"--norm_scale={opts.norm_scale}: must be positive."),
         (0.0 <= opts.resolved_min_tissue <= 1.0, f"--min_tissue={opts.min_tissue}: a fraction in [0, 1]."),
         (opts.workers >= 1, f"--workers={opts.workers}: at least 1."),
+        (int(opts.min_umi) == opts.min_umi and opts.min_umi >= 0,
+         f"--min_umi={opts.min_umi}: a whole number of UMIs >= 0 (0 or 1 keeps every non-empty spot)."),
         (not (opts.gene_filter == "list" and not opts.gene_list), "--gene_filter=list needs --gene_list=FILE."),
         (opts.format != "images" or bool(opts.source_mpp),
          "--format=images needs --source_mpp (the images' microns per pixel; BACH/ICIAR-2018 is 0.42)."),
@@ -148,7 +165,7 @@ def image_size(path: str) -> tuple[int, int]:
 
 @dataclasses.dataclass
 class LoadedSection:
-    table: SectionTable
+    table: SectionTable  # table.n_genes_detected is set (raw matrix, before gene merging)
     library_size: np.ndarray
     x0: np.ndarray  # top-left corners of the source boxes of kept spots (full-res pixels)
     y0: np.ndarray
@@ -164,7 +181,8 @@ class LoadedSection:
 def _subset(t: SectionTable, idx: np.ndarray) -> SectionTable:
     return dataclasses.replace(t, spot_ids=t.spot_ids[idx], array_x=t.array_x[idx], array_y=t.array_y[idx],
                                pixel_x=t.pixel_x[idx], pixel_y=t.pixel_y[idx], labels=t.labels[idx],
-                               counts=t.counts.take_rows(idx))
+                               counts=t.counts.take_rows(idx),
+                               n_genes_detected=None if t.n_genes_detected is None else t.n_genes_detected[idx])
 
 
 def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
@@ -177,15 +195,20 @@ def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
     else:
         table = visium.read_section(src, use_ids=opts.gene_ids == "ensembl", **kw)
     where = f"section {src.section} ({src.files.get('counts', src.files.get('h5', src.files.get('mtx', '')))})"
+    detected = table.genes_detected()  # of the raw matrix: before harmonise merges genes sharing an ID
     counts, gene_info = expression.harmonise(table.counts, table.notes["native_ids"], opts.gene_ids,
                                              _gene_map(opts.gene_map), where)
-    table = dataclasses.replace(table, counts=counts)
+    table = dataclasses.replace(table, counts=counts, n_genes_detected=detected)
     dropped = dict(table.dropped)
-    lib = counts.row_sums()
+    lib = counts.row_sums()  # merging genes keeps row sums: this is the total over all genes of the raw matrix
     nonzero = np.flatnonzero(lib > 0)
     dropped["zero_library"] = int(len(lib) - len(nonzero))
     if len(nonzero) < len(lib):
         table, lib = _subset(table, nonzero), lib[nonzero]
+    deep = np.flatnonzero(lib >= opts.min_umi)  # after the zero-library drop: empty spots are counted there only
+    dropped["below_min_umi"] = int(len(lib) - len(deep))
+    if len(deep) < len(lib):
+        table, lib = _subset(table, deep), lib[deep]
 
     width, height = image_size(src.image_path)
     outside = ~((table.pixel_x >= 0) & (table.pixel_x < width) & (table.pixel_y >= 0) & (table.pixel_y < height))
@@ -350,6 +373,7 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
         "spot_id": t.spot_ids[idx], "section": np.array([src.section] * len(idx)),
         "patient": np.array([src.patient] * len(idx)), "array_x": t.array_x[idx], "array_y": t.array_y[idx],
         "pixel_x": t.pixel_x[idx], "pixel_y": t.pixel_y[idx], "label": t.labels[idx],
+        "library_size": s.library_size[idx], "n_genes_detected": t.genes_detected()[idx],
     }
     dropped = dict(s.dropped, background=int((~keep).sum()))
     entry = {
@@ -359,6 +383,8 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
         "tissue_fraction_min": float(tissue[idx].min()) if len(idx) else 0.0,
         "tiles_mostly_tissue_fraction": float((tissue[idx] >= MOSTLY_TISSUE).mean()) if len(idx) else 0.0,
         "labelled_spots": int((t.labels[idx] != "").sum()),
+        "library_size_min": float(s.library_size[idx].min()) if len(idx) else 0.0,
+        "library_size_median": float(np.median(s.library_size[idx])) if len(idx) else 0.0,
         "genes_absent_in_section": len(missing), "genes_absent_examples": missing[:20],
         **norm.describe(),
     }
@@ -465,6 +491,20 @@ def choose_genes(opts: PrepareOptions, stats: expression.GeneStats) -> tuple[lis
     return genes, info, None
 
 
+def gene_pool(opts: PrepareOptions, section_infos: list[dict]) -> dict:
+    """Which spots the gene selection pooled, for the manifest: results must be able to say that genes were chosen
+    with the held-out patients' spots included (the selection is unsupervised, but it did see them)."""
+    if opts.genes_from:
+        return {"pooled_over": "not this store: genes taken from the --genes_from store; see its manifest's "
+                               "gene_selection"}
+    if opts.gene_filter == "list":
+        return {"pooled_over": "none: genes given by --gene_list (no statistics over spots used)"}
+    spot_infos = [i for i in section_infos if "spots" in i]
+    return {"pooled_over": GENE_POOL,
+            "sections_pooled": [i["section"] for i in spot_infos],
+            "patients_pooled": list(dict.fromkeys(i["patient"] for i in spot_infos))}
+
+
 def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -> dict:
     """Runs the whole job; returns the report dict. The store appears at opts.output only on success."""
     validate(opts)
@@ -491,6 +531,14 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
                      "library_size": "total counts of the spot over all genes of its count matrix, before gene "
                                      "selection",
                      "formula": "log_b(1 + counts / library_size * scale)"}
+    if opts.format != "images" and stats.n_spots == 0:
+        dropped = _sum_dicts(i.get("dropped", {}) for i in section_infos)
+        raise IngestError(
+            f"{opts.input}: no spot of the {len(sources)} section(s) is left to prepare (dropped: {dropped}); "
+            + (f"their libraries are all below --min_umi={opts.min_umi} UMIs: lower --min_umi (0 keeps every "
+               "non-empty spot) if these really are spot counts." if dropped.get("below_min_umi") else
+               "check the spot tables and count matrices.")
+        )
     if opts.format == "images":
         genes, selection = [], {"mode": "none (image-only store: no expression columns)"}
         expr_settings = {"has_expression": False}
@@ -500,6 +548,7 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
             log(f"note: --genes_from store was normalised with {other}; this store uses scale={opts.norm_scale}, "
                 f"log_base={opts.log_base}")
             selection["genes_from_expression"] = other
+        selection.update(gene_pool(opts, section_infos))
         if selection.get("missing_from_input"):
             log(f"{len(selection['missing_from_input'])} selected gene(s) absent from every input section (stored "
                 f"as 0): {selection['missing_from_input'][:10]}")
@@ -531,9 +580,23 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
     }
     if opts.format == "images":
         manifest["has_expression"] = False
+    else:
+        manifest["spot_filters"] = {
+            "zero_library": "spots with no count over all genes are dropped (report: dropped.zero_library)",
+            "min_umi": int(opts.min_umi),
+            "min_umi_rule": "then spots whose library size (total UMI over all genes of the raw matrix) is below "
+                            "min_umi are dropped (report: dropped.below_min_umi); gene selection sees only the "
+                            "spots kept",
+        }
+        manifest["obs_depth"] = {
+            "library_size": "obs column: the spot's total count (UMI) over all genes of its raw count matrix, before "
+                            "gene selection (the normalisation's library size)",
+            "n_genes_detected": "obs column: number of genes of the raw count matrix with a count > 0 in the spot",
+        }
 
     entries = []
-    with StoreWriter(out, genes=genes, tile_size=opts.tile_size, manifest=manifest, overwrite=opts.overwrite) as w:
+    with StoreWriter(out, genes=genes, tile_size=opts.tile_size, manifest=manifest, overwrite=opts.overwrite,
+                     extra_obs=() if opts.format == "images" else DEPTH_OBS) as w:
         for src, res in zip(sources, ordered_map(_pass2, sources, opts.workers, opts, genes, reference)):
             entry = res["entry"]
             if "skipped" not in res:

@@ -88,6 +88,10 @@ class CountMatrix:
     def nonzero_per_gene(self) -> np.ndarray:
         return np.diff(self.matrix.indptr)
 
+    def nonzero_per_row(self) -> np.ndarray:
+        """int64 [n_rows]: genes with a count > 0 in each row (stored entries are exactly the non-zero counts)."""
+        return np.bincount(self.matrix.indices, minlength=self.n_rows).astype(np.int64)
+
     def take_rows(self, rows: np.ndarray) -> "CountMatrix":
         """The sub-matrix of `rows` (unique row indices), in the given order."""
         return CountMatrix(self.genes, self.matrix[np.asarray(rows, dtype=np.int64)])
@@ -129,6 +133,15 @@ class SectionTable:
     mpp_method: str
     dropped: dict  # reason -> number of spots dropped while reading
     notes: dict = dataclasses.field(default_factory=dict)
+    # int64 per spot: genes with a count > 0 over ALL genes of the raw matrix, counted before genes sharing a
+    # name are merged (Visium references repeat a few symbols). None: `counts.nonzero_per_row()`, for readers
+    # whose matrix is the raw one.
+    n_genes_detected: np.ndarray | None = None
+
+    def genes_detected(self) -> np.ndarray:
+        if self.n_genes_detected is not None:
+            return np.asarray(self.n_genes_detected, dtype=np.int64)
+        return self.counts.nonzero_per_row()
 
     @property
     def n_spots(self) -> int:

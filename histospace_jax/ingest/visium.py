@@ -9,8 +9,10 @@ Inputs (--input is the `outs/` folder, or the folder holding it; --image the ful
       or spatial/tissue_positions_list.csv   Space Ranger 1: same columns, no header
     spatial/scalefactors_json.json           spot_diameter_fullres (55 um spots) -> microns per pixel
 
-Only "Gene Expression" features are read. Spots kept: in_tissue == 1 barcodes with a matrix column. obs
-array_x/array_y = array_col/array_row; pixel_x/pixel_y = pxl_col/pxl_row_in_fullres (full-resolution frame).
+Only "Gene Expression" features are read (so a spot's library size and genes detected are over its Gene
+Expression features; antibody and other feature types are not genes). Spots kept: in_tissue == 1 barcodes with
+a matrix column. obs array_x/array_y = array_col/array_row; pixel_x/pixel_y = pxl_col/pxl_row_in_fullres
+(full-resolution frame).
 Gene IDs: symbols (features "name") natively; --gene_ids=ensembl takes the features "id" column directly.
 """
 
@@ -105,8 +107,9 @@ def _decode(a) -> list[str]:
     return [x.decode() if isinstance(x, bytes) else str(x) for x in a]
 
 
-def read_h5(path: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
-    """(barcodes, matrix spots x genes) from a Space Ranger feature-barcode h5 (genes x barcodes CSC)."""
+def read_h5(path: str, use_ids: bool) -> tuple[list[str], CountMatrix, np.ndarray]:
+    """(barcodes, matrix spots x genes, genes detected per barcode) from a Space Ranger feature-barcode h5 (genes x
+    barcodes CSC)."""
     try:
         with h5py.File(path, "r") as f:
             g = f["matrix"]
@@ -125,11 +128,12 @@ def read_h5(path: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
         raise IngestError(f"{path}: matrix/data, indices, indptr and shape disagree ({e}); the file is truncated "
                           "or corrupt, copy it again.") from e
     _check_shape(path, genes_by_barcodes.shape, ids, barcodes)
-    return barcodes, _finish(path, barcodes, ids, names, types, genes_by_barcodes.T, use_ids)
+    return (barcodes, *_finish(path, barcodes, ids, names, types, genes_by_barcodes.T, use_ids))
 
 
-def read_mtx(folder: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
-    """(barcodes, matrix spots x genes) from a Space Ranger matrix folder (Matrix Market, genes x barcodes)."""
+def read_mtx(folder: str, use_ids: bool) -> tuple[list[str], CountMatrix, np.ndarray]:
+    """(barcodes, matrix spots x genes, genes detected per barcode) from a Space Ranger matrix folder (Matrix
+    Market, genes x barcodes)."""
     def find(*names):
         for n in names:
             p = os.path.join(folder, n)
@@ -153,7 +157,7 @@ def read_mtx(folder: str, use_ids: bool) -> tuple[list[str], CountMatrix]:
         raise IngestError(f"{mtx}: a dense Matrix Market array, not Space Ranger's 'coordinate' matrix; copy the "
                           "matrix folder from Space Ranger's outs/ again.")
     _check_shape(mtx, genes_by_barcodes.shape, ids, barcodes)
-    return barcodes, _finish(mtx, barcodes, ids, names, types, genes_by_barcodes.T, use_ids)
+    return (barcodes, *_finish(mtx, barcodes, ids, names, types, genes_by_barcodes.T, use_ids))
 
 
 def _check_shape(path, shape, ids, barcodes) -> None:
@@ -163,8 +167,10 @@ def _check_shape(path, shape, ids, barcodes) -> None:
                           "Space Ranger's matrix outputs again.")
 
 
-def _finish(path, barcodes, ids, names, types, spots_by_features, use_ids) -> CountMatrix:
-    """Checks the counts, keeps the Gene Expression features and names the genes."""
+def _finish(path, barcodes, ids, names, types, spots_by_features, use_ids) -> tuple[CountMatrix, np.ndarray]:
+    """Checks the counts, keeps the Gene Expression features and names the genes. Returns the matrix and, per
+    barcode, the number of Gene Expression features with a count > 0 (before features sharing a symbol are
+    summed: the raw matrix's genes detected)."""
     check_unique(barcodes, path, "barcode")
     entries = sparse.coo_array(spots_by_features)
     for bad, what in ((~np.isfinite(entries.data), "non-finite count"), (entries.data < 0, "negative count")):
@@ -176,9 +182,10 @@ def _finish(path, barcodes, ids, names, types, spots_by_features, use_ids) -> Co
     is_gex = np.array([t == "Gene Expression" for t in types], dtype=bool)
     genes = [(i if use_ids else n) for i, n, g in zip(ids, names, is_gex) if g]
     counts = CountMatrix(genes, sparse.csc_array(spots_by_features)[:, np.flatnonzero(is_gex)])
+    detected = counts.nonzero_per_row()
     if len(set(genes)) != len(genes):  # a few symbols name two Ensembl genes in 10x references: sum them
         counts, _ = counts.rename_genes(genes)
-    return counts
+    return counts, detected
 
 
 def read_section(src: SectionSource, missing_counts: str = "drop", source_mpp: float | None = None,
@@ -186,10 +193,10 @@ def read_section(src: SectionSource, missing_counts: str = "drop", source_mpp: f
     pos_path = src.files["positions"]
     positions = read_positions(pos_path)
     if "h5" in src.files:
-        barcodes, counts = read_h5(src.files["h5"], use_ids)
+        barcodes, counts, detected = read_h5(src.files["h5"], use_ids)
         counts_path = src.files["h5"]
     else:
-        barcodes, counts = read_mtx(src.files["mtx"], use_ids)
+        barcodes, counts, detected = read_mtx(src.files["mtx"], use_ids)
         counts_path = src.files["mtx"]
     unknown = [b for b in barcodes if b not in positions]
     if unknown:
@@ -204,7 +211,8 @@ def read_section(src: SectionSource, missing_counts: str = "drop", source_mpp: f
                           f"{missing[:3]}; pass --missing_counts=drop or use the matching matrix.")
     kept = [b for b, h in zip(in_tissue, have) if h]
     not_in_tissue = sum(1 for b in barcodes if positions[b][0] != 1)
-    counts = counts.take_rows(np.array([col[b] for b in kept], dtype=np.int64))
+    kept_cols = np.array([col[b] for b in kept], dtype=np.int64)
+    counts = counts.take_rows(kept_cols)
     if source_mpp:
         mpp, how = float(source_mpp), "given by --source_mpp"
     else:
@@ -230,4 +238,5 @@ def read_section(src: SectionSource, missing_counts: str = "drop", source_mpp: f
         dropped={"no_counts": int((~have).sum())},
         notes={"native_ids": "ensembl" if use_ids else "symbol", "spots_in_tissue": len(in_tissue),
                "matrix_barcodes_off_tissue": not_in_tissue},
+        n_genes_detected=detected[kept_cols],
     )

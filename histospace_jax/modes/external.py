@@ -112,20 +112,23 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         return features.for_config(config, workdir, store, variables)
 
     fdr = config.loo.fdr
-    fa, fb = feats_of(store_a, ae["variables"])[rows_a], feats_of(store_b, ae["variables"])[rows_b]
-    state, init_state, curve = folds.train_one_head(config, workdir, fa, expr_a, ae["variables"], writer, "external")
-    pred = folds.predict_features(state, fb)
+    fa, fb = feats_of(store_a, ae["variables"])[:, rows_a], feats_of(store_b, ae["variables"])[:, rows_b]
+    obs_a = {k: v[rows_a] for k, v in store_a.obs.items()}
+    heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external")
+    curve = heads["curve"]
+    pred = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"])
     results = {"model": metrics.full_regression_metrics(truth, pred, fdr)}
     controls = {"mean_predictor": metrics.full_regression_metrics(
                     truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr),
-                "untrained_head": metrics.full_regression_metrics(truth, folds.predict_features(init_state, fb),
-                                                                     fdr)}
+                "untrained_head": metrics.full_regression_metrics(
+                    truth, folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"]),
+                    fdr)}
     control_r = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
-        ra, rb = feats_of(store_a, rv)[rows_a], feats_of(store_b, rv)[rows_b]
-        rstate, _, _ = folds.train_one_head(config, workdir, ra, expr_a, rv, writer, "external_random_encoder")
-        rpred = folds.predict_features(rstate, rb)
+        ra, rb = feats_of(store_a, rv)[:, rows_a], feats_of(store_b, rv)[:, rows_b]
+        rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder")
+        rpred = folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"])
         controls["random_encoder"] = metrics.full_regression_metrics(truth, rpred, fdr)
         control_r["random_encoder"] = metrics.pearson_per_gene(truth, rpred)
     results["controls"] = controls
@@ -168,8 +171,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                                      prefix="external_clustering")
     model_info = {}
     if jax.process_index() == 0:
-        model_info = model_export.export(os.path.join(workdir, "model"), config, state, genes, store_a,
-                                         ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae"))
+        model_info = model_export.export(os.path.join(workdir, "model"), config, heads["states"], genes, store_a,
+                                         ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae"),
+                                         mean=heads["mean"], sd=heads["sd"], views=fa.shape[0])
     external = {
         "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
                   "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic},

@@ -1,8 +1,9 @@
 """Mode loo: leave-one-patient-out with controls (the paper's protocol).
 
 Layout of a workdir:
-  checkpoints/ae/            autoencoder train state + Grain iterator (Orbax)
-  checkpoints/loo_<tag>/     fold heads (all folds of one compiled program, stacked) + iterator
+  checkpoints/ae[_<fold>]/   autoencoder train state + Grain iterator (Orbax); one per fold when it learns from
+                             the store itself (training patients only)
+  checkpoints/loo_<tag>/     every fold's heads (one compiled program, stacked; best-epoch copies) + iterator
   cache/features-<key>/      frozen-encoder features (keyed by store and encoder weights)
   metrics.jsonl              every logged metric
   curves/*.csv, curves/*.png learning curves
@@ -23,7 +24,8 @@ import numpy as np
 
 from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, evaluation,
                             features, folds, metrics, plots)
-from histospace_jax.data import open_store, pipeline
+from histospace_jax import controls as controls_lib
+from histospace_jax.data import open_store
 from histospace_jax.errors import BadInputError
 from histospace_jax.model_export import dir_bytes
 
@@ -41,28 +43,69 @@ METRIC_NOTES = {
 }
 
 
-def train_all_folds(config, workdir: str, store, encoder_variables: dict, writer, *, tag: str = "main") -> dict:
-    """Leave-one-patient-out over the store; returns the plan and per-fold held-out predictions (trained and
-    untrained) and the loss curve."""
-    plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
+def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict], list[int], dict]:
+    """The frozen encoder(s) the folds' heads learn from: (encoder variables, encoder index per fold, what
+    each autoencoder saw). One shared encoder from ae.checkpoint, ae.store (the demo's separate pretraining
+    images) or, when the user asks (ae.transductive), every tile of the store; otherwise one autoencoder per
+    fold on its training patients' tiles, so no encoder has seen the patient its fold is tested on."""
+    if config.ae.checkpoint or inputs.ae_store:
+        ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer,
+                                  seen=f"the separate image store {inputs.ae_store}" if inputs.ae_store else "")
+        return [ae["variables"]], [0] * len(plan.folds), {"shared": ae["summary"]}
+    if config.ae.transductive:
+        console.log("WARNING: ae.transductive=True: pretraining the autoencoder on every tile of this store, held-out "
+                    "patients' included (unsupervised; results.json records it)")
+        ae = autoencoder.pretrain(config, workdir, inputs.store, inputs.writer,
+                                  seen=f"every tile of {inputs.store}, held-out patients included (transductive)")
+        return [ae["variables"]], [0] * len(plan.folds), {"shared": ae["summary"]}
+    encoders, summaries = [], {}
+    for f in range(len(plan.folds)):
+        name = plan.name(f)
+        rows = plan.training_rows(f)
+        ae = autoencoder.pretrain(config, workdir, inputs.store, inputs.writer, rows=rows, name=f"ae {name}",
+                                  seen=f"the {len(rows)} tiles of the training patients of the fold holding out "
+                                       f"{name}")
+        encoders.append(ae["variables"])
+        summaries[name] = ae["summary"]
+    return encoders, list(range(len(plan.folds))), summaries
+
+
+def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], encoder_of_fold: list[int], writer, *,
+                    tag: str = "main", feats: np.ndarray | None = None) -> dict:
+    """Every fold's heads (train.ensemble per fold) on the frozen features ([E, V, N, h, w, C], computed from
+    `encoders` when not given); returns per-fold held-out predictions of the trained and the untrained heads,
+    the curves, best epochs and inner-validation splits."""
     expression = np.asarray(store.expression, np.float32)
-    if config.loo.feature_cache:
-        feats = features.for_config(config, workdir, store, encoder_variables)
-        columns = {"features": feats, "expression": expression}
-    else:
-        columns = {"image": pipeline.LazyStoreColumn(store.path, "tiles"), "expression": expression}
+    if feats is None:
+        feats = np.stack([features.for_config(config, workdir, store, enc) for enc in encoders])
+    select = config.train.select_epoch == "on"
+    splits = {}
+    train_rows, val_rows = [], []
+    for f in range(len(plan.folds)):
+        rows = plan.training_rows(f)
+        if select:
+            tr, va, how = folds.inner_split(store.obs, rows, config.train.inner_val_fraction, config.seed)
+        else:
+            tr, va, how = rows, rows[:0], "none (train.select_epoch=off: final epoch, all training spots)"
+        train_rows.append(tr)
+        val_rows.append(va)
+        splits[plan.name(f)] = how
     per_program = config.loo.folds_per_program or len(plan.folds)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
-    out = {"plan": plan, "preds": {}, "untrained": {}, "curve": []}
+    out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits}
     for gi, group in enumerate(groups):
-        res = folds.train_heads(config, workdir, columns=columns, expression=expression, plan=plan,
-                                encoder_variables=encoder_variables, fold_group=group,
-                                tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}", writer=writer)
+        data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
+                              val_rows=[val_rows[f] for f in group],
+                              encoder_of_fold=[encoder_of_fold[f] for f in group], features=feats,
+                              expression=expression, encoder_variables=encoders)
+        res = folds.train_heads(config, workdir, data, tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}",
+                                writer=writer)
         for k, f in enumerate(group):
             rows = plan.held_out_rows(f)
-            out["preds"][f] = res["preds"][k, rows]
-            out["untrained"][f] = res["untrained"][k, rows]
+            out["preds"][f] = res["predict"](k, rows)
+            out["untrained"][f] = res["untrained"](k, rows)
         out["curve"].extend(res["curve"])
+        out["best_epoch"].update(res["best_epoch"])
     return out
 
 
@@ -79,7 +122,7 @@ def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra
         arrays[f"rows_{name}"] = plan.held_out_rows(k)
         arrays[f"pred_{name}"] = loo["preds"][k]
         for cname, ctrl in extra_controls.items():
-            arrays[f"{cname}_{name}"] = ctrl["preds"][k]
+            arrays[f"{cname}_{name}"] = np.asarray(ctrl[k], np.float32)
     atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), **arrays)
     if loo["curve"]:
         atomic.write_csv(os.path.join(workdir, "curves", "loo.csv"), loo["curve"])
@@ -93,7 +136,14 @@ def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra
                           logy=True)
 
 
-def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, ae: dict) -> dict:
+def _colour_features(store, chunk: int = 256) -> np.ndarray:
+    """The trivial-image control's colour statistics of every tile, reading the store a chunk at a time."""
+    n = store.n_spots
+    return np.concatenate([controls_lib.tile_colour_features(np.asarray(store.tiles[a:min(n, a + chunk)]))
+                           for a in range(0, n, chunk)])
+
+
+def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, encoder_variables: dict) -> dict:
     """Pathology clustering of the held-out predictions, spatial maps of named genes, model size."""
     plan = loo["plan"]
     rows = np.concatenate([plan.held_out_rows(f) for f in range(len(plan.folds))])
@@ -115,7 +165,7 @@ def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, ae: 
     t = config.data.tile_size
     hv = builders.histospace(config, len(store.genes)).init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)))
     ckpt_dir = os.path.join(workdir, "checkpoints", "loo_main")
-    extra["model"] = {"encoder_params": builders.count_params(ae["variables"]["params"]),
+    extra["model"] = {"encoder_params": builders.count_params(encoder_variables["params"]),
                       "head_params": builders.count_params(hv["params"]["head"]),
                       "loo_checkpoint_dir": ckpt_dir,
                       "loo_checkpoint_bytes": dir_bytes(ckpt_dir),
@@ -130,21 +180,28 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if not store.genes:
         raise BadInputError(f"{inputs.store}: has no expression (image-only store); leave-one-patient-out needs a "
                             "spot store from `python -m histospace_jax.prepare` with --format=stnet|her2st|visium")
-    if inputs.ae_store is None and not config.ae.checkpoint:
-        console.log("WARNING: no ae.store or ae.checkpoint given: pretraining the autoencoder on this store's tiles "
-                    "(unsupervised, no expression; held-out patients' images included)")
-    ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer)
-    loo = train_all_folds(config, workdir, store, ae["variables"], inputs.writer)
-    extra_controls = {}
+    plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
+    encoders, encoder_of_fold, ae_summaries = fold_encoders(config, workdir, store, inputs, plan)
+    feats = np.stack([features.for_config(config, workdir, store, enc) for enc in encoders])
+    loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats)
+    expression = np.asarray(store.expression, np.float32)
+    controls = {}
     if config_lib.random_encoder_control_on(config):
         console.log("[loo] control: the same heads on a randomly initialised (untrained) encoder")
-        extra_controls["random_encoder"] = train_all_folds(
-            config, workdir, store, builders.random_encoder_variables(config, config.loo.random_encoder_seed),
-            inputs.writer, tag="random_encoder")
-    expression = np.asarray(store.expression, np.float32)
-    fold_metrics = evaluation.fold_results(loo["plan"], loo["preds"], loo["untrained"], expression,
-                                           {k: v["preds"] for k, v in extra_controls.items()}, fdr=config.loo.fdr)
-    extra = _extras(config, workdir, store, loo, expression, ae)
+        controls["random_encoder"] = train_all_folds(
+            config, workdir, store, plan, [builders.random_encoder_variables(config, config.loo.random_encoder_seed)],
+            [0] * len(plan.folds), inputs.writer, tag="random_encoder")["preds"]
+    console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
+    reviewer, alphas = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
+                                                    [f[0] for f in feats], encoder_of_fold)
+    controls.update(reviewer)
+    del feats
+    # With the output layer starting at zero, the untrained head predicts the training mean: the mean-profile
+    # control already. It is reported only where it differs (output_init=lecun, the paper's recipe).
+    untrained = loo["untrained"] if config.model.output_init != "zeros" else None
+    fold_metrics = evaluation.fold_results(plan, loo["preds"], untrained, expression, store.obs, controls,
+                                           fdr=config.loo.fdr, seed=config.seed)
+    extra = _extras(config, workdir, store, loo, expression, encoders[0])
     genes = store.genes
     results = {
         "mode": "loo",
@@ -156,9 +213,13 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "folds": [{k: v for k, v in f.items() if k not in ("per_gene_r", "per_gene_r_controls")}
                   for f in fold_metrics],
         "summary": evaluation.summarise(fold_metrics),
-        "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"},
+        "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
+        "training": {"recipe": config.recipe, "best_epoch": loo["best_epoch"],
+                     "inner_validation": loo["inner_validation"], "control_ridge_alpha": alphas},
+        "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
+        "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),
         **extra,
     }
     if jax.process_index() == 0:
-        _write_files(workdir, genes, loo, fold_metrics, extra_controls)
+        _write_files(workdir, genes, loo, fold_metrics, controls)
     return results, {"per_gene": [(f["held_out"], f["per_gene_r"]) for f in fold_metrics], "genes": genes}

@@ -21,12 +21,14 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer)
     feats = features.for_config(config, workdir, store, ae["variables"])
     expression = np.asarray(store.expression, np.float32)
-    state, _, curve = folds.train_one_head(config, workdir, feats, expression, ae["variables"], inputs.writer,
-                                           "train_all")
+    heads = folds.train_one_fold_on_all(config, workdir, store.obs, feats, expression, ae["variables"], inputs.writer,
+                                        "train_all")
+    curve = heads["curve"]
     encoder_source = ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae")
     info = {}
     if jax.process_index() == 0:
-        info = model_export.export(os.path.join(workdir, "model"), config, state, store.genes, store, encoder_source)
+        info = model_export.export(os.path.join(workdir, "model"), config, heads["states"], store.genes, store,
+                                   encoder_source, mean=heads["mean"], sd=heads["sd"], views=feats.shape[0])
         if curve:
             atomic.write_csv(os.path.join(workdir, "curves", "train.csv"), curve)
             ep = [r["epoch"] for r in curve]
@@ -37,6 +39,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                "dataset": {**inputs.dataset, "store": store.path, "synthetic": store.synthetic},
                "train": {"store": store.path, "patients": store.patients, "n_spots": store.n_spots,
                          "n_genes": len(store.genes), "epochs": config.train.epochs,
+                         "best_epoch": heads["best_epoch"], "inner_validation": heads["inner_validation"],
                          "final_train_huber": curve[-1]["train_huber"] if curve else None},
                "model_export": info,
                "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"}}
