@@ -8,6 +8,7 @@ memory of the whole process tree (sampled from /proc every 50 ms, so worker proc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,9 +75,14 @@ def main(argv):
     print(f"HER2ST at {FLAGS.input}: {n_sections} sections; {os.cpu_count()} CPUs; stain={FLAGS.stain}")
     with tempfile.TemporaryDirectory() as tmp:
         for w in FLAGS.workers:
-            wall, peak_mb = run(int(w), os.path.join(tmp, f"store_w{w}"))
+            store = os.path.join(tmp, f"store_w{w}")
+            wall, peak_mb = run(int(w), store)
             print(f"workers={w}: {wall:.1f} s, {n_sections / wall * 60:.1f} sections/min, peak RSS {peak_mb:.0f} MB "
                   "(process tree)")
+            with open(os.path.join(store, "report", "report.json")) as f:
+                rep = json.load(f)
+            per_section = ", ".join(f"{e['section']} {e['spots_written']}" for e in rep["sections"])
+            print(f"  {rep['n_spots']} spots written ({per_section}); dropped {rep['dropped']}")
 
 
 if __name__ == "__main__":

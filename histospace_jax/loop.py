@@ -33,7 +33,7 @@ class LoopSpec:
     checkpoint_every: int
     loss_name: str = "loss"     # how the progress line names the running mean loss
     data_source: str = ""       # where a batch's rows come from (error messages)
-    labels: list[str] | None = None  # names of the entries of a vector loss (e.g. folds' held-out patients)
+    labels: list[str] | None = None  # names of the entries of a vector loss (e.g. heads: held-out patient#seed)
     fix_hint: str = ""          # the setting to change when the loss diverges
 
 
@@ -86,7 +86,7 @@ class NonFiniteLossGuard(Hook):
             s = loop.spec
             which = ""
             if s.labels is not None and arr.size > 1:
-                which = f" for fold(s) holding out {[s.labels[i] for i in np.flatnonzero(bad)]}"
+                which = f" for heads {[s.labels[i] for i in np.flatnonzero(bad)]} (held-out patient#seed)"
             last = loop.checkpointer.latest_step()
             where = (f"last good checkpoint: {loop.checkpointer.directory} step {last} (kept; the bad state was not "
                      "saved)" if last is not None else "no checkpoint was saved yet")
@@ -118,7 +118,7 @@ def run(state, step_fn: Callable, iterator: Iterator, *, spec: LoopSpec, checkpo
     (replicated_state, {'loss': ...})` on batches from `iterator` (dicts with an 'index' column of store rows).
 
     Resumes from the latest checkpoint in `checkpointer` (refused when written under other `compat` settings),
-    saves every spec.checkpoint_every steps and at epoch ends, and on preemption saves and raises Preempted.
+    saves every spec.checkpoint_every steps and at the last step, and on preemption saves and raises Preempted.
     Returns (trained host state, loss curve)."""
     hooks = list(standard_hooks(writer)) + list(hooks)
     loop = Loop(spec, checkpointer)
@@ -162,7 +162,9 @@ def run(state, step_fn: Callable, iterator: Iterator, *, spec: LoopSpec, checkpo
         pending.append((step, metrics["loss"], np.asarray(batch["index"])))
         log_due = step % spec.log_every == 0 or step == spec.total_steps
         epoch_end = step % spec.steps_per_epoch == 0
-        save_due = step % spec.checkpoint_every == 0 or epoch_end
+        # Not at every epoch end: a checkpoint of many heads is hundreds of MB, and the curve and running sums
+        # travel in every checkpoint's meta, so any step resumes exactly.
+        save_due = step % spec.checkpoint_every == 0 or step == spec.total_steps
         stop = preemption.stop_requested(step, checkpointer)
         if not (log_due or epoch_end or save_due or stop):
             continue

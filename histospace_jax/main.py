@@ -23,8 +23,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax logs every checkpoint operation at INFO; keep the job's own progress readable.
-    for name in ("orbax", "absl"):
+    # Orbax logs every checkpoint operation at INFO, and JAX logs on every CPU run that it found no TPU; keep
+    # the job's own progress readable.
+    for name in ("orbax", "absl", "jax._src.xla_bridge"):
         logging.getLogger(name).setLevel(logging.WARNING)
     config = flags.FLAGS.config
     try:

@@ -44,12 +44,27 @@ def grid_xy(obs: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return obs["array_x"][rows].astype(float), obs["array_y"][rows].astype(float)
 
 
-def plot_spatial_maps(path: str, obs: dict, rows: np.ndarray, genes: list[str], truth: np.ndarray,
-                      pred: np.ndarray, title: str = "", max_sections: int = 4) -> None:
-    """Per named gene (rows of panels) and per section: measured beside predicted expression on the spot grid.
+def tile_mosaic(x: np.ndarray, y: np.ndarray, tiles: np.ndarray, px: int = 12) -> tuple[np.ndarray, list]:
+    """The section's H&E rebuilt from its spot tiles (each shrunk to px x px) at their grid positions, on
+    white; returns (image, imshow extent in grid units)."""
+    x0, y0 = x.min(), y.min()
+    w, h = int(np.ptp(x)) + 1, int(np.ptp(y)) + 1
+    img = np.full((h * px, w * px, 3), 255, np.uint8)
+    for xi, yi, t in zip(x, y, tiles):
+        small = np.asarray(Image.fromarray(np.asarray(t)).resize((px, px), Image.Resampling.BOX))
+        r, c = int(yi - y0) * px, int(xi - x0) * px
+        img[r:r + px, c:c + px] = small
+    return img, [x0 - 0.5, x0 + w - 0.5, y0 + h - 0.5, y0 - 0.5]
 
-    truth/pred: [len(rows), len(genes)]. Each panel has its own colour scale (predictions are shrunk towards
-    the mean; a shared scale would hide their spatial pattern); r over the shown spots is in the title.
+
+def plot_spatial_maps(path: str, obs: dict, rows: np.ndarray, genes: list[str], truth: np.ndarray,
+                      pred: np.ndarray, title: str = "", max_sections: int = 4, tiles=None) -> None:
+    """Per named gene (rows of panels) and per section: measured beside predicted expression on the spot grid,
+    over the section's H&E (rebuilt from the spot tiles when `tiles` [len(rows), T, T, 3] is given).
+
+    truth/pred: [len(rows), len(genes)]. Measured and predicted share one colour scale per gene and section
+    (the 2nd-98th percentile of both together), so a flat prediction looks flat; r over the shown spots is in
+    the title.
     """
     sections = list(dict.fromkeys(obs["section"][rows].tolist()))
     if len(sections) > max_sections:
@@ -58,16 +73,23 @@ def plot_spatial_maps(path: str, obs: dict, rows: np.ndarray, genes: list[str], 
     ncol = 2 * len(sections)
     fig, axes = plt.subplots(len(genes), ncol, figsize=(2.6 * ncol, 2.5 * len(genes) + 0.4), dpi=100,
                              squeeze=False)
-    for gi, g in enumerate(genes):
-        for si, s in enumerate(sections):
-            sel = obs["section"][rows] == s
-            x, y = grid_xy(obs, rows[sel])
+    for si, s in enumerate(sections):
+        sel = obs["section"][rows] == s
+        x, y = grid_xy(obs, rows[sel])
+        mosaic = tile_mosaic(x, y, tiles[sel]) if tiles is not None else None
+        for gi, g in enumerate(genes):
             r_sec = metrics.pearson_per_gene(truth[sel, gi:gi + 1], pred[sel, gi:gi + 1])[0]
+            both = np.concatenate([truth[sel, gi], pred[sel, gi]])
+            vmin, vmax = np.percentile(both, [2, 98]) if len(both) else (0.0, 1.0)
             for k, (name, vals) in enumerate((("measured", truth[sel, gi]), ("predicted", pred[sel, gi]))):
                 ax = axes[gi, 2 * si + k]
-                sc = ax.scatter(x, y, c=vals, s=_marker_size(x, y), marker="s", cmap="viridis")
+                if mosaic is not None:
+                    ax.imshow(mosaic[0], extent=mosaic[1])
+                sc = ax.scatter(x, y, c=vals, s=_marker_size(x, y), marker="s", cmap="viridis", vmin=vmin,
+                                vmax=vmax, alpha=0.75 if mosaic is not None else 1.0, linewidths=0)
                 ax.set_aspect("equal")
-                ax.invert_yaxis()
+                if mosaic is None:
+                    ax.invert_yaxis()
                 ax.set_xticks([])
                 ax.set_yticks([])
                 label = f"{g} {name}\n{s}" + (f" (r={r_sec:.2f})" if k == 1 and np.isfinite(r_sec) else "")

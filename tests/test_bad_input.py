@@ -156,7 +156,7 @@ class _FakeCkpt:
 
 def test_nonfinite_loss_guard_names_step_rows_fold_and_checkpoint():
     lp = loop.Loop(loop.LoopSpec(name="loo main", total_steps=9, steps_per_epoch=3, items_per_step=2, log_every=1,
-                                 checkpoint_every=3, data_source="/s", labels=["P1", "P2"],
+                                 checkpoint_every=3, data_source="/s", labels=["P1#0", "P2#0"],
                                  fix_hint="train.learning_rate=1"), _FakeCkpt())
     guard = loop.NonFiniteLossGuard()
     guard.on_losses(lp, [(4, np.array([0.1, 0.2]), np.array([1, 2]))])  # finite: nothing happens
@@ -164,7 +164,7 @@ def test_nonfinite_loss_guard_names_step_rows_fold_and_checkpoint():
         guard.on_losses(lp, [(4, np.array([0.1, 0.2]), np.array([1, 2])), (5, np.array([0.1, np.inf]),
                                                                             np.array([7, 3]))])
     msg = str(e.value)
-    assert "at step 5" in msg and "rows [7, 3] of /s" in msg and "holding out ['P2']" in msg
+    assert "at step 5" in msg and "rows [7, 3] of /s" in msg and "heads ['P2#0']" in msg
     assert "/wd/checkpoints/ae step 4" in msg and "train.learning_rate=1" in msg
     assert errors.exit_code(e.value) == 70
 

@@ -1,6 +1,7 @@
-"""Fold isolation of the fold-parallel LOO, pathology clustering, store overlap checks (the modes end to end:
-test_modes.py)."""
+"""Fold isolation of the fold-parallel heads, ensembles and standardised targets, inner-validation splits,
+pathology clustering, store overlap checks (the modes end to end: test_modes.py)."""
 
+import json
 import os
 
 import numpy as np
@@ -34,27 +35,40 @@ def _data(n_per=(16, 16, 16), g=5, seed=0):
     return feats, expr, patient
 
 
-def _run(tmp_path, name, feats, expr, patient, fold_ids=(0, 1, 2)):
+def _run(tmp_path, name, feats, expr, patient, fold_ids=(0, 1, 2), select="on"):
+    """Trains every fold of `fold_ids` (held-out patient = fold id) with inner validation on a fixed third of
+    each fold's training rows; returns (config, train_heads result, plan)."""
     config = tiny_config()
+    config.train.select_epoch = select
+    config.train.standardise_targets = "on"
+    config.train.ensemble = 2
     plan = folds.FoldPlan(patients=[f"P{i}" for i in range(patient.max() + 1)], spot_patient=patient,
                           folds=list(fold_ids))
     enc = builders.random_encoder_variables(config, 0)
+    tr, va = [], []
+    for f in range(len(fold_ids)):
+        rows = plan.training_rows(f)
+        tr.append(rows[rows % 3 != 0])
+        va.append(rows[rows % 3 == 0] if select == "on" else rows[:0])
+    data = folds.HeadData(names=[plan.name(f) for f in range(len(fold_ids))], train_rows=tr, val_rows=va,
+                          encoder_of_fold=[0] * len(fold_ids), features=feats[None, None], expression=expr,
+                          encoder_variables=[enc])
     writer = metric_log.MetricWriter(str(tmp_path / name / "metrics.jsonl"))
-    res = folds.train_heads(config, str(tmp_path / name), columns={"features": feats, "expression": expr},
-                            expression=expr, plan=plan, encoder_variables=enc, fold_group=list(range(len(fold_ids))),
-                            tag="loo_t", writer=writer)
-    return config, res
+    res = folds.train_heads(config, str(tmp_path / name), data, tag="loo_t", writer=writer)
+    return config, res, plan
 
 
 @pytest.mark.parametrize("poison", ["huge", "nan"])
 def test_held_out_patient_never_reaches_training(tmp_path, poison):
-    """Fold 0 holds out P0. Replacing P0's features and expression by anything leaves fold 0's trained model
-    bit-identical (its predictions on the training patients, its loss curve), while the other folds change."""
+    """Fold 0 holds out P0. Replacing P0's features and expression by anything leaves fold 0's trained heads
+    bit-identical (their predictions on the training patients, loss and inner-validation curves, chosen
+    epochs), while the other folds change: no batch, no standardisation and no model selection of fold 0
+    reads P0."""
     feats, expr, patient = _data()
     # With NaN, only fold 0 can train: P0's rows are training rows of the other folds, and the NaN guard
     # rightly stops a job whose training loss is NaN.
     fold_ids = (0,) if poison == "nan" else (0, 1, 2)
-    _, base = _run(tmp_path, "base", feats, expr, patient, fold_ids=fold_ids)
+    _, base, plan = _run(tmp_path, "base", feats, expr, patient, fold_ids=fold_ids)
     f2, e2 = feats.copy(), expr.copy()
     held = patient == 0
     if poison == "nan":
@@ -63,40 +77,52 @@ def test_held_out_patient_never_reaches_training(tmp_path, poison):
     else:
         f2[held] = 1e4 * np.random.default_rng(1).normal(size=f2[held].shape)
         e2[held] = -1e4
-    _, pert = _run(tmp_path, "pert", f2, e2, patient, fold_ids=fold_ids)
-    train_rows = ~held
-    assert np.array_equal(base["preds"][0][train_rows], pert["preds"][0][train_rows])
-    c0 = [r["train_huber"] for r in base["curve"] if r["fold"] == "P0"]
-    c1 = [r["train_huber"] for r in pert["curve"] if r["fold"] == "P0"]
-    assert c0 == c1
+    _, pert, _ = _run(tmp_path, "pert", f2, e2, patient, fold_ids=fold_ids)
+    train_rows = plan.training_rows(0)
+    assert np.array_equal(base["predict"]([train_rows] + [train_rows[:0]] * (len(fold_ids) - 1))[0],
+                          pert["predict"]([train_rows] + [train_rows[:0]] * (len(fold_ids) - 1))[0])
+    curve = lambda res: [(r["train_huber"], r["val_mse"]) for r in res["curve"] if r["fold"] == "P0"]  # noqa: E731
+    assert curve(base) == curve(pert) and len(curve(base)) == 3
+    assert base["best_epoch"]["P0"] == pert["best_epoch"]["P0"]
     if poison == "huge":  # sanity: the perturbation does reach the folds that train on P0
-        assert not np.array_equal(base["preds"][1][train_rows], pert["preds"][1][train_rows])
+        rows1 = plan.training_rows(1)
+        assert not np.array_equal(base["predict"]([rows1] * 3)[1], pert["predict"]([rows1] * 3)[1])
 
 
-def test_no_model_selection_fixed_epochs(tmp_path, monkeypatch):
-    """Instrumented: the only reads of held-out rows during train_heads are the final (and the untrained)
-    full-store predictions; training runs exactly epochs * steps_per_epoch steps whatever the held-out data."""
+def test_ensemble_members_and_standardised_targets(tmp_path):
+    """Each fold's prediction is the mean of its members mapped back from standardised units: before
+    training (zero-initialised output) it is exactly the fold's training mean on every row."""
     feats, expr, patient = _data()
-    reads = {"ordered": 0}
-    real_ordered = folds.pipeline.ordered_batches
+    config, res, plan = _run(tmp_path, "a", feats, expr, patient, fold_ids=(0, 1), select="off")
+    held = [plan.held_out_rows(f) for f in range(2)]
+    untrained, trained = res["untrained"](held), res["predict"](held)
+    for f in range(2):
+        rows = held[f]
+        tr = plan.training_rows(f)
+        expected = expr[tr[tr % 3 != 0]].mean(0)
+        np.testing.assert_allclose(untrained[f], np.broadcast_to(expected, (len(rows), 5)), rtol=1e-5, atol=1e-6)
+        pred = trained[f]
+        assert pred.shape == (len(rows), 5) and np.isfinite(pred).all()
+        assert np.std(pred, 0).min() > 0  # trained heads are not constant
+    assert [len(v) for v in res["best_epoch"].values()] == [2, 2]  # two members per fold
+    lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
+    assert {(x["fold"], x["epoch"]) for x in lines} == {(p, e) for p in ("P0", "P1") for e in (1, 2, 3)}
 
-    def counting_ordered(source, *a, **k):
-        reads["ordered"] += 1
-        return real_ordered(source, *a, **k)
 
-    monkeypatch.setattr(folds.pipeline, "ordered_batches", counting_ordered)
-    config, res = _run(tmp_path, "a", feats, expr, patient, fold_ids=(0,))
-    steps_per_epoch = len(expr) // config.train.batch_size
-    curve = [r for r in res["curve"] if r["fold"] == "P0"]
-    assert [r["epoch"] for r in curve] == list(range(1, config.train.epochs + 1))
-    assert reads["ordered"] == 2  # untrained predictions + final predictions; no validation passes
-    e2 = expr.copy()
-    e2[patient == 0] *= -100  # a held-out set that any selection rule would react to
-    _, res2 = _run(tmp_path, "b", feats, e2, patient, fold_ids=(0,))
-    assert [r["epoch"] for r in res2["curve"]] == [r["epoch"] for r in curve]
-    assert np.array_equal(res["preds"][0], res2["preds"][0])
-    metrics_lines = open(tmp_path / "a" / "metrics.jsonl").read().splitlines()
-    assert len(metrics_lines) == config.train.epochs and steps_per_epoch > 0
+def test_inner_split_uses_sections_or_blocks_of_training_patients():
+    obs = {"patient": np.array(["A"] * 6 + ["B"] * 32), "section": np.array(["A1"] * 3 + ["A2"] * 3 + ["B1"] * 32),
+           "array_x": np.r_[np.arange(6), np.arange(32) % 8], "array_y": np.r_[np.zeros(6), np.arange(32) // 8]}
+    rows = np.arange(38)
+    tr, va, how = folds.inner_split(obs, rows, 0.2, seed=0)
+    assert sorted(np.r_[tr, va].tolist()) == rows.tolist() and len(va) >= 0.2 * 38
+    # A section of A is a unit, never A's only remaining section; B (one section) is split by 4x4 blocks.
+    for unit_rows in (va[va < 6], va[va >= 6]):
+        if len(unit_rows) and unit_rows[0] < 6:
+            assert set(obs["section"][unit_rows]) == {"A2"}
+    blocks = folds.grid_blocks(obs, np.arange(6, 38))
+    val_blocks = set(blocks[va[va >= 6] - 6].tolist())
+    assert all(set(np.flatnonzero(blocks == b) + 6) <= set(va.tolist()) for b in val_blocks)  # whole blocks
+    assert "sections" in how or "blocks" in how
 
 
 def test_pathology_clustering_on_known_predictions(tmp_path):

@@ -100,7 +100,7 @@ def test_external_mode_on_two_stores(stores, tmp_path):
     assert e["n_shared_genes"] == 3  # G1, G2, G4 in A's order
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
-    assert set(e["controls"]) == {"mean_predictor", "untrained_head", "random_encoder"}
+    assert set(e["controls"]) == {"mean_predictor", "random_encoder"}
     assert e["warnings"] and list(e["map_genes"]) == ["G2"]
     assert (w / "figures" / "external_spatial_maps.png").exists()
     assert json.load(open(w / "model" / "model.json"))["genes"] == ["G1", "G2", "G4"]
@@ -113,10 +113,13 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     r = run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY)
     res = json.load(open(w / "results.json"))
     assert [f["held_out"] for f in res["folds"]] == ["E", "F"]
-    assert set(res["folds"][0]["controls"]) == {"mean_predictor", "untrained_head", "random_encoder"}
+    assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "trivial_image", "linear_probe"}
+    # No ae.store: one autoencoder per fold, on that fold's training patients only.
+    assert set(res["autoencoder"]) == {"E", "F"}
+    assert "training patients of the fold holding out E" in res["autoencoder"]["E"]["tiles_seen"]
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
-    assert {x["loop"] for x in lines} == {"ae", "loo main", "loo random_encoder"}
+    assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder"}
 
 
 def test_pretrain_ae_and_ae_study_modes(stores, tmp_path):

@@ -207,7 +207,7 @@ def _assert_same(a_dir, b_dir):
         assert fa["held_out"] == fb["held_out"]
         for key in ("per_gene_pearson", "per_spot_pearson", "mse"):
             assert abs(fb[key] - fa[key]) <= 1e-2 * max(1.0, abs(fa[key])), (fa["held_out"], key)
-    ca, cb = ra["autoencoder"], rb["autoencoder"]
+    ca, cb = ra["autoencoder"]["shared"], rb["autoencoder"]["shared"]
     np.testing.assert_allclose(cb["final_train_mse"], ca["final_train_mse"], rtol=2e-3)
     np.testing.assert_allclose(cb["final_val_mse"], ca["final_val_mse"], rtol=2e-3)
 
@@ -252,79 +252,72 @@ def test_two_processes_match_one_with_resume(reference):
     _assert_same(ref, work)
 
 
-def _assert_close_trained(a, b, frac=0.03, min_corr=0.999):
-    """Trained predictions agree to `frac` of their spread and correlate > `min_corr`.
-
-    Why not float tolerance: each conv before a BatchNorm has a bias whose exact gradient is zero, so its
-    computed gradient is rounding noise, which Adam normalises into +-learning-rate steps. Any change in
-    rounding (other fusion, batching of folds, device split) therefore moves those weights by up to
-    2 x lr per step, and predictions drift by a few percent of their spread over a few dozen steps. The
-    step-level checks (probe.npz, test_fold_step_matches_single_fold) compare at float tolerance."""
-    scale = float(np.std(a)) + 1e-6
-    assert np.max(np.abs(a - b)) <= frac * scale, (np.max(np.abs(a - b)), scale)
-    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > min_corr
-
-
 def _in_process_loo(demo_root, workdir, **overrides):
-    """Runs only the LOO stage (fixed random encoder) in this process; returns predictions per fold."""
-    from histospace_jax import builders, metric_log
+    """Runs only the heads of every fold (fixed random encoder) in this process; returns the result, the
+    encoder and the store."""
+    from histospace_jax import builders, config as config_lib, folds, metric_log
     from histospace_jax.data import open_store
     from histospace_jax.modes import loo
 
     config = tiny_config(demo_root, **overrides)
+    config_lib.resolve_auto(config, log=lambda m: None)
     store = open_store(config.data.store)
     enc = builders.random_encoder_variables(config, seed=3)
+    plan = folds.plan_leave_one_patient_out(store)
     writer = metric_log.MetricWriter(os.path.join(workdir, "metrics.jsonl"))
-    out = loo.train_all_folds(config, workdir, store, enc, writer)
+    out = loo.train_all_folds(config, workdir, store, plan, [enc], [0] * len(plan.folds), writer)
     return out, enc, store
 
 
-def test_feature_cache_matches_uncached(tmp_path):
-    demo_root = str(tmp_path / "demo")
-    cached, enc, store = _in_process_loo(demo_root, str(tmp_path / "a"), **{"loo.feature_cache": True})
-    uncached, _, _ = _in_process_loo(demo_root, str(tmp_path / "b"), **{"loo.feature_cache": False})
-    assert os.listdir(os.path.join(tmp_path, "a", "cache"))
-    assert not os.path.exists(os.path.join(tmp_path, "b", "cache"))
-    for f in cached["preds"]:
-        # Same features => the same untrained predictions to float rounding. After training, Adam's
-        # normalised first steps can amplify rounding differences (cached vs recomputed encoder) in
-        # near-zero gradients, so trained predictions are compared at a tolerance scaled to their spread.
-        np.testing.assert_allclose(cached["untrained"][f], uncached["untrained"][f], rtol=1e-4, atol=1e-5)
-        _assert_close_trained(cached["preds"][f], uncached["preds"][f], frac=0.5, min_corr=0.95)
-    _assert_same_curves(cached, uncached)
-    # A cache hit returns the stored features; another encoder gives another key.
-    from histospace_jax import features
+def test_feature_cache_holds_the_encoder_output_of_every_dihedral_view(tmp_path):
+    import jax
 
-    a, pa = features.cached_features(str(tmp_path / "a" / "cache"), store, enc, variant="relu_bn")
+    from histospace_jax import builders, features, steps
+
+    demo_root = str(tmp_path / "demo")
+    config = tiny_config(demo_root)
+    from histospace_jax.data import open_store
+
+    store = open_store(config.data.store)
+    enc = builders.random_encoder_variables(config, seed=3)
+    a, pa = features.cached_features(str(tmp_path / "cache"), store, enc, variant="relu_bn",
+                                     encoder_features=(4, 8, 8), views=8)
+    assert a.shape == (8, store.n_spots, TILE // 8, TILE // 8, 8)
+    tiles = np.asarray(store.tiles[:5])
+    for v in (0, 3, 5):
+        direct = np.asarray(jax.jit(lambda t: steps.encode_step(builders.encoder(config), enc, t))(
+            features.dihedral(tiles, v)))
+        np.testing.assert_allclose(a[v, :5], direct, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(features.dihedral(tiles, 4)[:, :, ::-1], tiles)  # view 4: the mirror image
+    again, pb = features.cached_features(str(tmp_path / "cache"), store, enc, variant="relu_bn",
+                                         encoder_features=(4, 8, 8), views=8)
+    assert pb == pa and np.array_equal(again, a)  # a cache hit returns the stored features
     other = {"params": dict(enc["params"]), "batch_stats": enc["batch_stats"]}
     other["params"]["block0"] = {**enc["params"]["block0"],
                                  "Conv_0": {"kernel": enc["params"]["block0"]["Conv_0"]["kernel"] + 1.0}}
-    assert features.cache_key(store, other, "relu_bn") != os.path.basename(pa).split("-", 1)[1]
-    assert a.shape == (store.n_spots, TILE // 8, TILE // 8, 8)
+    assert features.cache_key(store, other, "relu_bn", 8) != os.path.basename(pa).split("-", 1)[1]
+    assert features.cache_key(store, enc, "relu_bn", 1) != os.path.basename(pa).split("-", 1)[1]
 
 
 def test_fold_parallel_matches_sequential(tmp_path):
+    """All folds' heads in one program (vmap over members) equal one fold per program, within the README's
+    tolerance for a different execution layout (0.02 + 2% on predictions)."""
     demo_root = str(tmp_path / "demo")
     together, _, _ = _in_process_loo(demo_root, str(tmp_path / "a"), **{"loo.folds_per_program": 0})
     one_by_one, _, _ = _in_process_loo(demo_root, str(tmp_path / "b"), **{"loo.folds_per_program": 1})
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["loo_main_0", "loo_main_1", "loo_main_2"]
     for f in together["preds"]:
-        np.testing.assert_allclose(together["untrained"][f], one_by_one["untrained"][f], rtol=1e-4, atol=1e-5)
-        _assert_close_trained(together["preds"][f], one_by_one["preds"][f], frac=0.8, min_corr=0.95)
-    _assert_same_curves(together, one_by_one)
-
-
-def _assert_same_curves(a_out, b_out):
-    train_huber = lambda o: {(r["fold"], r["epoch"]): r["train_huber"] for r in o["curve"]}  # noqa: E731
-    a, b = train_huber(a_out), train_huber(b_out)
+        np.testing.assert_allclose(together["untrained"][f], one_by_one["untrained"][f], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(together["preds"][f], one_by_one["preds"][f], rtol=2e-2, atol=2e-2)
+    a = {(r["fold"], r["epoch"]): r["train_huber"] for r in together["curve"]}
+    b = {(r["fold"], r["epoch"]): r["train_huber"] for r in one_by_one["curve"]}
     assert a.keys() == b.keys() and len(a) == 3
     np.testing.assert_allclose([a[k] for k in a], [b[k] for k in a], rtol=1e-2)
 
 
-def test_fold_step_matches_single_fold(tmp_path):
-    """One fold-parallel step (3 folds vmapped, each masking its patient) equals each fold's step run alone,
-    and a held-out patient's rows have no influence on its fold: float tolerance on loss and Adam's first
-    moment (0.1 x gradient) and BatchNorm statistics."""
+def test_member_step_matches_each_member_alone(tmp_path):
+    """One step of 3 members (3 folds) in one program equals each member's step run alone: loss, Adam's first
+    moment (0.1 x gradient) and BatchNorm statistics at float tolerance; each member reads only its own rows."""
     import jax
     import jax.numpy as jnp
 
@@ -332,39 +325,41 @@ def test_fold_step_matches_single_fold(tmp_path):
 
     config = tiny_config(str(tmp_path / "demo"))
     enc = builders.random_encoder_variables(config, seed=3)
-    tx = steps.make_regression_optimizer(1e-3, 1e-4)
-    model = builders.histospace(config, 8)
-    states = [steps.create_regression_state(model, jax.random.PRNGKey(k + 1), enc, tx, TILE) for k in range(3)]
+    states = builders.head_states(config, 8, [enc] * 3, [1, 2, 3])
     rng = np.random.default_rng(0)
-    batch = {"features": rng.standard_normal((12, TILE // 8, TILE // 8, 8)).astype(np.float32),
-             "expression": rng.standard_normal((12, 8)).astype(np.float32),
-             "patient_idx": np.arange(12, dtype=np.int32) % 3}
-    step = folds.make_fold_train_step(1.0)
+    n = 24
+    feats = rng.standard_normal((1, 1, n, TILE // 8, TILE // 8, 8)).astype(np.float32)
+    expr = rng.standard_normal((n, 8)).astype(np.float32)
+    mu = rng.standard_normal((3, 8)).astype(np.float32)
+    sd = rng.uniform(0.5, 2, (3, 8)).astype(np.float32)
+    idx = np.stack([np.arange(8) + 8 * k for k in range(3)]).astype(np.int32)  # member k reads rows 8k..8k+7
+    step = folds.make_member_train_step(1.0)
+    rep = lambda x: np.asarray(x)[None]  # noqa: E731
 
-    def run(idx, b):
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[states[i] for i in idx])
-        new, m = step(steps.replicate(stacked), steps.shard_batch(b, 1), np.array(idx, np.int32))
-        new = jax.tree_util.tree_map(lambda x: np.asarray(x)[0], new)
-        return new, np.asarray(m["loss"])[0]
+    def run(members):
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[states[i] for i in members])
+        fold_of = np.array(members, np.int32)
+        new, m = step(steps.replicate(stacked), rep(feats), rep(expr), rep(mu), rep(sd),
+                      rep(np.zeros(len(members), np.int32)), rep(fold_of), idx[members][None],
+                      np.zeros((1, len(members), 8), np.int32))
+        return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], new), np.asarray(m["loss"])[0]
 
     def flat(tree, k):
         return np.concatenate([np.ravel(x[k]) for x in jax.tree_util.tree_leaves(tree)])
 
-    together, loss3 = run([0, 1, 2], batch)
+    together, loss3 = run([0, 1, 2])
     for k in range(3):
-        alone, loss1 = run([k], batch)
+        alone, loss1 = run([k])
         np.testing.assert_allclose(loss3[k], loss1[0], rtol=1e-5)
         mu3, mu1 = flat(together.opt_state, k), flat(alone.opt_state, 0)
         np.testing.assert_allclose(mu3, mu1, rtol=1e-4, atol=1e-5 * np.abs(mu1).max())
         np.testing.assert_allclose(flat(together.batch_stats, k), flat(alone.batch_stats, 0), rtol=1e-5, atol=1e-6)
-    # Changing only patient 0's rows changes nothing in fold 0 and something in fold 1.
-    other = dict(batch, features=np.where((batch["patient_idx"] == 0)[:, None, None, None],
-                                          batch["features"] + 5.0, batch["features"]),
-                 expression=np.where((batch["patient_idx"] == 0)[:, None], 3.0, batch["expression"]))
-    perturbed, loss_p = run([0, 1, 2], other)
-    np.testing.assert_allclose(loss_p[0], loss3[0], rtol=1e-6)
-    np.testing.assert_allclose(flat(perturbed.opt_state, 0), flat(together.opt_state, 0), rtol=1e-5, atol=1e-9)
-    assert abs(loss_p[1] - loss3[1]) > 1e-3
+    # Member 1 trained on its own rows (8..15) with its fold's standardisation: the plain single-state step on
+    # that batch, standardised here, gives the same loss.
+    z = (expr[8:16] - mu[1]) / sd[1]
+    single = steps.pmap_step(steps.regression_train_step, axis_name=builders.AXIS)
+    _, m = single(steps.replicate(states[1]), steps.shard_batch({"features": feats[0, 0, 8:16], "expression": z}, 1))
+    np.testing.assert_allclose(float(loss3[1]), float(np.asarray(m["loss"])[0]), rtol=1e-5)
 
 
 def test_process_slice_sampler_reassembles_global_batches():

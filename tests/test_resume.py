@@ -27,7 +27,7 @@ from tests.conftest import REPO_ROOT
 pytestmark = pytest.mark.subprocess
 
 AE_STEPS = 8     # 16 pretraining tiles // 4 = 4 steps/epoch, 2 epochs
-LOO_STEPS = 12   # 96 spots // 16 = 6 steps/epoch, 2 epochs; folds in two groups: main_0 (P1, P2), main_1 (P3)
+LOO_STEPS = 12   # 48 inner-training spots per fold // 16 = 3 steps/epoch, 4 epochs; groups main_0 (P1, P2), main_1 (P3)
 
 
 def tiny_args(reg: str, pre: str) -> list[str]:
@@ -35,7 +35,7 @@ def tiny_args(reg: str, pre: str) -> list[str]:
             "--config.data.tile_size=32", "--config.model.encoder_features=(4,8,8)",
             "--config.model.head_conv_features=(8,)", "--config.model.head_fc_features=(8,)",
             "--config.ae.batch_size=4", "--config.ae.epochs=2", "--config.train.batch_size=16",
-            "--config.train.epochs=2", "--config.loo.folds_per_program=2", "--config.checkpoint.every_steps=2",
+            "--config.train.epochs=4", "--config.loo.folds_per_program=2", "--config.checkpoint.every_steps=2",
             "--config.log_every_steps=1", "--config.eval_batch_size=32"]
 
 
@@ -234,7 +234,7 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tiny,
     assert latest_step(f"{wd}/checkpoints/ae") == 2
     r = tiny.run(wd, fault="nan@loo main_0:7")
     assert r.returncode == 70, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "at step 7" in r.stderr and "holding out ['P1', 'P2']" in r.stderr
+    assert "at step 7" in r.stderr and "heads ['P1#0', 'P2#0']" in r.stderr
     assert f"{wd}/checkpoints/loo_main_0 step 6" in r.stderr
     assert latest_step(f"{wd}/checkpoints/loo_main_0") == 6
     assert not os.path.exists(f"{wd}/results.json")

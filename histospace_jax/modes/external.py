@@ -119,10 +119,10 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     pred = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"])
     results = {"model": metrics.full_regression_metrics(truth, pred, fdr)}
     controls = {"mean_predictor": metrics.full_regression_metrics(
-                    truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr),
-                "untrained_head": metrics.full_regression_metrics(
-                    truth, folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"]),
-                    fdr)}
+        truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr)}
+    if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
+        controls["untrained_head"] = metrics.full_regression_metrics(
+            truth, folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"]), fdr)
     control_r = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)

@@ -100,10 +100,13 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
                               expression=expression, encoder_variables=encoders)
         res = folds.train_heads(config, workdir, data, tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}",
                                 writer=writer)
-        for k, f in enumerate(group):
-            rows = plan.held_out_rows(f)
-            out["preds"][f] = res["predict"](k, rows)
-            out["untrained"][f] = res["untrained"](k, rows)
+        held = [plan.held_out_rows(f) for f in group]
+        for f, p in zip(group, res["predict"](held)):
+            out["preds"][f] = p
+        # With a zero output layer the untrained heads predict the training mean: not worth a pass.
+        untrained = res["untrained"](held) if config.model.output_init != "zeros" else [None] * len(group)
+        for f, p in zip(group, untrained):
+            out["untrained"][f] = p
         out["curve"].extend(res["curve"])
         out["best_epoch"].update(res["best_epoch"])
     return out
@@ -143,6 +146,16 @@ def _colour_features(store, chunk: int = 256) -> np.ndarray:
                            for a in range(0, n, chunk)])
 
 
+def _shown_tiles(store, rows: np.ndarray, max_sections: int = 4) -> np.ndarray:
+    """Tiles of `rows` for the H&E under the spatial maps (only the sections the figure shows are read)."""
+    sections = store.obs["section"][rows]
+    shown = np.isin(sections, list(dict.fromkeys(sections.tolist()))[:max_sections])
+    tiles = np.full((len(rows),) + tuple(store.tiles.shape[1:]), 255, np.uint8)
+    if shown.any():
+        tiles[shown] = np.asarray(store.tiles[np.sort(rows[shown])])[np.argsort(np.argsort(rows[shown]))]
+    return tiles
+
+
 def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, encoder_variables: dict) -> dict:
     """Pathology clustering of the held-out predictions, spatial maps of named genes, model size."""
     plan = loo["plan"]
@@ -160,7 +173,8 @@ def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, enco
     if jax.process_index() == 0:
         gi = [store.genes.index(g) for g in named]
         plots.plot_spatial_maps(os.path.join(workdir, "figures", "loo_spatial_maps.png"), store.obs, rows, named,
-                                truth[:, gi], pred[:, gi], title="Leave-one-patient-out: held-out predictions")
+                                truth[:, gi], pred[:, gi], title="Leave-one-patient-out: held-out predictions",
+                                tiles=_shown_tiles(store, rows))
         figures["spatial_maps"] = "figures/loo_spatial_maps.png"
     t = config.data.tile_size
     hv = builders.histospace(config, len(store.genes)).init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)))

@@ -1,0 +1,73 @@
+"""Fold results and their summary: a collapsed fold is marked failed and never averaged away; the reviewer's
+controls are fitted on training patients only."""
+
+import numpy as np
+
+from histospace_jax import evaluation, folds, metrics
+
+
+def _plan_and_data(seed=0, n_per=30, g=6):
+    rng = np.random.default_rng(seed)
+    patient = np.repeat(np.arange(3), n_per).astype(np.int32)
+    n = len(patient)
+    plan = folds.FoldPlan(["A", "B", "C"], patient, [0, 1, 2])
+    signal = rng.normal(size=(n, 1))
+    expr = (signal @ rng.normal(size=(1, g)) + 0.5 * rng.normal(size=(n, g))).astype(np.float32) + 2.0
+    obs = {"section": np.array([f"s{p}" for p in patient]), "patient": np.array(["ABC"[p] for p in patient]),
+           "array_x": np.tile(np.arange(6), n // 6), "array_y": np.repeat(np.arange(n // 6), 6),
+           "library_size": rng.uniform(500, 5000, n)}
+    return plan, expr, obs, signal
+
+
+def test_collapsed_fold_is_failed_and_the_summary_is_undefined():
+    plan, expr, obs, _ = _plan_and_data()
+    preds = {f: expr[plan.held_out_rows(f)] + 0.1 for f in range(3)}
+    rows_b = plan.held_out_rows(1)
+    preds[1] = np.broadcast_to(expr[rows_b].mean(0), (len(rows_b), expr.shape[1])).copy()  # collapsed: constant
+    out = evaluation.fold_results(plan, preds, None, expr, obs)
+    assert [f["failed"] for f in out] == [False, True, False]
+    assert "constant across spots for 100% of genes" in out[1]["failure"]
+    s = evaluation.summarise(out)
+    assert s["n_folds_failed"] == 1 and s["failed_folds"] == ["B"]
+    assert np.isnan(s["per_gene_pearson"])  # never the mean over the two surviving folds
+    assert np.isnan(s["mse"])
+    # Without the failure the summary is the plain mean over folds.
+    preds[1] = expr[rows_b] + 0.1
+    s = evaluation.summarise(evaluation.fold_results(plan, preds, None, expr, obs))
+    assert s["n_folds_failed"] == 0 and np.isclose(s["per_gene_pearson"], 1.0)
+
+
+def test_metric_block_matches_independent_computation():
+    plan, expr, obs, _ = _plan_and_data()
+    rng = np.random.default_rng(1)
+    preds = {f: expr[plan.held_out_rows(f)] + rng.normal(size=(30, 6)) for f in range(3)}
+    out = evaluation.fold_results(plan, preds, None, expr, obs)
+    f0 = out[0]
+    rows, tr = plan.held_out_rows(0), plan.training_rows(0)
+    truth, pred = expr[rows].astype(np.float64), preds[0]
+    r = [np.corrcoef(truth[:, g], pred[:, g])[0, 1] for g in range(6)]
+    assert np.isclose(f0["per_gene_pearson"], np.mean(r))
+    ref = expr[tr].mean(0)
+    r2 = 1 - ((truth - pred) ** 2).sum(0) / ((truth - ref) ** 2).sum(0)
+    assert np.isclose(f0["r2_mean"], r2.mean()) and np.isclose(f0["share_genes_r2_positive"], np.mean(r2 > 0))
+    assert set(f0["controls"]) == {"mean_predictor"} and not f0["controls"]["mean_predictor"]["failed"]
+    assert f0["per_section_pearson"].keys() == {"s0"}
+    assert f0["n_genes_significant_spatial"] <= 6
+
+
+def test_reviewer_controls_never_see_the_held_out_patient():
+    plan, expr, obs, signal = _plan_and_data()
+    colour = np.concatenate([signal, np.random.default_rng(2).normal(size=(len(signal), 3))], 1)
+    maps = np.random.default_rng(3).normal(size=(len(signal), 4, 4, 2)).astype(np.float32)
+    maps[..., 0] += signal[:, :, None]
+    preds, alphas = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0])
+    assert set(preds) == {"trivial_image", "linear_probe", "depth_oracle"} and set(alphas["linear_probe"]) == set("ABC")
+    # The colour features carry the signal: the trivial control predicts the held-out patient well.
+    r = metrics.pearson_per_gene(expr[plan.held_out_rows(0)], preds["trivial_image"][0])
+    assert np.nanmean(r) > 0.6
+    # Changing the held-out patient's expression changes nothing the controls predict for it.
+    e2 = expr.copy()
+    e2[plan.held_out_rows(0)] = -50.0
+    preds2, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0])
+    for name in preds:
+        np.testing.assert_array_equal(preds[name][0], preds2[name][0])
