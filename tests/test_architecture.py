@@ -22,7 +22,7 @@ LAYERS = [
     {"errors", "atomic", "layers", "stats", "config"},
     {"models", "losses", "metrics", "console", "metric_log", "distributed"},
     {"steps", "plots", "data", "ingest", "checkpointing", "preemption", "workdir"},
-    {"builders", "features", "datasets", "evaluation", "clustering"},
+    {"builders", "features", "datasets", "evaluation", "clustering", "controls"},
     {"loop"},
     {"autoencoder", "folds", "model_export"},
     {"modes", "report_md"},

@@ -162,8 +162,11 @@ def test_pooled_feature_maps_by_hand():
     assert out[1, (1 * 4 + 2) * 3 + 2] == pytest.approx(cell)
     np.testing.assert_allclose(out[:, 48:51], f.mean(axis=(1, 2)), rtol=1e-6)
     np.testing.assert_allclose(out[:, 51:54], f.std(axis=(1, 2)), rtol=1e-6)
-    with pytest.raises(ValueError):
-        controls.pooled_feature_maps(np.zeros((1, 6, 8, 2)))
+    # A 6 x 8 map has no 4 x 4 grid: the largest grid dividing it, 2 x 2, is used.
+    g = np.arange(6 * 8 * 2, dtype=np.float32).reshape(1, 6, 8, 2)
+    small = controls.pooled_feature_maps(g)
+    assert small.shape == (1, 4 * 2 + 2 * 2)
+    assert small[0, (1 * 2 + 0) * 2 + 1] == pytest.approx(g[0, 3:6, 0:4, 1].mean())
 
 
 def test_pca_of_known_low_rank_matrix_matches_numpy_svd():

@@ -167,3 +167,19 @@ def test_compare_stores_finds_shared_patients_and_tiles(tmp_path):
     assert out["_rows"].tolist() == [True, False, False]
     same = external.compare_stores(a, np.arange(3), a, np.array([2]))
     assert same["identical_tiles"] == 1 and same["_rows"].tolist() == [True]
+
+
+def test_fold_with_too_few_training_spots_is_named(tmp_path):
+    from histospace_jax.errors import BadInputError
+
+    feats, expr, patient = _data(n_per=(16, 4, 4))
+    config = tiny_config()
+    config.train.ensemble = 1
+    plan = folds.FoldPlan(patients=["P0", "P1", "P2"], spot_patient=patient, folds=[0])
+    data = folds.HeadData(names=["P0"], train_rows=[plan.training_rows(0)], val_rows=[np.zeros(0, np.int64)],
+                          encoder_of_fold=[0], features=feats[None, None], expression=expr,
+                          encoder_variables=[builders.random_encoder_variables(config, 0)])
+    with pytest.raises(BadInputError, match=r"fold holding out P0: only 8 training spots .*train.batch_size=9"):
+        config.train.batch_size = 9
+        folds.train_heads(config, str(tmp_path), data, tag="loo_x",
+                          writer=metric_log.MetricWriter(str(tmp_path / "m.jsonl")))

@@ -140,3 +140,13 @@ def test_pretrain_ae_and_ae_study_modes(stores, tmp_path):
     for name in ("figures/ae_study_curves.png", "figures/ae_study_reconstructions.png", "curves/ae_study.csv"):
         assert (w / name).exists(), name
     assert "Autoencoder variants" in r.stdout and "Autoencoder variants" in open(w / "report.md").read()
+
+
+def test_prepare_command_on_real_her2st_sections(shared_data, tmp_path):
+    """The README's prepare command on two real HER2ST sections (one per patient)."""
+    out = tmp_path / "store"
+    run(tmp_path, "histospace_jax.prepare", "--format=her2st", f"--input={shared_data}/her2st/data",
+        f"--output={out}", "--sections=B4,C3")
+    s = store_lib.open_store(str(out))
+    assert s.patients == ["B", "C"] and s.n_spots == 281 + 179
+    assert {"library_size", "n_genes_detected"} <= set(s.obs)

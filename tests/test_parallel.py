@@ -307,7 +307,6 @@ def test_fold_parallel_matches_sequential(tmp_path):
     one_by_one, _, _ = _in_process_loo(demo_root, str(tmp_path / "b"), **{"loo.folds_per_program": 1})
     assert sorted(os.listdir(tmp_path / "b" / "checkpoints")) == ["loo_main_0", "loo_main_1", "loo_main_2"]
     for f in together["preds"]:
-        np.testing.assert_allclose(together["untrained"][f], one_by_one["untrained"][f], rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(together["preds"][f], one_by_one["preds"][f], rtol=2e-2, atol=2e-2)
     a = {(r["fold"], r["epoch"]): r["train_huber"] for r in together["curve"]}
     b = {(r["fold"], r["epoch"]): r["train_huber"] for r in one_by_one["curve"]}

@@ -18,11 +18,12 @@ def _model_dir(path, genes=("G0", "G1", "G2")):
                               conv_features=(8,), fc_features=(16,))
     variables = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)))))
     ck = checkpointing.Checkpointer(os.path.join(path, "checkpoint"), max_to_keep=1)
-    ck.save(0, variables)
+    ck.save(0, jax.tree_util.tree_map(lambda x: x[None], variables))  # an ensemble of one member
     ck.close()
-    info = {"format": "histospace-model", "genes": list(genes),
+    info = {"format": "histospace-model", "version": 2, "genes": list(genes),
             "model": {"variant": "relu_bn", "encoder_features": [4, 4, 8], "head_conv_features": [8],
                       "head_fc_features": [16], "dropout_rate": 0.0},
+            "ensemble": 1, "views": 1, "target_mean": [0.0] * len(genes), "target_sd": [1.0] * len(genes),
             "tile_size": 16, "microns_per_pixel": 1.0, "colour_cast": {"enabled": False},
             "stain_normalisation": {"method": "none"}}
     with open(os.path.join(path, "model.json"), "w") as f:
@@ -79,3 +80,33 @@ def test_predict_grid_mode_skips_background(tmp_path):
                               source_mpp=1.0, batch_size=4, log=lambda m: None)
     assert s["n_positions"] == 16
     assert 0 < s["n_predicted"] < 16
+
+
+def test_predict_averages_members_and_views_and_maps_back(tmp_path):
+    """A model of 2 heads with 8 test-time views and standardised targets: each prediction is
+    mean + sd * (the mean over members and views of the heads' outputs), computed here independently."""
+    from histospace_jax import features
+
+    model = models.HistoSpace(n_genes=3, variant="relu_bn", encoder_features=(4, 4, 8), conv_features=(8,),
+                              fc_features=(16,))
+    members = [jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(k), jnp.zeros((1, 16, 16, 3)))))
+               for k in (1, 2)]
+    (tmp_path / "model").mkdir()
+    ck = checkpointing.Checkpointer(str(tmp_path / "model" / "checkpoint"), max_to_keep=1)
+    ck.save(0, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *members))
+    ck.close()
+    mean, sd = [1.0, 2.0, 3.0], [0.5, 1.0, 2.0]
+    info = {"format": "histospace-model", "version": 2, "genes": ["A", "B", "C"],
+            "model": {"variant": "relu_bn", "encoder_features": [4, 4, 8], "head_conv_features": [8],
+                      "head_fc_features": [16], "dropout_rate": 0.0},
+            "ensemble": 2, "views": 8, "target_mean": mean, "target_sd": sd, "tile_size": 16}
+    with open(tmp_path / "model" / "model.json", "w") as f:
+        json.dump(info, f)
+    from histospace_jax import model_export
+
+    info2, m2, variables = model_export.load(str(tmp_path / "model"))
+    fn = predict.make_predict_fn(m2, variables, info2)
+    tiles = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    z = np.mean([np.asarray(model.apply(v, models.to_unit_range(features.dihedral(tiles, view)), False))
+                 for v in members for view in range(8)], 0)
+    np.testing.assert_allclose(fn(tiles), np.asarray(mean) + np.asarray(sd) * z, rtol=1e-4, atol=1e-5)

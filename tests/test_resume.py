@@ -36,7 +36,7 @@ def tiny_args(reg: str, pre: str) -> list[str]:
             "--config.model.head_conv_features=(8,)", "--config.model.head_fc_features=(8,)",
             "--config.ae.batch_size=4", "--config.ae.epochs=2", "--config.train.batch_size=16",
             "--config.train.epochs=4", "--config.loo.folds_per_program=2", "--config.checkpoint.every_steps=2",
-            "--config.log_every_steps=1", "--config.eval_batch_size=32"]
+            "--config.log_every_steps=1", "--config.eval_batch_size=32", "--config.train.ensemble=2"]
 
 
 class Env:
@@ -234,7 +234,7 @@ def test_nan_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tiny,
     assert latest_step(f"{wd}/checkpoints/ae") == 2
     r = tiny.run(wd, fault="nan@loo main_0:7")
     assert r.returncode == 70, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "at step 7" in r.stderr and "heads ['P1#0', 'P2#0']" in r.stderr
+    assert "at step 7" in r.stderr and "heads ['P1#0', 'P1#1', 'P2#0', 'P2#1']" in r.stderr
     assert f"{wd}/checkpoints/loo_main_0 step 6" in r.stderr
     assert latest_step(f"{wd}/checkpoints/loo_main_0") == 6
     assert not os.path.exists(f"{wd}/results.json")
