@@ -112,6 +112,18 @@ def _as_2d(a, name: str) -> np.ndarray:
     return a
 
 
+def _paired_with_labels(y_true, y_pred, labels, name: str):
+    """Truth and prediction as [N, G] of one shape, and one label per spot; ValueError naming what differs."""
+    y_true = _as_2d(y_true, "y_true")
+    y_pred = _as_2d(y_pred, "y_pred")
+    if y_true.shape != y_pred.shape:
+        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != y_true.shape[0]:
+        raise ValueError(f"{name} has {labels.shape[0]} labels for {y_true.shape[0]} spots")
+    return y_true, y_pred, labels
+
+
 def _standardiser(x: np.ndarray, standardise: bool) -> tuple[np.ndarray, np.ndarray]:
     mean = x.mean(axis=0)
     if not standardise:
@@ -392,13 +404,7 @@ def block_permutation_pvalues(y_true, y_pred, blocks, n_perm: int = 200, seed: i
     norms unchanged, so each permutation costs one gather and one column-wise dot product over [N, G].
     NaN for genes whose truth or prediction is constant.
     """
-    y_true = _as_2d(y_true, "y_true")
-    y_pred = _as_2d(y_pred, "y_pred")
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
-    blocks = np.asarray(blocks).reshape(-1)
-    if blocks.shape[0] != y_true.shape[0]:
-        raise ValueError(f"blocks has {blocks.shape[0]} labels for {y_true.shape[0]} spots")
+    y_true, y_pred, blocks = _paired_with_labels(y_true, y_pred, blocks, "blocks")
     if n_perm < 1:
         raise ValueError(f"n_perm must be >= 1, got {n_perm}")
     zt, ct = _standardised_columns(y_true)
@@ -476,13 +482,7 @@ def bootstrap_mean_gene_r(y_true, y_pred, units, n_boot: int = 200, seed: int = 
     Returns {"mean_r": point estimate on all spots, "low", "high", "level", "n_units", "n_boot"}; low/high are
     NaN with fewer than two units.
     """
-    y_true = _as_2d(y_true, "y_true")
-    y_pred = _as_2d(y_pred, "y_pred")
-    if y_true.shape != y_pred.shape:
-        raise ValueError(f"y_true {y_true.shape} and y_pred {y_pred.shape} differ in shape")
-    units = np.asarray(units).reshape(-1)
-    if units.shape[0] != y_true.shape[0]:
-        raise ValueError(f"units has {units.shape[0]} labels for {y_true.shape[0]} spots")
+    y_true, y_pred, units = _paired_with_labels(y_true, y_pred, units, "units")
     if not 0.0 < level < 1.0:
         raise ValueError(f"level must be in (0, 1), got {level}")
     _, unit_id = np.unique(units, return_inverse=True)

@@ -68,20 +68,17 @@ class Preempted(Exception):
                          "Rerun the same command to resume from it.")
 
 
+# The first matching type decides (ConfigMismatchError is a CheckpointError; WorkdirError an OSError).
+_EXIT_BY_TYPE = ((Preempted, EXIT_PREEMPTED), (NonFiniteError, EXIT_DIVERGED), (CheckpointError, EXIT_INCOMPATIBLE),
+                 (ConfigError, EXIT_USAGE), (BadInputError, EXIT_BAD_INPUT), (WorkdirError, EXIT_WORKDIR))
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def exit_code(e: BaseException) -> int | None:
     """The documented exit code of an expected failure, or None (an unexpected error: traceback, exit 1)."""
-    if isinstance(e, Preempted):
-        return EXIT_PREEMPTED
-    if isinstance(e, NonFiniteError):
-        return EXIT_DIVERGED
-    if isinstance(e, CheckpointError):
-        return EXIT_INCOMPATIBLE
-    if isinstance(e, ConfigError):
-        return EXIT_USAGE
-    if isinstance(e, BadInputError):
-        return EXIT_BAD_INPUT
-    if isinstance(e, WorkdirError):
-        return EXIT_WORKDIR
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    for kind, code in _EXIT_BY_TYPE:
+        if isinstance(e, kind):
+            return code
+    if isinstance(e, OSError) and e.errno in _DISK_ERRNOS:
         return EXIT_WORKDIR
     return None

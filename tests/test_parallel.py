@@ -38,6 +38,7 @@ def tiny_spec():
 def tiny_config(demo_root: str, **overrides):
     from histospace_jax import config as config_lib
     from histospace_jax.data import demo
+    from histospace_jax.modes.ae_study import with_changes
 
     reg, pre = demo.build_demo(demo_root, tiny_spec())
     c = config_lib.get_config()
@@ -50,13 +51,7 @@ def tiny_config(demo_root: str, **overrides):
     c.eval_batch_size = 16
     c.log_every_steps = 1000
     c.checkpoint.every_steps = 5
-    for k, v in overrides.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
-    return c
+    return with_changes(c, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------ worker
