@@ -30,7 +30,7 @@ from histospace_jax.errors import CheckpointError, ConfigMismatchError, NonFinit
 # checkpoint cadence, eval batch size, paths, workers, distribution, reporting) may change between runs.
 AE_KEYS = ("seed", "data.tile_size", "model.variant", "model.encoder_features", "model.upconv_impl",
            "ae.epochs", "ae.batch_size", "ae.learning_rate", "ae.weight_decay", "ae.val_fraction")
-HEAD_KEYS = ("seed", "data.tile_size", "model.", "train.", "loo.feature_cache")
+HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
 _NEVER = ("ae.store", "ae.checkpoint")  # paths
 
 

@@ -73,7 +73,6 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.loo = ml_collections.ConfigDict()
     c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
-    c.loo.feature_cache = True  # encode every tile once; heads train on cached features
     c.loo.folds_per_program = 0  # folds trained together in one compiled program; 0 = all
     # Also train the heads on an untrained encoder: "on" | "off" | "auto" (on for real stores; off on the
     # synthetic demo, where it would double the run time).

@@ -36,10 +36,17 @@ METRIC_NOTES = {
                            "(n - 2 df), Benjamini-Hochberg over the genes with a defined r",
     "per_spot_pearson": "the HistoSPACE paper's metric: r across genes within a spot, mean over spots; "
                         "compare with controls.mean_predictor (training-mean profile for every spot)",
+    "depth_adjusted_per_gene_pearson": "per gene, truth and prediction residualised on the spot's log library "
+                                       "size within the held-out patient, then r: signal beyond sequencing depth",
     "controls": "mean_predictor: training patients' mean profile for every spot (image-blind; per-gene r "
-                "undefined). untrained_head: the head at initialisation. random_encoder: the same head "
-                "trained on features of a randomly initialised, untrained encoder (what pretraining buys)",
-    "summary": "unweighted mean over folds",
+                "undefined). random_encoder: the same heads on a randomly initialised, untrained encoder (what "
+                "pretraining buys). trivial_image: ridge on colour and H/E/D statistics of each tile. linear_probe: "
+                "ridge on the top 256 principal components of the pooled frozen features. depth_oracle: per gene, a "
+                "line in log library size. untrained_head (paper recipe only): the heads at initialisation. All "
+                "fitted on the training patients only",
+    "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
+              "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
+    "summary": "unweighted mean over folds (NaN when any fold failed or has no value)",
 }
 
 
