@@ -18,9 +18,11 @@ def log(msg: str) -> None:
 class Progress:
     """Step, loss, throughput and ETA lines for long loops."""
 
-    def __init__(self, name: str, total_steps: int, items_per_step: int, start_step: int = 0):
+    def __init__(self, name: str, total_steps: int, items_per_step: int, start_step: int = 0, *,
+                 counts: str = "step ", unit: str = "tiles"):
         self.name, self.total, self.items = name, total_steps, items_per_step
         self.start_step, self.t0 = start_step, time.time()
+        self.counts, self.unit = counts, unit
 
     def line(self, step: int, **values) -> str:
         done = max(step - self.start_step, 1)
@@ -28,7 +30,8 @@ class Progress:
         rate = done * self.items / max(elapsed, 1e-9)
         eta = (self.total - step) * elapsed / done
         vals = " ".join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
-        return f"[{self.name}] step {step}/{self.total} {vals} {rate:.1f} tiles/s ETA {format_seconds(eta)}"
+        return (f"[{self.name}] {self.counts}{step}/{self.total} {vals} {rate:.1f} {self.unit}/s "
+                f"ETA {format_seconds(eta)}")
 
 
 def format_seconds(s: float) -> str:

@@ -23,6 +23,13 @@ SUMMARY_KEYS = ("per_gene_pearson", "per_gene_pearson_median", "depth_adjusted_p
                 "n_genes_significant", "per_spot_pearson", "mse", "r2_mean", "share_genes_r2_positive")
 
 
+def log_library_size(obs: dict) -> np.ndarray | None:
+    """Each spot's log library size (floored at 1 UMI), or None for a store that does not keep it."""
+    if "library_size" not in obs:
+        return None
+    return np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0))
+
+
 def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray, log_depth: np.ndarray | None,
                       fdr: float) -> dict:
     """The metric block of one predictor on one held-out set. `reference` is the training mean profile [G]."""
@@ -65,7 +72,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
                  extra_controls: dict | None = None, fdr: float = 0.05, seed: int = 0) -> list[dict]:
     """Per fold of `plan`: the model's metric block and extras, and every control's block (mean-profile
     predictor, untrained head, and each of `extra_controls` {name: {fold: predictions}})."""
-    log_depth = np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0)) if "library_size" in obs else None
+    log_depth = log_library_size(obs)
     out = []
     for f in range(len(plan.folds)):
         rows, train_rows = plan.held_out_rows(f), plan.training_rows(f)
@@ -148,10 +155,10 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
     out on the training rows. Returns ({control: {fold: predictions}}, {control: {fold name: alpha}})."""
     preds = {"trivial_image": {}, "linear_probe": {}}
     alphas = {"trivial_image": {}, "linear_probe": {}}
-    has_depth = "library_size" in obs
+    log_depth = log_library_size(obs)
+    has_depth = log_depth is not None
     if has_depth:
         preds["depth_oracle"] = {}
-        log_depth = np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0))
     for f in range(len(plan.folds)):
         tr, te = plan.training_rows(f), plan.held_out_rows(f)
         y = expression[tr].astype(np.float64)

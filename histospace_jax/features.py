@@ -54,7 +54,7 @@ def compute_features(store, encoder_variables: dict, *, variant: str, encoder_fe
     source = pipeline.ArraySource({"image": store.tiles})
     out = None
     done = 0
-    progress = console.Progress("features", store.n_spots, views)
+    progress = console.Progress("features", store.n_spots, views, counts="", unit="encodings")
     for batch in pipeline.ordered_batches(source, batch_size, pad_to_multiple=n_dev):
         n_real = int(batch["mask"].sum())
         for v in range(views):
@@ -66,7 +66,7 @@ def compute_features(store, encoder_variables: dict, *, variant: str, encoder_fe
             out[v, done:done + n_real] = feats[:n_real]
         done += n_real
         if log is not None and (done == store.n_spots or done % (batch_size * 20) < batch_size):
-            log(progress.line(done).replace(" step ", " ").replace("tiles/s", "encodings/s"))
+            log(progress.line(done))
     return out
 
 

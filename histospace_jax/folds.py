@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import builders, checkpointing, console, loop, steps
+from histospace_jax import builders, checkpointing, console, controls, loop, steps
 from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
 
@@ -59,15 +59,6 @@ def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
     return FoldPlan(patients, pidx, [patients.index(p) for p in wanted])
 
 
-def grid_blocks(obs: dict, rows: np.ndarray, cells: int = BLOCK_CELLS) -> np.ndarray:
-    """Block id of each of `rows`: cells x cells squares of the spot grid, separately per section."""
-    sec = np.unique(obs["section"][rows], return_inverse=True)[1]
-    bx = np.floor_divide(np.asarray(obs["array_x"][rows], np.float64), cells).astype(np.int64)
-    by = np.floor_divide(np.asarray(obs["array_y"][rows], np.float64), cells).astype(np.int64)
-    key = np.stack([sec, bx - bx.min(), by - by.min()], 1)
-    return np.unique(key, axis=0, return_inverse=True)[1].ravel()
-
-
 def inner_split(obs: dict, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(inner-train rows, inner-validation rows, how) of a fold's training rows.
 
@@ -76,7 +67,7 @@ def inner_split(obs: dict, rows: np.ndarray, fraction: float, seed: int) -> tupl
     `fraction` of the rows are in validation. Spatial units, not random spots: neighbouring spots are
     correlated, so random spots would make validation look better than a new patient will."""
     patients, sections = obs["patient"][rows], obs["section"][rows]
-    blocks = grid_blocks(obs, rows)
+    blocks = controls.grid_blocks(obs["array_x"][rows], obs["array_y"][rows], sections, BLOCK_CELLS)
     units: list[np.ndarray] = []
     kinds = set()
     for p in dict.fromkeys(patients.tolist()):
@@ -100,6 +91,14 @@ def inner_split(obs: dict, rows: np.ndarray, fraction: float, seed: int) -> tupl
     keep[val_idx] = False
     how = f"{n_val} of {len(rows)} training spots by " + (" and ".join(sorted(kinds)) or "none")
     return rows[keep], rows[val_idx], how
+
+
+def training_split(config, obs: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, str]:
+    """(rows the heads learn from, inner-validation rows, how) of a fold's training rows: the inner split when
+    train.select_epoch is on, else every training row and no validation."""
+    if config.train.select_epoch == "on":
+        return inner_split(obs, rows, config.train.inner_val_fraction, config.seed)
+    return rows, rows[:0], "none (train.select_epoch=off: final epoch, all training spots)"
 
 
 @dataclasses.dataclass
@@ -311,7 +310,8 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
 
     Returns {'predict': fn(rows per fold) -> expression predictions per fold [len(rows), G] (mean over the
     fold's heads and the views), 'untrained': the same for the heads at initialisation, 'curve', 'best_epoch'
-    per fold, 'states': the final member states (host, stacked), 'program'}."""
+    per fold, 'states': the final member states (host, stacked), 'initial_states': the same at
+    initialisation, 'program'}."""
     c = config.train
     k = int(c.ensemble)
     n_folds = len(data.names)
@@ -378,7 +378,7 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
 
     return {"predict": predictor(chosen_r), "untrained": predictor(init_r), "curve": curve,
             "best_epoch": {data.names[f]: [int(x) for x in best_epoch[program.fold_of == f]] for f in range(n_folds)},
-            "states": jax.tree_util.tree_map(np.asarray, chosen), "program": program}
+            "states": jax.tree_util.tree_map(np.asarray, chosen), "initial_states": stacked, "program": program}
 
 
 def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
@@ -386,20 +386,14 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows). Returns {'states': member states stacked [K], 'mean', 'sd' (target standardisation), 'curve',
     'best_epoch', 'untrained_states'}."""
-    rows = np.arange(len(expression))
-    if config.train.select_epoch == "on":
-        tr, va, how = inner_split(obs, rows, config.train.inner_val_fraction, config.seed)
-    else:
-        tr, va, how = rows, rows[:0], "none"
+    tr, va, how = training_split(config, obs, np.arange(len(expression)))
     data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
                     expression=expression, encoder_variables=[encoder_variables])
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
-    untrained = builders.head_states(config, expression.shape[1], [encoder_variables] * len(program.fold_of),
-                                     [m % int(config.train.ensemble) + 1 for m in range(len(program.fold_of))])
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
             "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how,
-            "untrained_states": jax.tree_util.tree_map(lambda *xs: np.asarray(jnp.stack(xs)), *untrained)}
+            "untrained_states": res["initial_states"]}
 
 
 def ensemble_predict_features(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray,

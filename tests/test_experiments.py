@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from histospace_jax import builders, clustering, config as config_lib, folds, metric_log
+from histospace_jax import builders, clustering, config as config_lib, controls, folds, metric_log
 from histospace_jax.data import store as store_lib
 from histospace_jax.modes import external
 
@@ -119,7 +119,7 @@ def test_inner_split_uses_sections_or_blocks_of_training_patients():
     for unit_rows in (va[va < 6], va[va >= 6]):
         if len(unit_rows) and unit_rows[0] < 6:
             assert set(obs["section"][unit_rows]) == {"A2"}
-    blocks = folds.grid_blocks(obs, np.arange(6, 38))
+    blocks = controls.grid_blocks(obs["array_x"][6:], obs["array_y"][6:], obs["section"][6:], folds.BLOCK_CELLS)
     val_blocks = set(blocks[va[va >= 6] - 6].tolist())
     assert all(set(np.flatnonzero(blocks == b) + 6) <= set(va.tolist()) for b in val_blocks)  # whole blocks
     assert "sections" in how or "blocks" in how

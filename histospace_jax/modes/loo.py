@@ -85,15 +85,10 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     expression = np.asarray(store.expression, np.float32)
     if feats is None:
         feats = np.stack([features.for_config(config, workdir, store, enc) for enc in encoders])
-    select = config.train.select_epoch == "on"
     splits = {}
     train_rows, val_rows = [], []
     for f in range(len(plan.folds)):
-        rows = plan.training_rows(f)
-        if select:
-            tr, va, how = folds.inner_split(store.obs, rows, config.train.inner_val_fraction, config.seed)
-        else:
-            tr, va, how = rows, rows[:0], "none (train.select_epoch=off: final epoch, all training spots)"
+        tr, va, how = folds.training_split(config, store.obs, plan.training_rows(f))
         train_rows.append(tr)
         val_rows.append(va)
         splits[plan.name(f)] = how
