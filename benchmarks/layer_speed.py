@@ -1,7 +1,7 @@
 """Per-layer and whole-AE-step speed: reference Flax layers vs histospace_jax.layers, and PyTorch.
 
 Usage (from the repository root):
-    /work/venv/bin/python benchmarks/layer_speed.py [--batch 32] [--repeats 10] [--torch-python PATH]
+    python benchmarks/layer_speed.py [--batch 32] [--repeats 10] [--torch-python PATH]
 
 Prints, at the given batch size:
 * forward+backward ms per call of each decoder up-convolution (nn.ConvTranspose vs UpConv
@@ -75,8 +75,8 @@ def torch_main(batch: int, repeats: int) -> None:
 
 def run_torch(torch_python: str, batch: int, repeats: int) -> dict | None:
     if not os.path.exists(torch_python):
-        print(f"(torch skipped: {torch_python} not found; create it with "
-              "`python3.11 -m venv /work/torchvenv && /work/torchvenv/bin/pip install torch==2.13.0 numpy`)")
+        print(f"(torch skipped: {torch_python} not found; install the bench extra, `pip install -e \".[bench]\"`, "
+              "or pass --torch-python)")
         return None
     out = subprocess.run(
         [torch_python, os.path.abspath(__file__), "--torch-only", "--batch", str(batch), "--repeats", str(repeats)],
@@ -224,7 +224,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--repeats", type=int, default=10)
-    p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", "/work/torchvenv/bin/python"))
+    p.add_argument("--torch-python", default=os.environ.get("TORCH_PYTHON", sys.executable),
+                   help="a Python with torch (default: this one, with the bench extra installed)")
     p.add_argument("--no-torch", action="store_true", help="skip the PyTorch AE step")
     p.add_argument("--skip-layers", action="store_true", help="only time the full AE step")
     p.add_argument("--quick", action="store_true", help="AE step: only the fast JAX variant and torch")

@@ -9,25 +9,35 @@ import json
 import math
 import os
 import tempfile
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_file(path: str, write: Callable[[str], None]) -> None:
+    """`write(tmp)` writes the file at a temporary path beside `path` (for libraries that write files
+    themselves, e.g. anndata); it is then synced and renamed to `path`, or removed if anything fails."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_file(path, write)
 
 
 def write_text(path: str, text: str) -> None:

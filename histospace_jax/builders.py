@@ -14,7 +14,12 @@ AXIS = "batch"  # the pmap axis every step and BatchNorm reduces over
 
 def _arch(config) -> dict:
     m = config.model
-    return dict(variant=m.variant, encoder_features=tuple(m.encoder_features))
+    return dict(variant=m.variant, encoder_features=tuple(m.encoder_features), dtype=compute_dtype(config))
+
+
+def compute_dtype(config):
+    """model.compute_dtype: float32, or bfloat16 compute with float32 parameters (mixed precision)."""
+    return jnp.dtype(config.model.get("compute_dtype", "float32"))
 
 
 def autoencoder(config) -> models.Autoencoder:
@@ -22,7 +27,7 @@ def autoencoder(config) -> models.Autoencoder:
 
 
 def encoder(config) -> models.Encoder:
-    return models.Encoder(config.model.variant, tuple(config.model.encoder_features))
+    return models.Encoder(config.model.variant, tuple(config.model.encoder_features), dtype=compute_dtype(config))
 
 
 def histospace(config, n_genes: int, axis_name: str | None = AXIS) -> models.HistoSpace:
@@ -43,7 +48,8 @@ def architecture(config) -> dict:
     m = config.model
     return {"variant": m.variant, "encoder_features": list(m.encoder_features),
             "head_conv_features": list(m.head_conv_features), "head_fc_features": list(m.head_fc_features),
-            "dropout_rate": float(m.dropout_rate), "output_init": _output_init(config)}
+            "dropout_rate": float(m.dropout_rate), "output_init": _output_init(config),
+            "compute_dtype": str(compute_dtype(config))}
 
 
 def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
@@ -51,7 +57,8 @@ def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
                              encoder_features=tuple(arch["encoder_features"]),
                              conv_features=tuple(arch["head_conv_features"]),
                              fc_features=tuple(arch["head_fc_features"]), dropout_rate=arch.get("dropout_rate", 0.0),
-                             output_init=arch.get("output_init", "lecun"))
+                             output_init=arch.get("output_init", "lecun"),
+                             dtype=jnp.dtype(arch.get("compute_dtype", "float32")))
 
 
 def autoencoder_state(config) -> steps.TrainState:

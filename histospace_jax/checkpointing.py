@@ -31,7 +31,8 @@ from histospace_jax.errors import CheckpointError, ConfigMismatchError, NonFinit
 AE_KEYS = ("seed", "data.tile_size", "model.variant", "model.encoder_features", "model.upconv_impl",
            "ae.epochs", "ae.batch_size", "ae.learning_rate", "ae.weight_decay", "ae.val_fraction")
 HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
-_NEVER = ("ae.store", "ae.checkpoint")  # paths
+# Paths, and where the features are read from (memory or the on-disk cache: the same batches either way).
+_NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory")
 
 
 class Checkpointer:

@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.log_every_steps = 20
     c.eval_batch_size = 128
+    # XLA's persistent compilation cache: a rerun (or a resumed run) loads its compiled programs instead of
+    # compiling them again. "auto" = $XDG_CACHE_HOME/histospace_jax/xla (~/.cache/...); "" = off.
+    c.compilation_cache_dir = "auto"
 
     c.data = ml_collections.ConfigDict()
     c.data.store = ""  # tile store path; "" = the built-in SYNTHETIC demo
@@ -45,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = 0.0
     c.model.output_init = "auto"  # "zeros" (first prediction = training mean) | "lecun" | "auto" (recipe)
     c.model.upconv_impl = "subpixel"  # "subpixel" (fast, same function) | "transpose" (lax reference)
+    # "bfloat16": convolutions and dense layers compute in bfloat16 (GPU tensor cores, TPU MXU), parameters,
+    # BatchNorm statistics, outputs and losses stay float32. "float32" everywhere is the default (and the
+    # fast choice on CPUs without bfloat16 units).
+    c.model.compute_dtype = "float32"
 
     c.ae = ml_collections.ConfigDict()
     c.ae.checkpoint = ""  # load a pretrained autoencoder (Orbax dir, e.g. WORKDIR/checkpoints/ae) instead
@@ -70,6 +77,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.ensemble = 0  # heads per fold, trained together from different seeds; 0 = auto (recipe, demo: 1)
     c.train.select_epoch = "auto"  # "on": keep each head's best epoch on inner validation | "off" | "auto"
     c.train.inner_val_fraction = 0.2  # share of spatial blocks held out for inner validation (one-section patients)
+    # LOO heads read their features from memory ("on") or stream each batch from the on-disk feature cache
+    # ("off": STNet scale with 8 views is ~31 GB in float32); "auto": in memory when they fit in a quarter of RAM.
+    c.train.features_in_memory = "auto"
 
     c.loo = ml_collections.ConfigDict()
     c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
@@ -160,8 +170,10 @@ CHOICES = {
     "train.standardise_targets": ("on", "off", "auto"),
     "train.augment": ("dihedral", "none", "auto"),
     "train.select_epoch": ("on", "off", "auto"),
+    "train.features_in_memory": ("on", "off", "auto"),
     "model.variant": ("pool", "relu", "relu_bn"),
     "model.upconv_impl": ("subpixel", "transpose"),
+    "model.compute_dtype": ("float32", "bfloat16"),
     "loo.random_encoder_control": ("on", "off", "auto"),
     "distributed.mode": ("auto", "on", "off"),
     "ae_study.variants": ("pool", "relu", "relu_bn"),

@@ -7,6 +7,7 @@ import os
 
 from histospace_jax import console
 from histospace_jax.data import demo
+from histospace_jax.data import store as store_lib
 
 
 @dataclasses.dataclass
@@ -27,12 +28,18 @@ def demo_spec(config) -> demo.DemoSpec:
 def resolve_stores(config) -> tuple[str, str | None, dict]:
     """(regression store, autoencoder pretraining store or None, dataset description)."""
     d = config.data
+    ae_store = _canonical(config.ae.store) or None
     if d.store:
-        return d.store, config.ae.store or None, {"name": os.path.basename(os.path.normpath(d.store)),
-                                                  "synthetic": None}
+        return _canonical(d.store), ae_store, {"name": store_lib.location_name(d.store), "synthetic": None}
     spec = demo_spec(config)
     root = d.demo_root or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                        "histospace_jax", "demo")
     console.log(f"Using the built-in SYNTHETIC demo data ({spec.key()}) under {root}")
     reg, pre = demo.build_demo(root, spec)
-    return reg, (config.ae.store or pre), {"name": "demo (synthetic)", "synthetic": True}
+    return reg, (ae_store or pre), {"name": "demo (synthetic)", "synthetic": True}
+
+
+def _canonical(location: str) -> str:
+    """A store URL in its one spelling (no trailing slash), so names and messages derived from it agree; a path
+    is kept as the user wrote it."""
+    return store_lib.normalise_location(location) if location and store_lib.is_url(location) else location

@@ -2,7 +2,8 @@
 
 The regression head only ever sees the frozen encoder's output, so recomputing the encoder for every tile in
 every epoch of every fold (as the original protocol does) is wasted work. The cache is keyed by the store's
-manifest and the encoder's weights: a different store or autoencoder gives a different key.
+manifest and the encoder's weights: a different store or autoencoder gives a different key. Under mixed precision
+(model.compute_dtype=bfloat16) the features are computed and kept in bfloat16, half the memory of float32.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import uuid
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
@@ -29,10 +31,12 @@ def dihedral(tiles: np.ndarray, view: int) -> np.ndarray:
     return np.ascontiguousarray(out[:, :, ::-1] if view >= 4 else out)
 
 
-def cache_key(store, encoder_variables: dict, variant: str, views: int = 1) -> str:
+def cache_key(store, encoder_variables: dict, variant: str, views: int = 1, dtype: str = "float32") -> str:
     h = hashlib.sha256()
     if views != 1:
         h.update(f"views={views}".encode())
+    if dtype != "float32":
+        h.update(f"dtype={dtype}".encode())
     h.update(json.dumps(store.manifest, sort_keys=True).encode())
     h.update(str(store.n_spots).encode())
     h.update(variant.encode())
@@ -43,17 +47,37 @@ def cache_key(store, encoder_variables: dict, variant: str, views: int = 1) -> s
     return h.hexdigest()[:20]
 
 
-def compute_features(store, encoder_variables: dict, *, variant: str, encoder_features=(32, 64, 128),
-                     batch_size: int = 128, views: int = 1, log=None) -> np.ndarray:
-    """Encoder features of every spot, float32 [V, N, h, w, C] in store order: V = 1 (the tiles) or 8 (their
-    dihedral views)."""
+def _cache_metadata(shape, dtype: str) -> dict:
+    """zarr v3 layout of a cache: one row of one view per inner chunk (a random row is one small read when the
+    heads stream their batches from disk), SHARD_ROWS rows per file (few files, sequential bulk reads)."""
+    inner = [1, 1] + list(shape[2:])
+    return {"shape": list(shape), "data_type": dtype,
+            "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, SHARD_ROWS] + list(shape[2:])}},
+            "codecs": [{"name": "sharding_indexed",
+                        "configuration": {"chunk_shape": inner, "codecs": [{"name": "bytes",
+                                                                             "configuration": {"endian": "little"}}],
+                                          "index_codecs": [{"name": "bytes", "configuration": {"endian": "little"}},
+                                                           {"name": "crc32c"}]}}]}
+
+
+SHARD_ROWS = 256
+
+
+def write_features(path: str, store, encoder_variables: dict, *, variant: str, encoder_features=(32, 64, 128),
+                   batch_size: int = 128, views: int = 1, dtype: str = "float32", log=None) -> None:
+    """Writes the encoder features of every spot, [V, N, h, w, C] in store order (float32, or bfloat16 computed
+    in bfloat16; V = 1 (the tiles) or 8 (their dihedral views)), to a new zarr array at `path`, one batch at a
+    time: memory holds one batch, whatever the store's size."""
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
-    encode = jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features))))
+    np_dtype = jnp.dtype(dtype)
+    encode = jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features),
+                                                                          dtype=np_dtype)))
     variables = steps.replicate(encoder_variables)
     source = pipeline.ArraySource({"image": store.tiles})
     out = None
     done = 0
+    pending = []
     progress = console.Progress("features", store.n_spots, views, counts="", unit="encodings")
     for batch in pipeline.ordered_batches(source, batch_size, pad_to_multiple=n_dev):
         n_real = int(batch["mask"].sum())
@@ -62,58 +86,135 @@ def compute_features(store, encoder_variables: dict, *, variant: str, encoder_fe
             feats = encode(variables, tiles.reshape((n_dev, -1) + tiles.shape[1:]))
             feats = np.asarray(feats).reshape((-1,) + feats.shape[2:])
             if out is None:
-                out = np.empty((views, store.n_spots) + feats.shape[1:], np.float32)
-            out[v, done:done + n_real] = feats[:n_real]
+                shape = (views, store.n_spots) + feats.shape[1:]
+                out = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path},
+                               "metadata": _cache_metadata(shape, str(np_dtype))}, create=True).result()
+            pending.append(out[v, done:done + n_real].write(feats[:n_real]))
         done += n_real
+        if len(pending) > 4 * views:  # bounded write-behind: encoding and writing overlap
+            for w in pending[:-views]:
+                w.result()
+            pending = pending[-views:]
         if log is not None and (done == store.n_spots or done % (batch_size * 20) < batch_size):
             log(progress.line(done))
-    return out
+    for w in pending:
+        w.result()
+
+
+class FeatureStream:
+    """A feature cache [V, N, h, w, C] left on disk: rows are read when asked for (heads whose features do not fit
+    in memory stream their batches from it)."""
+
+    def __init__(self, array: ts.TensorStore, path: str):
+        self._array, self.path = array, path
+        self.shape = tuple(int(d) for d in array.shape)
+        self.dtype = np.dtype(array.dtype.numpy_dtype)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def rows(self, views: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Features of (view, row) pairs, [len(rows), h, w, C]."""
+        views, rows = np.asarray(views, np.int64), np.asarray(rows, np.int64)
+        if not len(rows):
+            return np.zeros((0,) + self.shape[2:], self.dtype)
+        return self._array.vindex[views, rows].read().result()
+
+    def view(self, v: int) -> "FeatureView":
+        return FeatureView(self, v)
+
+
+class FeatureView:
+    """One dihedral view of a FeatureStream, indexable by rows like an [N, h, w, C] array."""
+
+    def __init__(self, stream: FeatureStream, v: int):
+        self.stream, self.v = stream, v
+        self.shape = stream.shape[1:]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(self.shape[0])[rows]
+        return self.stream.rows(np.full(len(rows), self.v), rows)
+
+
+def resident_bytes_budget() -> int:
+    """Bytes of features kept in memory before LOO streams them from disk instead: a quarter of the machine's
+    memory (on a CPU backend the device copy is host memory too, and the run needs room beside them)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (OSError, ValueError):
+        return 4 << 30
 
 
 def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: str,
-                    encoder_features=(32, 64, 128), batch_size: int = 128, views: int = 1,
-                    log=None) -> tuple[np.ndarray, str]:
-    """Features [V, N, h, w, C] from the on-disk cache, computing and storing them on a miss. Returns
-    (features, path)."""
-    key = cache_key(store, encoder_variables, variant, views)
+                    encoder_features=(32, 64, 128), batch_size: int = 128, views: int = 1, dtype: str = "float32",
+                    resident: bool = True, log=None) -> tuple["np.ndarray | FeatureStream", str]:
+    """Features [V, N, h, w, C] from the on-disk cache, computing and storing them on a miss. Returns (features in
+    memory, or a FeatureStream on the cache when not `resident`; path)."""
+    key = cache_key(store, encoder_variables, variant, views, dtype)
     path = os.path.join(os.path.abspath(cache_dir), f"features-{key}")
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+    arr = None
     if os.path.exists(os.path.join(path, "zarr.json")):
         try:
             arr = ts.open(spec, read=True).result()
-            if tuple(arr.shape[:2]) == (views, store.n_spots):
-                if log:
-                    log(f"[features] cache hit {path}")
-                return arr.read().result(), path
+            if tuple(arr.shape[:2]) != (views, store.n_spots):
+                arr = None
+            elif log:
+                log(f"[features] cache hit {path}")
         except Exception:  # unreadable cache entry: recompute and replace it
-            pass
-    feats = compute_features(store, encoder_variables, variant=variant, encoder_features=encoder_features,
-                             batch_size=batch_size, views=views, log=log)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": tmp},
-                   "metadata": {"shape": list(feats.shape), "data_type": "float32",
-                                "chunk_grid": {"name": "regular",
-                                               "configuration": {"chunk_shape": [1, 64] + list(feats.shape[2:])}}}},
-                  create=True).result()
-    arr.write(feats).result()
-    if os.path.exists(path):
-        shutil.rmtree(path, ignore_errors=True)
-    try:
-        os.rename(tmp, path)
-    except OSError:
-        # Several processes of a multi-host job sharing this directory wrote the same features (same key);
-        # another one renamed its copy first. Keep that one.
-        if not os.path.exists(os.path.join(path, "zarr.json")):
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return feats, path
+            arr = None
+    if arr is None:
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        write_features(tmp, store, encoder_variables, variant=variant, encoder_features=encoder_features,
+                       batch_size=batch_size, views=views, dtype=dtype, log=log)
+        if os.path.exists(path):
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            # Several processes of a multi-host job sharing this directory wrote the same features (same key);
+            # another one renamed its copy first. Keep that one.
+            if not os.path.exists(os.path.join(path, "zarr.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+        arr = ts.open(spec, read=True).result()
+    if resident:
+        return arr.read().result(), path
+    return FeatureStream(arr, path), path
 
 
-def for_config(config, workdir: str, store, encoder_variables: dict) -> np.ndarray:
+def for_config(config, workdir: str, store, encoder_variables: dict, *, resident: bool = True
+               ) -> "np.ndarray | FeatureStream":
     """The features [V, N, h, w, C] of every spot of `store` under `encoder_variables`, from WORKDIR/cache; V = 8
-    dihedral views with train.augment=dihedral, else 1."""
-    views = 8 if config.train.augment == "dihedral" else 1
+    dihedral views with train.augment=dihedral, else 1. In memory, or a FeatureStream when not `resident`."""
     feats, _ = cached_features(os.path.join(workdir, "cache"), store, encoder_variables, variant=config.model.variant,
                                encoder_features=tuple(config.model.encoder_features),
-                               batch_size=config.eval_batch_size, views=views, log=console.log)
+                               batch_size=config.eval_batch_size, views=n_views(config),
+                               dtype=config.model.get("compute_dtype", "float32"), resident=resident, log=console.log)
     return feats
+
+
+def n_views(config) -> int:
+    return 8 if config.train.augment == "dihedral" else 1
+
+
+def feature_bytes(config, store) -> int:
+    """Bytes of one encoder's feature cache for `store` (every view)."""
+    t = config.data.tile_size // 8  # the encoder halves the tile three times
+    itemsize = jnp.dtype(config.model.get("compute_dtype", "float32")).itemsize
+    return n_views(config) * store.n_spots * t * t * int(config.model.encoder_features[-1]) * itemsize
+
+
+def resident_choice(config, store, n_encoders: int, log=None) -> bool:
+    """train.features_in_memory: "on", "off", or "auto" (in memory when every encoder's features fit in
+    `resident_bytes_budget()`)."""
+    setting = str(config.train.get("features_in_memory", "auto")).lower()
+    if setting != "auto":
+        return setting == "on"
+    need, budget = n_encoders * feature_bytes(config, store), resident_bytes_budget()
+    if need > budget and log:
+        log(f"[features] {n_encoders} x {feature_bytes(config, store) / 2**30:.1f} GiB of features exceed the "
+            f"in-memory budget ({budget / 2**30:.1f} GiB, a quarter of this machine's memory): the heads stream their "
+            "batches from the on-disk cache (train.features_in_memory=on forces memory)")
+    return need <= budget

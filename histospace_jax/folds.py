@@ -4,8 +4,10 @@ Members: each fold trains `train.ensemble` heads from different seeds; all membe
 compiled program (vmap over stacked member states). Every member draws full batches from its own fold's
 training rows (per-fold sampling): a held-out patient's spots are never in a training batch, and BatchNorm
 statistics come from real rows only. Features (the frozen encoder's output, cached, with the 8 dihedral
-views when augmenting) and expression live on the device; a batch is just row and view indices, gathered
-there.
+views when augmenting) and expression live on the device and a batch is just row and view indices, gathered
+there; or, when the features do not fit in memory (STNet scale with 8 views), the features stay in their on-disk
+cache and the input pipeline reads each step's rows from it, a few steps ahead of the device (the same batches,
+the same results).
 
 Targets are standardised per gene on each fold's training rows when train.standardise_targets is on; the
 heads predict standardised values and predictions are mapped back. With train.select_epoch on, each member
@@ -109,7 +111,9 @@ class HeadData:
     train_rows: list[np.ndarray]      # per fold: rows the heads learn from (inner-train)
     val_rows: list[np.ndarray]        # per fold: inner-validation rows (training patients; may be empty)
     encoder_of_fold: list[int]        # per fold: index into `features`
-    features: np.ndarray              # [E, V, N, h, w, C]: E encoders, V views (1, or 8 dihedral)
+    # [E, V, N, h, w, C] in memory (E encoders, V views: 1, or 8 dihedral), or one features.FeatureStream per
+    # encoder (streamed from the on-disk cache)
+    features: "np.ndarray | list"
     expression: np.ndarray            # [N, G]
     encoder_variables: list[dict]     # per encoder: {'params', 'batch_stats'} (kept in the states for export)
 
@@ -161,8 +165,22 @@ class MemberBatches:
         return {"index": np.stack([p[0] for p in pairs]), "view": np.stack([p[1] for p in pairs])}
 
 
+class StreamedFeatures:
+    """Adds each member's features for its batch rows, read from the encoders' on-disk caches, to a MemberBatches
+    batch (a Grain map: runs in the pipeline's reader threads, ahead of the device)."""
+
+    def __init__(self, streams: list, encoder_of_member: np.ndarray):
+        self.streams, self.encoder_of_member = streams, np.asarray(encoder_of_member)
+
+    def __call__(self, batch: dict) -> dict:
+        feats = np.stack([self.streams[e].rows(v, i) for e, v, i in
+                          zip(self.encoder_of_member, batch["view"], batch["index"])])
+        return {**batch, "features": feats}
+
+
 def _split_devices(x: np.ndarray, by_process: bool = True) -> np.ndarray:
-    """[M, B] global batch -> [D, M, B / (P * D)]: this process's slice of every member's batch (P processes),
+    """[M, B, ...] global batch -> [D, M, B / (P * D), ...]: this process's slice of every member's batch (P
+    processes),
     each local device taking its share. Every process draws the same global batch (MemberBatches is a function
     of the step), so P processes train on exactly the batches one process would. Predictions (by_process=False)
     run every row on every process."""
@@ -172,11 +190,11 @@ def _split_devices(x: np.ndarray, by_process: bool = True) -> np.ndarray:
     per = x.shape[1] // n_proc
     x = x[:, p * per:(p + 1) * per]
     d = jax.local_device_count()
-    m, b = x.shape
+    m, b = x.shape[:2]
     if b % d:
         raise ValueError(f"a batch of {b} rows does not split over {d} devices; choose a batch size divisible by "
                          "the device count")
-    return x.reshape(m, d, b // d).transpose(1, 0, 2)
+    return np.moveaxis(x.reshape((m, d, b // d) + x.shape[2:]), 1, 0)
 
 
 def make_member_train_step(huber_delta: float):
@@ -190,10 +208,35 @@ def make_member_train_step(huber_delta: float):
     return jax.pmap(step, axis_name=builders.AXIS, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 0), donate_argnums=(0,))
 
 
+def make_member_train_step_on_features(huber_delta: float):
+    """The train step of streamed features: each member's batch arrives with its features [B, h, w, C]."""
+    def step(states, feats, expr, mu, sd, fold_of, idx):
+        def one(state, x, f, i):
+            batch = {"features": x, "expression": (expr[i] - mu[f]) / sd[f]}
+            return steps.regression_train_step(state, batch, huber_delta=huber_delta, axis_name=builders.AXIS)
+
+        return jax.vmap(one)(states, feats, fold_of, idx)
+
+    return jax.pmap(step, axis_name=builders.AXIS, donate_argnums=(0,))
+
+
+def make_member_predict_on_features():
+    def predict(states, feats):
+        return jax.vmap(lambda state, x: steps.predict_step(state, {"features": x}))(states, feats)
+
+    return jax.pmap(predict, axis_name=builders.AXIS)
+
+
 def make_member_predict():
-    def predict(states, feats, enc_of, idx, view):
+    """Each member's prediction on its rows, averaged over the first `n_views` dihedral views inside one program
+    (one compilation per view count, one transfer per chunk)."""
+    def predict(states, feats, enc_of, idx, n_views):
         def one(state, e, i):
-            return steps.predict_step(state, {"features": feats[e, view, i]})
+            def add_view(v, total):
+                return total + steps.predict_step(state, {"features": feats[e, v, i]})
+
+            first = steps.predict_step(state, {"features": feats[e, 0, i]})
+            return jax.lax.fori_loop(1, n_views, add_view, first) / n_views
 
         return jax.vmap(one)(states, enc_of, idx)
 
@@ -212,18 +255,43 @@ class MemberProgram:
         stats = [standardisation(data.expression, r, standardise) for r in data.train_rows]
         self.mu = np.stack([s[0] for s in stats])
         self.sd = np.stack([s[1] for s in stats])
-        self.n_views = data.features.shape[1]
-        self.feats, self.expr = _replicated(data.features), _replicated(data.expression)
+        self.streamed = not isinstance(data.features, np.ndarray)
+        self.expr = _replicated(data.expression)
         self.mu_r, self.sd_r = _replicated(self.mu), _replicated(self.sd)
         self.enc_r, self.fold_r = _replicated(self.enc_of), _replicated(self.fold_of)
-        self.train_step = make_member_train_step(config.train.huber_delta)
-        self.predict = make_member_predict()
+        if self.streamed:
+            self.streams = list(data.features)
+            self.n_views = self.streams[0].shape[0]
+            self.feats = None
+            self.train_step = make_member_train_step_on_features(config.train.huber_delta)
+            self.predict = make_member_predict_on_features()
+        else:
+            self.n_views = data.features.shape[1]
+            self.feats = _replicated(data.features)
+            self.train_step = make_member_train_step(config.train.huber_delta)
+            self.predict = make_member_predict()
         self.chunk = max(jax.local_device_count(), config.eval_batch_size // jax.local_device_count()
                          * jax.local_device_count())
 
     def step(self, rstates, batch):
+        if self.streamed:
+            return self.train_step(rstates, _split_devices(batch["features"]), self.expr, self.mu_r, self.sd_r,
+                                   self.fold_r, _split_devices(batch["index"]))
         return self.train_step(rstates, self.feats, self.expr, self.mu_r, self.sd_r, self.enc_r, self.fold_r,
                                _split_devices(batch["index"]), _split_devices(batch["view"]))
+
+    def _predict_chunk(self, rstates, idx: np.ndarray, n_views: int) -> np.ndarray:
+        """[M, chunk, G]: each member's prediction on its chunk of rows, mean over the first n_views views."""
+        if not self.streamed:
+            part = _split_devices(idx, by_process=False)
+            acc = np.asarray(self.predict(rstates, self.feats, self.enc_r, part, n_views))
+        else:
+            acc = 0.0
+            for v in range(n_views):
+                feats = np.stack([self.streams[e].rows(np.full(len(i), v), i) for e, i in zip(self.enc_of, idx)])
+                acc = acc + np.asarray(self.predict(rstates, _split_devices(feats, by_process=False)))
+            acc = acc / n_views
+        return acc.transpose(1, 0, 2, 3).reshape(idx.shape[0], idx.shape[1], -1)
 
     def predict_standardised(self, rstates, rows_per_member: list[np.ndarray], views: int | None = None
                              ) -> list[np.ndarray]:
@@ -237,9 +305,7 @@ class MemberProgram:
             idx[m, :len(r)] = r
         out = None
         for a in range(0, length, self.chunk):
-            part = _split_devices(idx[:, a:a + self.chunk], by_process=False)
-            acc = sum(np.asarray(self.predict(rstates, self.feats, self.enc_r, part, v)) for v in range(n_views))
-            acc = acc.transpose(1, 0, 2, 3).reshape(len(rows_per_member), self.chunk, -1) / n_views
+            acc = self._predict_chunk(rstates, idx[:, a:a + self.chunk], n_views)
             out = acc if out is None else np.concatenate([out, acc], 1)
         return [out[m, :len(r)] for m, r in enumerate(rows_per_member)]
 
@@ -335,8 +401,12 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
     steps_per_epoch = max(1, int(mean_rows // c.batch_size))
     total = c.epochs * steps_per_epoch
     sampler = MemberBatches(rows_per_member, c.batch_size, total, program.n_views, config.seed + 1)
-    iterator = iter(grain.MapDataset.source(sampler).to_iter_dataset(
-        grain.ReadOptions(num_threads=1, prefetch_buffer_size=4)))
+    dataset = grain.MapDataset.source(sampler)
+    if program.streamed:
+        # Disk reads of a step's features run in Grain's reader threads, a few steps ahead of the device.
+        dataset = dataset.map(StreamedFeatures(program.streams, program.enc_of))
+    iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2 if program.streamed else 1,
+                                                              prefetch_buffer_size=4)))
     select = c.select_epoch == "on" and any(len(r) for r in data.val_rows)
     compat = checkpointing.compat_signature(
         config, checkpointing.HEAD_KEYS, n_rows=int(len(data.expression)), n_genes=int(g), folds=data.names,

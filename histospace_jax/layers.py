@@ -151,6 +151,7 @@ class ConvSame(nn.Module):
     bias_init: Callable[..., Array] = nn.initializers.zeros_init()
     param_dtype: Any = jnp.float32
     precision: Any = None
+    dtype: Any = None  # compute dtype (e.g. bfloat16 for mixed precision); None: promote input and kernel
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -160,7 +161,7 @@ class ConvSame(nn.Module):
             raise ValueError(f"ConvSame: expected NHWC input of rank 4, got shape {x.shape}")
         ks = tuple(self.kernel_size)
         kernel = self.param("kernel", self.kernel_init, ks + (x.shape[-1], self.features), self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         pad = same_padding(ks)
         fn = conv2d if self.impl == "fast" else _conv_xla
         y = fn(x, kernel, pad, self.precision)
@@ -228,6 +229,7 @@ class UpConv(nn.Module):
     bias_init: Callable[..., Array] = nn.initializers.zeros_init()
     param_dtype: Any = jnp.float32
     precision: Any = None
+    dtype: Any = None  # compute dtype (e.g. bfloat16 for mixed precision); None: promote input and kernel
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -236,7 +238,7 @@ class UpConv(nn.Module):
         if x.ndim != 4:
             raise ValueError(f"UpConv: expected NHWC input of rank 4, got shape {x.shape}")
         kernel = self.param("kernel", self.kernel_init, (4, 4, x.shape[-1], self.features), self.param_dtype)
-        x, kernel = nn.dtypes.promote_dtype(x, kernel)
+        x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
         y = _UPCONV_FNS[self.impl](x, kernel, self.precision)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)

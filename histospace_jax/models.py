@@ -8,11 +8,15 @@ The paper's three autoencoder variants are selected by `variant`:
   "relu"     conv -> ReLU -> maxpool
   "relu_bn"  conv -> BatchNorm -> ReLU -> maxpool (the paper's choice; the default)
 The decoder mirrors the encoder's variant with 4x4 stride-2 transposed convolutions.
+
+Mixed precision: `dtype` (default float32) is the compute dtype of convolutions and dense layers; parameters
+stay float32, BatchNorm statistics are computed in float32, and the models' outputs (reconstruction,
+predicted expression) are float32, so losses and optimizer updates never run in bfloat16.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -38,6 +42,8 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask=None):
+        out_dtype = x.dtype
+        x = x.astype(jnp.float32)  # statistics of bfloat16 activations lose too much in the sums
         c = x.shape[-1]
         ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
@@ -66,7 +72,7 @@ class BatchNorm(nn.Module):
             if not self.is_initializing():
                 ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
                 ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+        return ((x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(out_dtype)
 
 
 def _check_variant(variant: str) -> None:
@@ -83,17 +89,18 @@ class ConvBlock(nn.Module):
     pool: bool = True
     axis_name: str | None = None  # set under pmap so BatchNorm statistics are global across devices
     conv_impl: str = "fast"  # "fast": same function as nn.Conv, kernel gradient as one matmul (XLA:CPU)
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool, mask=None):
         # Named like nn.Conv's auto-name so parameter trees (and checkpoints) do not depend on conv_impl.
-        x = ConvSame(self.features, (3, 3), impl=self.conv_impl, use_bias=False, name="Conv_0")(x)
+        x = ConvSame(self.features, (3, 3), impl=self.conv_impl, use_bias=False, dtype=self.dtype, name="Conv_0")(x)
         # The conv bias (kept so the architecture and its parameter count match the paper's) is followed by
         # BatchNorm, which removes any constant shift: its exact gradient is zero. Making that zero exact
         # matters: Adam would otherwise turn float rounding noise into +-learning-rate steps, so results
         # would depend on summation order (device count, fold grouping).
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x = x + (jax.lax.stop_gradient(bias) if self.use_bn else bias)
+        x = x + (jax.lax.stop_gradient(bias) if self.use_bn else bias).astype(x.dtype)
         if self.use_bn:
             # `mask` excludes rows (padding, a held-out patient) from the batch statistics.
             x = BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x, mask)
@@ -110,6 +117,7 @@ class Encoder(nn.Module):
     variant: str = "relu_bn"
     features: Sequence[int] = (32, 64, 128)
     axis_name: str | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -120,6 +128,7 @@ class Encoder(nn.Module):
                 use_bn=self.variant == "relu_bn",
                 use_relu=self.variant != "pool",
                 axis_name=self.axis_name,
+                dtype=self.dtype,
                 name=f"block{i}",
             )(x, train)
         return x
@@ -133,19 +142,20 @@ class Decoder(nn.Module):
     out_channels: int = 3
     upconv_impl: str = "subpixel"
     axis_name: str | None = None
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, z, train: bool = False):
         _check_variant(self.variant)
         x = z
         for i, f in enumerate(self.features):
-            x = UpConv(f, impl=self.upconv_impl, name=f"up{i}")(x)
+            x = UpConv(f, impl=self.upconv_impl, dtype=self.dtype, name=f"up{i}")(x)
             if self.variant == "relu_bn":
                 x = BatchNorm(use_running_average=not train, axis_name=self.axis_name, name=f"bn{i}")(x)
             if self.variant != "pool":
                 x = nn.relu(x)
-        x = UpConv(self.out_channels, impl=self.upconv_impl, name=f"up{len(self.features)}")(x)
-        return nn.sigmoid(x)
+        x = UpConv(self.out_channels, impl=self.upconv_impl, dtype=self.dtype, name=f"up{len(self.features)}")(x)
+        return nn.sigmoid(x.astype(jnp.float32))
 
 
 class Autoencoder(nn.Module):
@@ -153,12 +163,13 @@ class Autoencoder(nn.Module):
     encoder_features: Sequence[int] = (32, 64, 128)
     upconv_impl: str = "subpixel"
     axis_name: str | None = None
+    dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = Encoder(self.variant, self.encoder_features, axis_name=self.axis_name)
+        self.encoder = Encoder(self.variant, self.encoder_features, axis_name=self.axis_name, dtype=self.dtype)
         decoder_features = tuple(reversed(self.encoder_features[:-1]))
         self.decoder = Decoder(self.variant, decoder_features, upconv_impl=self.upconv_impl,
-                               axis_name=self.axis_name)
+                               axis_name=self.axis_name, dtype=self.dtype)
 
     def __call__(self, x, train: bool = False):
         return self.decoder(self.encoder(x, train), train)
@@ -183,20 +194,21 @@ class RegressionHead(nn.Module):
     # standardised targets) and there is no random output variance for the optimiser to remove by killing
     # the ReLUs (the collapse seen on real patients). "lecun": flax's default (the paper's).
     output_init: str = "lecun"
+    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features, train: bool = False, mask=None):
-        x = features
+        x = features.astype(self.dtype)
         for i, f in enumerate(self.conv_features):
-            x = ConvBlock(f, pool=(i == 0), axis_name=self.axis_name, name=f"conv{i}")(x, train, mask)
+            x = ConvBlock(f, pool=(i == 0), axis_name=self.axis_name, dtype=self.dtype, name=f"conv{i}")(x, train,
+                                                                                                       mask)
         x = x.reshape((x.shape[0], -1))
         for i, f in enumerate(self.fc_features):
-            x = nn.relu(nn.Dense(f, name=f"fc{i}")(x))
+            x = nn.relu(nn.Dense(f, dtype=self.dtype, name=f"fc{i}")(x))
             if self.dropout_rate > 0:
                 x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-        if self.output_init == "zeros":
-            return nn.Dense(self.n_genes, kernel_init=nn.initializers.zeros, name="out")(x)
-        return nn.Dense(self.n_genes, name="out")(x)
+        init = nn.initializers.zeros if self.output_init == "zeros" else nn.linear.default_kernel_init
+        return nn.Dense(self.n_genes, kernel_init=init, dtype=self.dtype, name="out")(x).astype(jnp.float32)
 
 
 class HistoSpace(nn.Module):
@@ -214,11 +226,12 @@ class HistoSpace(nn.Module):
     dropout_rate: float = 0.0
     axis_name: str | None = None
     output_init: str = "lecun"
+    dtype: Any = jnp.float32
 
     def setup(self):
-        self.encoder = Encoder(self.variant, self.encoder_features)
+        self.encoder = Encoder(self.variant, self.encoder_features, dtype=self.dtype)
         self.head = RegressionHead(self.n_genes, self.conv_features, self.fc_features, self.dropout_rate,
-                                   axis_name=self.axis_name, output_init=self.output_init)
+                                   axis_name=self.axis_name, output_init=self.output_init, dtype=self.dtype)
 
     def __call__(self, images, train: bool = False, mask=None):
         features = self.encoder(images, train=False)

@@ -2,22 +2,30 @@ r"""Predicted expression for a new H&E slide from a deployable model (WORKDIR/mo
 run).
 
     python -m histospace_jax.predict --checkpoint=WORKDIR/model --image=SLIDE.jpg --spots=SPOTS.csv --output=OUT
-    python -m histospace_jax.predict --checkpoint=WORKDIR/model --image=SLIDE.tif --grid_step_um=100 \
-        --source_mpp=0.5 --output=OUT --genes=GNAS,HLA-B
+    python -m histospace_jax.predict --checkpoint=WORKDIR/model --image=SLIDE.svs --grid_step_um=100 \
+        --output=OUT --genes=GNAS,HLA-B
 
---spots: CSV with pixel_x, pixel_y (spot centres in slide pixels; optional spot_id, array_x, array_y). Rows come
-out in the file's order. Without --source_mpp the slide's scale is fitted to array_x/array_y (ST: 200 um apart).
---grid_step_um: tiles on a regular grid (step in micrometres), background tiles (tissue fraction below
---min_tissue) left out; needs --source_mpp.
+--image: JPEG / PNG, or a whole-slide image (tiled pyramidal TIFF, OME-TIFF, SVS; other formats through the
+optional `openslide` extra), read region by region (histospace_jax.ingest.wsi): memory is bounded by a batch of
+tiles and a low pyramid level, not by the slide.
+--source_mpp: the slide's microns per pixel. Default: from the slide's own metadata (OME PhysicalSizeX, Aperio
+MPP, TIFF resolution tags); else, with --spots, fitted to array_x/array_y (ST: 200 um apart).
+--spots: CSV with pixel_x, pixel_y (spot centres in level-0 slide pixels; optional spot_id, array_x, array_y).
+Rows come out in the file's order; a spot centred outside the slide is an error.
+--grid_step_um: tiles on a regular grid over the whole slide (step in micrometres). Which grid tiles are tissue is
+decided before any full-resolution read, on a tissue map of a low pyramid level (stained and textured pixels; the
+smooth tinted glass beside sections and blurred smudges are not textured; specks and small isolated pieces are
+dropped): a tile is predicted when the map covers at least --min_tissue of it.
 
-Tiles are cut at the model's microns per pixel and tile size and preprocessed as the training store was
-(colour-cast removal and stain normalisation, from the model's model.json, via histospace_jax.ingest).
-Spots are processed --batch_size at a time: memory is the decoded slide plus one batch (predictions stream to
-disk). Output (written to OUT.tmp-*, renamed to OUT when complete):
+Tiles are cut at the model's microns per pixel and tile size, from the pyramid level nearest that scale, and
+preprocessed as the training store was (colour-cast removal and stain normalisation, from the model's model.json,
+via histospace_jax.ingest). Spots are processed --batch_size at a time; predictions stream to disk as they come,
+with progress lines (rate, ETA). Output (written to OUT.tmp-*, renamed to OUT when complete):
   predictions.csv    spot_id, pixel_x, pixel_y, array_x, array_y, one column per gene
   predictions.zarr   float32 [n_spots, n_genes] (zarr v3), genes in model.json order
   overlay_<gene>.png predicted expression over the slide thumbnail, per --genes
-  predictions.h5ad   AnnData (obs: spots, var: genes, obsm['spatial']) when `anndata` is installed
+  predictions.h5ad   AnnData in scanpy's spatial layout: X predictions, obs spots, var genes, obsm['spatial'],
+                     uns['spatial'][<slide name>] a hires image of the slide and its scalefactors
   prediction.json    model, slide, scale and preprocessing used
 """
 
@@ -28,6 +36,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import uuid
 
 import jax
@@ -35,11 +44,12 @@ import numpy as np
 import tensorstore as ts
 from absl import app, flags
 
-from histospace_jax import atomic, features, model_export, models, plots
+from histospace_jax import atomic, console, features, model_export, models, plots, spatial_anndata
 from histospace_jax.errors import EXIT_BAD_INPUT, BadInputError
-from histospace_jax.ingest import build, common, slide_io, stain
+from histospace_jax.ingest import build, common, slide_io, stain, wsi
 
 ST_SPOT_SPACING_UM = 200.0
+PROGRESS_EVERY_S = 10.0
 
 
 class PredictError(BadInputError):
@@ -70,12 +80,13 @@ def make_predict_fn(model, variables, info: dict):
 class Preprocessor:
     """Colour-cast removal + stain normalisation of slide crops, as the training store's manifest records.
 
-    Uses the ingest pipeline's SlideNormaliser (fitted on the whole slide, applied per crop). The interface —
-    construct with (rgb, PIL mode, model info, path); call on uint8 crops; `tissue_fraction(crops)` — is all
-    predict needs, so another normaliser can be dropped in here.
+    Uses the ingest pipeline's SlideNormaliser (fitted on a pixel sample of the slide, applied per crop). The
+    interface — construct with (opened slide, PIL mode, model info, path); call on uint8 crops;
+    `tissue_fraction(crops)`; `detect_percentiles` (the colour cast tissue detection removes) — is all predict
+    needs, so another normaliser can be dropped in here.
     """
 
-    def __init__(self, rgb: np.ndarray, mode: str, info: dict, path: str):
+    def __init__(self, slide, mode: str, info: dict, path: str):
         cc = info.get("colour_cast") or {}
         sn = info.get("stain_normalisation") or {}
         method = sn.get("method", "none") or "none"
@@ -87,9 +98,11 @@ class Preprocessor:
             else:
                 reference = stain.builtin_reference()
         self.description = {"colour_cast": cc, "stain_method": method}
-        self._norm = build.SlideNormaliser(rgb, mode, stain_method=method, colour_cast=bool(cc.get("enabled", False)),
+        self._norm = build.SlideNormaliser(slide, mode, stain_method=method,
+                                           colour_cast=bool(cc.get("enabled", False)),
                                            colour_percentile=float(cc.get("percentile", 99.0)), reference=reference,
                                            path=path, allow_fallback=True)
+        self.detect_percentiles = self._norm.detect_percentiles
 
     def tissue_fraction(self, crops: np.ndarray) -> np.ndarray:
         return self._norm.tissue_fraction(crops)
@@ -128,6 +141,17 @@ def read_spots(path: str) -> dict:
     return out
 
 
+def check_spots_inside(pos: dict, width: int, height: int, spots_csv: str, image: str) -> None:
+    i, n_outside = slide_io.first_outside(pos["pixel_x"], pos["pixel_y"], width, height)
+    if i is not None:
+        raise PredictError(
+            f"{spots_csv}: {n_outside} spot(s) centred outside the {width}x{height} slide {image}, e.g. "
+            f"{pos['spot_id'][i]!r} at pixel ({pos['pixel_x'][i]:.1f}, {pos['pixel_y'][i]:.1f}); the spots and the "
+            "slide do not match. Give the spots' slide, or pixel coordinates in its full-resolution (level-0) frame "
+            "(scale coordinates taken on a downscaled image)."
+        )
+
+
 def grid_positions(width: int, height: int, step_px: float) -> dict:
     nx, ny = max(1, int(width // step_px)), max(1, int(height // step_px))
     gx, gy = np.meshgrid(np.arange(nx), np.arange(ny))
@@ -136,11 +160,43 @@ def grid_positions(width: int, height: int, step_px: float) -> dict:
             "array_y": gy.astype(float), "spot_id": np.array([f"{x}x{y}" for x, y in zip(gx, gy)])}
 
 
+def grid_on_tissue(slide, pos: dict, box: int, source_mpp: float, tile_um: float, percentiles: np.ndarray,
+                   min_tissue: float) -> tuple[np.ndarray, dict]:
+    """Which grid tiles are tissue, from a tissue map of a low level (no full-resolution read); and a note on the
+    map for prediction.json."""
+    map_um = max(source_mpp, min(slide_io.MASK_UM_PER_PX, tile_um / slide_io.MASK_PX_PER_TILE))
+    try:
+        small, scale = slide_io.overview(slide, map_um / source_mpp, "tissue map of --grid_step_um")
+    except common.IngestError as e:
+        raise PredictError(str(e)) from e
+    tissue = slide_io.tissue_map(small, percentiles, scale[0] * source_mpp, min_component_um2=tile_um ** 2)
+    x0, y0 = slide_io.crop_boxes(pos["pixel_x"], pos["pixel_y"], box)
+    keep = slide_io.box_coverage(tissue, x0, y0, box, scale) >= min_tissue
+    note = {"map_microns_per_pixel": float(scale[0] * source_mpp), "map_size": [int(small.shape[1]),
+                                                                              int(small.shape[0])],
+            "tissue_fraction_of_slide": float(tissue.mean()), "min_tissue": float(min_tissue)}
+    return keep, note
+
+
 def fit_mpp_from_grid(spots: dict, path: str) -> float:
     try:
         return common.fit_st_mpp(spots["array_x"], spots["array_y"], spots["pixel_x"], spots["pixel_y"], path)
     except common.IngestError as e:
         raise PredictError(str(e)) from e
+
+
+def slide_scale(slide, image: str, source_mpp: float | None, pos: dict | None, spots_csv: str | None
+                ) -> tuple[float, str]:
+    """(microns per pixel, where it came from): --source_mpp, else the slide's metadata, else the spot grid."""
+    if source_mpp:
+        return float(source_mpp), "--source_mpp"
+    if slide.mpp:
+        return float(slide.mpp), f"slide metadata ({slide.mpp_source})"
+    if pos is not None and "array_x" in pos:
+        return fit_mpp_from_grid(pos, spots_csv), "fitted to the spot grid (200 um spacing)"
+    where = f"; or give array_x/array_y in {spots_csv} to fit it to the ST spot grid" if spots_csv else ""
+    raise PredictError(f"{image}: no microns per pixel in the slide's metadata ({slide.mpp_source}); pass "
+                       f"--source_mpp=UM_PER_PX (the scanner's value, e.g. 0.25 at 40x, 0.5 at 20x){where}.")
 
 
 # ------------------------------------------------------------------------------------------------ run
@@ -156,33 +212,53 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
     output = os.path.abspath(output)
     if os.path.exists(output) and not overwrite:
         raise PredictError(f"{output}: already exists; pass --overwrite or choose another --output.")
+    try:
+        slide = wsi.open_slide(image)
+    except common.IngestError as e:
+        raise PredictError(str(e)) from e
+    with slide:
+        return _predict(slide, model_dir, image, output, spots_csv=spots_csv, grid_step_um=grid_step_um,
+                        source_mpp=source_mpp, genes=genes, batch_size=batch_size, min_tissue=min_tissue,
+                        thumbnail_px=thumbnail_px, log=log)
+
+
+def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source_mpp, genes, batch_size, min_tissue,
+             thumbnail_px, log) -> dict:
+    width, height = slide.width, slide.height
+    pos = read_spots(spots_csv) if spots_csv else None
+    source_mpp, scale_how = slide_scale(slide, image, source_mpp, pos, spots_csv)
+    if pos is not None:
+        check_spots_inside(pos, width, height, spots_csv, image)
     info, model, variables = model_export.load(model_dir)
     predict = make_predict_fn(model, variables, info)
     gene_names = list(info["genes"])
-    rgb, mode = slide_io.read_rgb(image)
-    height, width = rgb.shape[:2]
-    if spots_csv:
-        pos = read_spots(spots_csv)
-        if source_mpp is None:
-            if "array_x" not in pos:
-                raise PredictError(f"{spots_csv}: no array_x/array_y to fit the slide's scale; pass --source_mpp.")
-            source_mpp = fit_mpp_from_grid(pos, spots_csv)
-            scale_how = "fitted to the spot grid (200 um spacing)"
-        else:
-            scale_how = "--source_mpp"
-    else:
-        if not source_mpp:
-            raise PredictError("--grid_step_um needs --source_mpp (the slide's microns per pixel)")
-        pos = grid_positions(width, height, grid_step_um / source_mpp)
-        scale_how = "--source_mpp"
-    n = len(pos["pixel_x"])
     mpp = float(info["microns_per_pixel"] or 100.0 / info["tile_size"])
     t = int(info["tile_size"])
     box = slide_io.source_tile_size(t, mpp, float(source_mpp))
+    try:
+        pre = Preprocessor(slide, slide.mode, info, image)
+    except common.IngestError as e:
+        raise PredictError(str(e)) from e
+    tissue_note = None
+    if pos is None:
+        pos = grid_positions(width, height, grid_step_um / source_mpp)
+        n_grid = len(pos["pixel_x"])
+        keep, tissue_note = grid_on_tissue(slide, pos, box, source_mpp, t * mpp, pre.detect_percentiles, min_tissue)
+        pos = {k: v[keep] for k, v in pos.items()}
+        log(f"[predict] tissue map at {tissue_note['map_microns_per_pixel']:.1f} um/px: {len(pos['pixel_x'])} of "
+            f"{n_grid} grid tiles on tissue")
+        if not len(pos["pixel_x"]):
+            raise PredictError(f"{image}: no grid tile is at least {min_tissue:.0%} tissue on the slide's tissue map; "
+                               "check that it is an H&E slide at the given scale, or lower --min_tissue.")
+    else:
+        n_grid = len(pos["pixel_x"])
+    n = len(pos["pixel_x"])
     x0, y0 = slide_io.crop_boxes(pos["pixel_x"], pos["pixel_y"], box)
-    pre = Preprocessor(rgb, mode, info, image)
+    level = slide.best_level(mpp / float(source_mpp))
+    crop_px = slide_io.level_box(box, slide.levels[level][2])
     log(f"[predict] {image}: {width}x{height} px at {source_mpp:.4f} um/px ({scale_how}); {n} "
-        f"{'spots' if spots_csv else 'grid tiles'}; {box}px crops -> {t}px tiles; {len(gene_names)} genes")
+        f"{'spots' if spots_csv else 'grid tiles'}; {box}px crops read as {crop_px}px from level {level} -> {t}px "
+        f"tiles; {len(gene_names)} genes")
 
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
@@ -200,51 +276,54 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
         if not shown:
             shown = gene_names[:2]
         shown_idx = [gene_names.index(x) for x in shown]
-        kept_rows, shown_vals = [], []
-        written = 0
+        shown_vals = []
+        n_batches = -(-n // batch_size)
+        progress = console.Progress("predict", n_batches, batch_size, counts="batch ", unit="tiles")
+        last_report = time.time()
         with open(os.path.join(tmp, "predictions.csv"), "w", newline="") as fcsv:
             w = csv.writer(fcsv)
             w.writerow(["spot_id", "pixel_x", "pixel_y", "array_x", "array_y"] + gene_names)
-            for a in range(0, n, batch_size):
+            for b, a in enumerate(range(0, n, batch_size)):
                 idx = np.arange(a, min(n, a + batch_size))
-                crops = slide_io.cut_crops(rgb, x0[idx], y0[idx], box)
-                if grid_step_um:
-                    keep = pre.tissue_fraction(crops) >= min_tissue
-                    idx, crops = idx[keep], crops[keep]
-                    if not len(idx):
-                        continue
+                try:
+                    crops = slide_io.cut_crops_from(slide, x0[idx], y0[idx], box, level)
+                except common.IngestError as e:
+                    raise PredictError(str(e)) from e
                 tiles = slide_io.resize_tiles(pre(crops), t)
                 pad = (-len(tiles)) % batch_size  # one compiled shape for every batch
                 batch = np.concatenate([tiles, np.repeat(tiles[:1], pad, 0)]) if pad else tiles
                 pred = predict(batch)[:len(tiles)].astype(np.float32)
-                arr = arr.resize(exclusive_max=[written + len(idx), g]).result()
-                arr[written:written + len(idx)].write(pred).result()
-                written += len(idx)
+                arr = arr.resize(exclusive_max=[a + len(idx), g]).result()
+                arr[a:a + len(idx)].write(pred).result()
+                ax = pos.get("array_x")
                 for j, i in enumerate(idx):
-                    ax = pos.get("array_x")
                     w.writerow([pos["spot_id"][i], f"{pos['pixel_x'][i]:.2f}", f"{pos['pixel_y'][i]:.2f}",
                                 "" if ax is None else f"{ax[i]:g}",
                                 "" if ax is None else f"{pos['array_y'][i]:g}"]
                                + [f"{v:.6g}" for v in pred[j]])
-                kept_rows.append(idx)
                 shown_vals.append(pred[:, shown_idx])
-                if (a // batch_size) % 20 == 0:
-                    log(f"[predict] {min(n, a + batch_size)}/{n} positions, {written} predicted")
-        rows = np.concatenate(kept_rows) if kept_rows else np.zeros(0, np.int64)
+                if time.time() - last_report >= PROGRESS_EVERY_S or b + 1 == n_batches:
+                    last_report = time.time()
+                    log(progress.line(b + 1, predicted=a + len(idx)))
+        rows = np.arange(n)
         vals = np.concatenate(shown_vals) if shown_vals else np.zeros((0, len(shown)))
+        thumb, (sx, sy) = slide_io.overview(slide, max(width, height) / thumbnail_px, "overlay thumbnail")
         overlays = []
         for k, gname in enumerate(shown):
             fname = f"overlay_{''.join(c if c.isalnum() or c in '-_.' else '_' for c in gname)}.png"
-            plots.plot_overlay(os.path.join(tmp, fname), rgb, pos["pixel_x"][rows], pos["pixel_y"][rows], vals[:, k],
-                         gname, box, thumbnail_px)
+            plots.plot_overlay(os.path.join(tmp, fname), thumb, pos["pixel_x"] / sx, pos["pixel_y"] / sy, vals[:, k],
+                               gname, box / sx, thumbnail_px)
             overlays.append(fname)
-        h5ad = write_h5ad(os.path.join(tmp, "predictions.h5ad"), arr, gene_names, pos, rows, source_mpp, log)
+        del thumb
+        h5ad = write_h5ad(os.path.join(tmp, "predictions.h5ad"), slide, image, arr, gene_names, pos, rows, box,
+                          source_mpp, log)
         summary = {"model": os.path.abspath(model_dir), "image": os.path.abspath(image), "image_size": [width, height],
+                   "image_levels": [list(lv) for lv in slide.levels], "read_level": int(level),
                    "source_microns_per_pixel": float(source_mpp), "scale_from": scale_how,
                    "positions": "spots" if spots_csv else f"grid every {grid_step_um} um",
-                   "n_positions": int(n), "n_predicted": int(written), "tile_size": t, "crop_px": int(box),
+                   "n_positions": int(n_grid), "n_predicted": int(n), "tile_size": t, "crop_px": int(box),
                    "model_microns_per_pixel": mpp, "preprocessing": pre.description, "genes": len(gene_names),
-                   "overlays": overlays, "h5ad": h5ad, "trained_on": info.get("trained_on")}
+                   "tissue_map": tissue_note, "overlays": overlays, "h5ad": h5ad, "trained_on": info.get("trained_on")}
         atomic.write_json(os.path.join(tmp, "prediction.json"), summary)
         if os.path.exists(output):
             shutil.rmtree(output)
@@ -252,24 +331,28 @@ def predict_slide(model_dir: str, image: str, output: str, *, spots_csv: str | N
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log(f"[predict] wrote {output}: {written} rows")
+    log(f"[predict] wrote {output}: {n} rows")
     return summary
 
 
-def write_h5ad(path: str, arr, genes, pos, rows, mpp, log) -> str | None:
+def write_h5ad(path: str, slide, image: str, arr, genes, pos, rows, box: int, mpp: float, log) -> str | None:
+    """predictions.h5ad in scanpy's spatial layout: X the predictions, obsm['spatial'] the tile centres in slide
+    pixels, uns['spatial'][<slide name>] a hires image of the slide (from a low pyramid level) and its scalefactors,
+    so `scanpy.pl.spatial` draws the predictions over the slide."""
+    section = os.path.splitext(os.path.basename(image))[0]
+    obs = {"spot_id": np.asarray(pos["spot_id"])[rows].astype(str), "section": np.full(len(rows), section)}
+    if "array_x" in pos:
+        obs.update(array_x=np.asarray(pos["array_x"])[rows], array_y=np.asarray(pos["array_y"])[rows])
     try:
-        import anndata
-        import pandas as pd
-    except ImportError:
-        log("[predict] anndata not installed: no .h5ad (pip install anndata); CSV and zarr written")
+        spatial_anndata.write_spatial_h5ad(
+            path, X=arr.read().result()[rows], genes=genes, obs=obs,
+            spatial_xy=np.column_stack([pos["pixel_x"][rows], pos["pixel_y"][rows]]),
+            library_images={section: spatial_anndata.slide_library(slide, spot_diameter_fullres=float(box))},
+            uns_extra={"histospace": {"mode": "predict", "image": os.path.abspath(image),
+                                      "source_microns_per_pixel": float(mpp)}})
+    except spatial_anndata.AnnDataMissing as e:
+        log(f"[predict] no .h5ad: {e}; CSV and zarr written")
         return None
-    x = arr.read().result()
-    obs = pd.DataFrame({"pixel_x": pos["pixel_x"][rows], "pixel_y": pos["pixel_y"][rows]},
-                       index=[str(s) for s in pos["spot_id"][rows]])
-    ad = anndata.AnnData(X=x, obs=obs, var=pd.DataFrame(index=list(genes)))
-    ad.obsm["spatial"] = np.stack([pos["pixel_x"][rows], pos["pixel_y"][rows]], 1)
-    ad.uns["histospace"] = {"source_microns_per_pixel": float(mpp)}
-    ad.write_h5ad(path)
     return os.path.basename(path)
 
 
@@ -293,14 +376,15 @@ def main(argv):
 
 def _define_flags():
     flags.DEFINE_string("checkpoint", None, "Model directory (WORKDIR/model of a `train` or `external` run).")
-    flags.DEFINE_string("image", None, "H&E slide image (JPEG/PNG/TIFF).")
+    flags.DEFINE_string("image", None, "H&E slide: JPEG/PNG, or a whole-slide image (pyramidal TIFF, OME-TIFF, SVS).")
     flags.DEFINE_string("spots", None, "CSV of spot centres: pixel_x, pixel_y [, spot_id, array_x, array_y].")
-    flags.DEFINE_float("grid_step_um", None, "Predict on a regular grid with this step (micrometres).")
-    flags.DEFINE_float("source_mpp", None, "Slide microns per pixel (default: fitted to the spots' array grid).")
+    flags.DEFINE_float("grid_step_um", None, "Predict on a regular grid over the slide's tissue, this step (um).")
+    flags.DEFINE_float("source_mpp", None, "Slide microns per pixel (default: the slide's metadata, else fitted to "
+                                           "the spots' array grid).")
     flags.DEFINE_string("output", None, "Output directory.")
     flags.DEFINE_string("genes", "GNAS,HLA-B", "Genes to draw as overlays (comma-separated).")
-    flags.DEFINE_integer("batch_size", 64, "Tiles per batch (memory: slide + one batch).")
-    flags.DEFINE_float("min_tissue", 0.5, "Grid mode: minimum tissue fraction of a tile.")
+    flags.DEFINE_integer("batch_size", 64, "Tiles per batch (memory: one batch of crops and a low pyramid level).")
+    flags.DEFINE_float("min_tissue", 0.5, "Grid mode: minimum fraction of a tile covered by the slide's tissue map.")
     flags.DEFINE_integer("thumbnail_px", 1024, "Longest side of the overlay thumbnails.")
     flags.DEFINE_bool("overwrite", False, "Replace an existing --output.")
     flags.mark_flags_as_required(["checkpoint", "image", "output"])

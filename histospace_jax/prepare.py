@@ -4,6 +4,9 @@ r"""Turns a public spatial-transcriptomics release (or a folder of H&E images) i
     python -m histospace_jax.prepare --format=stnet --input=DIR --output=STORE --gene_map=hgnc.tsv --gene_ids=symbol
     python -m histospace_jax.prepare --format=visium --input=SAMPLE/outs --image=SAMPLE_fullres.tif --output=STORE
     python -m histospace_jax.prepare --format=images --input=BACH/ --source_mpp=0.42 --output=STORE
+    python -m histospace_jax.prepare --format=hest --input=HEST_1K/ --samples=SPA154,SPA155 --output=STORE
+    python -m histospace_jax.prepare --format=visium --input=HD_SAMPLE/outs --image=HD_fullres.tif --output=STORE
+    python -m histospace_jax.prepare --format=her2st --input=../shared/data/her2st --output=gs://BUCKET/her2st
 
 Defaults, and why:
 * Tiles are 128 px at 100/128 = 0.78125 um/px, so one tile spans one 100 um ST spot whatever the slide's scale;
@@ -19,6 +22,14 @@ Defaults, and why:
   its single count into log1p(1e4) ~ 9.2; below 100 UMIs one count is worth >= log1p(100) ~ 4.6, the level of the
   most expressed genes, while real spots of even shallow ST sections hold >= ~150). Each spot's depth is kept in
   obs: library_size (total UMI over all genes) and n_genes_detected (genes with count > 0).
+* HEST-1k (--format=hest): st/<id>.h5ad (raw counts in X, spot centres in obsm["spatial"]), wsis/<id>.tif,
+  metadata/<id>.json; the scale and the patient come from the metadata (pixel_size_um_estimated, else _embedded;
+  a patient name shared by two datasets is prefixed with the dataset title). tissue_seg/*.pkl is never unpickled
+  (a downloaded pickle can run code); tissue is judged by our own check. An h5ad whose X is already normalised is
+  refused unless --hest_normalised=raw (take layers['counts'] / raw.X) or =expm1 (undo log1p).
+* Visium HD (--format=visium on an output with binned_outputs/): the 8 um bins are summed into square pseudo-spots
+  of --pseudo_spot_um (default the 100 um tile footprint; the tile footprint follows a given size), kept when
+  in-tissue bins cover at least half the square; see ingest/visium.py for the exact rule.
 * --workers=1 keeps one slide in memory; --workers=N processes N sections at once (N slides in memory).
 The store gets `report/report.json` and `report/thumbnails/<section>.png` (green boxes: tiles kept; yellow:
 padded at the image edge; blue: rejected as background; red: dropped at the edge; black dots: spot centres).
@@ -28,19 +39,22 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from histospace_jax.ingest import build
+from histospace_jax.ingest import build, hest
 from histospace_jax.ingest.common import IngestError
 
 FLAGS = flags.FLAGS
 
 flags.DEFINE_enum("format", None, list(build.FORMATS), "Input layout.")
 flags.DEFINE_string("input", None, "Release folder (visium: Space Ranger outs/, several comma-separated).")
-flags.DEFINE_string("output", None, "Tile store path to create.")
+flags.DEFINE_string("output", None, "Tile store to create: a path, or a gs://BUCKET/..., s3://BUCKET/... or "
+                    "file:///... URL (written in place; the manifest, written last, commits it).")
 flags.DEFINE_list("sections", None, "Only these sections (default all). Images format: relative paths sans suffix.")
+flags.DEFINE_list("samples", None, "hest: only these sample ids (the same as --sections; give one of the two).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing store at --output.")
 flags.DEFINE_integer("tile_size", 128, "Tile side in pixels.")
 flags.DEFINE_float("target_mpp", None, "Microns per pixel of the tiles (default 100 um / tile_size: one ST spot).")
-flags.DEFINE_float("source_mpp", None, "Override the slides' microns per pixel (required for --format=images).")
+flags.DEFINE_float("source_mpp", None,
+                  "Override the slides' microns per pixel (images: default from each image's own metadata).")
 flags.DEFINE_enum("edge", "pad", list(build.EDGE_MODES), "Tiles leaving the image: pad with white, or drop the spot.")
 flags.DEFINE_float("min_tissue", None, "Drop tiles with a smaller tissue-pixel fraction (default 0; images: 0.5).")
 flags.DEFINE_bool("colour_cast", True, "Remove the colour cast by per-channel percentile scaling.")
@@ -71,12 +85,20 @@ flags.DEFINE_list("section_name", [], "visium: section names per --input (defaul
 flags.DEFINE_list("patient", [], "visium: patient per --input (default: the section name).")
 flags.DEFINE_bool("skip_unreadable", False, "images: leave unreadable images out (counted) instead of failing.")
 flags.DEFINE_integer("thumbnail_px", 1024, "Longest side of the report thumbnails.")
+flags.DEFINE_float("pseudo_spot_um", None, "Visium HD: side in um of the square pseudo-spots bins are summed into "
+                   "(default: the tile footprint, 100 um); the tiles then span one pseudo-spot.")
+flags.DEFINE_enum("hest_normalised", "refuse", list(hest.NORMALISED_POLICIES),
+                  "hest: when an h5ad's X is not raw counts: refuse; raw = use its layers['counts'] or raw.X; "
+                  "expm1 = undo log1p (exact for log1p(counts / library * scale)).")
 
 
 def options_from_flags() -> build.PrepareOptions:
+    if FLAGS.samples and FLAGS.sections:
+        raise app.UsageError("give --samples or --sections, not both (they select the same thing)")
+    sections = FLAGS.samples or FLAGS.sections
     return build.PrepareOptions(
         format=FLAGS.format, input=FLAGS.input, output=FLAGS.output,
-        sections=tuple(FLAGS.sections) if FLAGS.sections else None, overwrite=FLAGS.overwrite,
+        sections=tuple(sections) if sections else None, overwrite=FLAGS.overwrite,
         tile_size=FLAGS.tile_size, target_mpp=FLAGS.target_mpp, source_mpp=FLAGS.source_mpp, edge=FLAGS.edge,
         min_tissue=FLAGS.min_tissue, colour_cast=FLAGS.colour_cast, colour_percentile=FLAGS.colour_percentile,
         stain=FLAGS.stain, stain_reference=FLAGS.stain_reference, gene_filter=FLAGS.gene_filter,
@@ -85,6 +107,7 @@ def options_from_flags() -> build.PrepareOptions:
         log_base=FLAGS.log_base, workers=FLAGS.workers, missing_counts=FLAGS.missing_counts, min_umi=FLAGS.min_umi,
         image=tuple(FLAGS.image), section_name=tuple(FLAGS.section_name), patient=tuple(FLAGS.patient),
         skip_unreadable=FLAGS.skip_unreadable, thumbnail_px=FLAGS.thumbnail_px,
+        pseudo_spot_um=FLAGS.pseudo_spot_um, hest_normalised=FLAGS.hest_normalised,
     )
 
 

@@ -5,15 +5,17 @@
 # (histospace_jax/distributed.py), and only process 0 writes results. --dry-run prints the commands.
 #
 #   launch/gpu_box.sh --hosts gpu1[,gpu2,...] --data /data/her2st_store [--ae-store DIR] [--workdir DIR]
-#       [--results ./results/gpu] [--config configs/loo.py] [--port 12355] [--dry-run] [-- --config.KEY=VALUE ...]
+#       [--results ./results/gpu] [--config configs/loo.py] [--port 12355] [--stage-data] [--dry-run]
+#       [-- --config.KEY=VALUE ...]
 #
 # --data and --workdir are paths on the machines (a shared filesystem when there are several: Orbax
-# checkpoints from every process go to one directory). A gs:// --data is copied to /tmp/data first.
+# checkpoints from every process go to one directory). A gs:// or s3:// --data is read in place; --stage-data
+# copies it to /tmp/data on every machine first.
 set -euo pipefail
 
 HOSTS="" DATA="" AE_STORE="" WORKDIR="/tmp/histospace_run" RESULTS="./results/gpu" CONFIG="configs/loo.py"
-PORT=12355 DRY=0 EXTRA=()
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+PORT=12355 DRY=0 STAGE=0 EXTRA=()
+usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 # --dry-run anywhere (even after --) means dry run: never start machines by accident.
 ARGV=(); for a in "$@"; do if [[ "$a" == "--dry-run" ]]; then DRY=1; else ARGV+=("$a"); fi; done
 set -- "${ARGV[@]+"${ARGV[@]}"}"
@@ -26,6 +28,7 @@ while [[ $# -gt 0 ]]; do
     --results) RESULTS="$2"; shift 2;;
     --config) CONFIG="$2"; shift 2;;
     --port) PORT="$2"; shift 2;;
+    --stage-data) STAGE=1; shift;;
     -h|--help) usage 0;;
     --) shift; EXTRA=("$@"); break;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2;;
@@ -37,8 +40,8 @@ N=${#HOST_LIST[@]}
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 run() { if [[ $DRY == 1 ]]; then printf '%q ' "$@"; echo; else "$@"; fi; }
 
-stage() {  # $1 = store; sets STAGED to the path on the machines
-  if [[ "$1" == gs://* ]]; then
+stage() {  # $1 = store; sets STAGED to the path or URL the machines read
+  if [[ "$1" == gs://* || "$1" == s3://* ]] && [[ $STAGE == 1 ]]; then
     for h in "${HOST_LIST[@]}"; do run ssh "$h" "mkdir -p /tmp/data && gcloud storage cp -r '$1' /tmp/data/"; done
     STAGED="/tmp/data/$(basename "${1%/}")"
   else

@@ -5,19 +5,21 @@
 #
 #   launch/tpu_vm.sh --name hs-1 --zone us-central2-b --accelerator v4-8 \
 #       --data gs://BUCKET/her2st_store [--ae-store gs://BUCKET/bach_store] [--results ./results/hs-1] \
-#       [--config configs/loo.py] [--project P] [--version tpu-ubuntu2204-base] [--keep] [--dry-run] \
-#       [-- --config.train.epochs=20 ...]
+#       [--config configs/loo.py] [--project P] [--version tpu-ubuntu2204-base] [--stage-data] [--keep] \
+#       [--dry-run] [-- --config.train.epochs=20 ...]
 #
-# Data: a gs:// store is copied to each worker's local disk (/tmp/data/...) with `gcloud storage cp`; a local
-# directory is copied up with `gcloud compute tpus tpu-vm scp`. Pods (--pod) mount --bucket with gcsfuse at
-# /mnt/gcs on every worker and use /mnt/gcs/<name> as the shared workdir (Orbax checkpoints are written by all
-# workers into one directory). Every worker runs the same command; jax.distributed.initialize() auto-detects
-# the pod (--config.distributed.mode=on), and only worker 0 writes results.json and logs.
+# Data: a gs:// (or s3://) store is read in place by every worker (tensorstore's kvstore drivers, with the VM's
+# service account); --stage-data copies it to each worker's local disk (/tmp/data/...) with `gcloud storage cp`
+# first. A local directory is always copied up with `gcloud compute tpus tpu-vm scp`. Pods (--pod) mount
+# --bucket with gcsfuse at /mnt/gcs on every worker and use /mnt/gcs/<name> as the shared workdir (Orbax
+# checkpoints are written by all workers into one directory). Every worker runs the same command;
+# jax.distributed.initialize() auto-detects the pod (--config.distributed.mode=on), and only worker 0 writes
+# results.json and logs.
 set -euo pipefail
 
 NAME="" ZONE="" ACCEL="v4-8" VERSION="tpu-ubuntu2204-base" PROJECT="" DATA="" AE_STORE="" CONFIG="configs/loo.py"
-RESULTS="" KEEP=0 DRY=0 POD=0 BUCKET="" EXTRA=()
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+RESULTS="" KEEP=0 DRY=0 POD=0 BUCKET="" STAGE=0 EXTRA=()
+usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 # --dry-run anywhere (even after --) means dry run: never start machines by accident.
 ARGV=(); for a in "$@"; do if [[ "$a" == "--dry-run" ]]; then DRY=1; else ARGV+=("$a"); fi; done
 set -- "${ARGV[@]+"${ARGV[@]}"}"
@@ -34,6 +36,7 @@ while [[ $# -gt 0 ]]; do
     --results) RESULTS="$2"; shift 2;;
     --bucket) BUCKET="$2"; shift 2;;
     --pod) POD=1; shift;;
+    --stage-data) STAGE=1; shift;;
     --keep) KEEP=1; shift;;
     -h|--help) usage 0;;
     --) shift; EXTRA=("$@"); break;;
@@ -53,9 +56,13 @@ run() {  # prints the command (dry run) or runs it
 on_all() { run "${GC[@]}" ssh "$NAME" "${LOC[@]}" --worker=all --command "$1"; }
 
 STAGED=""
-stage_data() {  # $1 = store (gs:// or local dir); sets STAGED to the path the workers read
+stage_data() {  # $1 = store (URL or local dir); sets STAGED to the path or URL the workers read
   local src="$1" base; base="$(basename "${src%/}")"
-  if [[ "$src" == gs://* ]]; then
+  if [[ "$src" == gs://* || "$src" == s3://* ]] && [[ $STAGE == 0 ]]; then
+    STAGED="${src%/}"  # read in place: no copy, no local disk needed
+    return
+  fi
+  if [[ "$src" == gs://* || "$src" == s3://* ]]; then
     on_all "mkdir -p /tmp/data && gcloud storage cp -r '$src' /tmp/data/"
   else
     on_all "mkdir -p /tmp/data"

@@ -21,7 +21,7 @@ PACKAGE = os.path.join(REPO_ROOT, "histospace_jax")
 LAYERS = [
     {"errors", "atomic", "layers", "stats", "config"},
     {"models", "losses", "metrics", "console", "metric_log", "distributed"},
-    {"steps", "plots", "data", "ingest", "checkpointing", "preemption", "workdir"},
+    {"steps", "plots", "data", "ingest", "checkpointing", "preemption", "workdir", "spatial_anndata"},
     {"builders", "features", "datasets", "evaluation", "clustering", "controls"},
     {"loop"},
     {"autoencoder", "folds", "model_export"},

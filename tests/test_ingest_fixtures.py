@@ -47,6 +47,26 @@ def write_gz(path: str, text: str) -> None:
         f.write(text.encode())
 
 
+def write_10x_h5(path: str, counts: np.ndarray, barcodes, ids, names, types) -> None:
+    """A Space Ranger filtered_feature_bc_matrix.h5: `counts` [genes, barcodes] stored as its CSC matrix."""
+    import h5py
+
+    data, indices, indptr = [], [], [0]
+    for c in range(counts.shape[1]):
+        nz = np.flatnonzero(counts[:, c])
+        data += counts[nz, c].tolist()
+        indices += nz.tolist()
+        indptr.append(len(data))
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        g["barcodes"] = np.asarray(barcodes, dtype="S")
+        g["data"], g["indices"], g["indptr"] = np.array(data, np.int32), np.array(indices), np.array(indptr)
+        g["shape"] = np.array(counts.shape, np.int32)
+        fg = g.create_group("features")
+        fg["id"], fg["name"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
+        fg["feature_type"] = np.array(types, dtype="S")
+
+
 def st_grid(n_x: int, n_y: int, step: float, origin: float):
     """Spot grid of the ST platform: array (x, y) in 1..n and pixel centres `origin + (a - 1) * step`."""
     xs, ys = np.meshgrid(np.arange(1, n_x + 1), np.arange(1, n_y + 1), indexing="ij")

@@ -74,3 +74,23 @@ def test_bach_patches(shared_data, tmp_path):
     assert (slide_io.tissue_fraction(store.tiles[:]) >= 0.5).mean() > 0.9
     srcs = plain_images.discover(inp, None)
     assert len(srcs) == 37 and srcs[0].extra["label"] == ""  # the README's thirty-seven patches
+
+
+def test_scale_from_the_images_own_metadata(tmp_path):
+    """Without --source_mpp, each image's own resolution tags give its scale; an image without them is refused,
+    naming the file and the flag, and no store is left behind."""
+    import tifffile
+
+    inp = tmp_path / "imgs" / "Benign"
+    os.makedirs(inp)
+    pixels = synth_he(256, 256, tissue=(0, 0, 256, 256))
+    # 0.5 um/px as TIFF resolution: 20,000 pixels per centimetre.
+    tifffile.imwrite(inp / "a.tif", pixels, resolution=(20000.0, 20000.0), resolutionunit="CENTIMETER")
+    rep = build.prepare(_opts(tmp_path / "imgs", tmp_path / "store", source_mpp=None))
+    info = open_store(tmp_path / "store").manifest["sections"][0]
+    assert info["source_microns_per_pixel"] == pytest.approx(0.5) and "metadata" in info["source_mpp_method"]
+    assert info["source_tile_px"] == 64 and rep["n_spots"] == 16  # 64-px boxes, as with --source_mpp=0.5
+    Image.fromarray(pixels).save(inp / "b.png")  # PNG without a physical scale
+    with pytest.raises(IngestError, match=r"b\.png.*--source_mpp"):
+        build.prepare(_opts(tmp_path / "imgs", tmp_path / "store2", source_mpp=None))
+    assert not os.path.exists(tmp_path / "store2")

@@ -13,7 +13,7 @@ from PIL import Image
 from histospace_jax.data import open_store
 from histospace_jax.ingest import build, visium
 from histospace_jax.ingest.common import IngestError
-from tests.test_ingest_fixtures import FIXTURE_MIN_UMI, synth_he, write_gz
+from tests.test_ingest_fixtures import FIXTURE_MIN_UMI, synth_he, write_10x_h5, write_gz
 
 N_BC, N_GENES = 40, 9
 
@@ -44,20 +44,8 @@ def _write_outs(root, *, matrix="h5", positions="v2", seed=0):
         json.dump({"spot_diameter_fullres": 40.0, "tissue_hires_scalef": 0.1}, f)
     sub = counts[:, in_matrix]
     if matrix == "h5":
-        data, indices, indptr = [], [], [0]
-        for c in range(sub.shape[1]):
-            nz = np.flatnonzero(sub[:, c])
-            data += sub[nz, c].tolist()
-            indices += nz.tolist()
-            indptr.append(len(data))
-        with h5py.File(os.path.join(root, "outs", "filtered_feature_bc_matrix.h5"), "w") as f:
-            g = f.create_group("matrix")
-            g["barcodes"] = np.array([barcodes[i] for i in in_matrix], dtype="S")
-            g["data"], g["indices"], g["indptr"] = np.array(data, np.int32), np.array(indices), np.array(indptr)
-            g["shape"] = np.array([N_GENES, len(in_matrix)], np.int32)
-            fg = g.create_group("features")
-            fg["id"], fg["name"] = np.array(ids, dtype="S"), np.array(names, dtype="S")
-            fg["feature_type"] = np.array(types, dtype="S")
+        write_10x_h5(os.path.join(root, "outs", "filtered_feature_bc_matrix.h5"), sub,
+                     [barcodes[i] for i in in_matrix], ids, names, types)
     else:
         d = os.path.join(root, "outs", "filtered_feature_bc_matrix")
         os.makedirs(d)

@@ -48,11 +48,11 @@ def test_tpu_vm_single_host_lifecycle():
     assert lines[0][5] == "hs1" and "v4-8" in lines[0] and "proj" in lines[0]
     install = _find(lines, "ssh", "--worker=all")
     assert any("pip install" in ln[-1] and "jax[tpu]" in ln[-1] for ln in install)
-    assert any("gcloud storage cp -r 'gs://bkt/her2st_store' /tmp/data/" in ln[-1] for ln in install)
+    assert not any("gcloud storage cp" in ln[-1] for ln in install)  # the store is read from the bucket
     main = [ln for ln in install if "histospace_jax.main" in ln[-1]]
     assert len(main) == 1
     cmd = main[0][-1]
-    assert "--config.data.store=/tmp/data/her2st_store" in cmd and "--config.train.epochs=7" in cmd
+    assert "--config.data.store=gs://bkt/her2st_store" in cmd and "--config.train.epochs=7" in cmd
     assert "--config.distributed.mode=auto" in cmd
     # order: create < install < run < fetch < delete
     idx = {name: next(i for i, ln in enumerate(lines) if pred(ln)) for name, pred in [
@@ -62,6 +62,14 @@ def test_tpu_vm_single_host_lifecycle():
     assert idx["create"] < idx["run"] < idx["fetch"] < idx["delete"] == len(lines) - 1
     fetch = lines[idx["fetch"]]
     assert "--worker=0" in fetch and "./results/hs1/" in fetch
+
+
+def test_tpu_vm_stage_data_copies_the_bucket_store_to_local_disk():
+    lines, _ = dry("tpu_vm.sh", "--name", "hs1", "--zone", "z", "--data", "gs://bkt/her2st_store/",
+                   "--ae-store", "gs://bkt/bach", "--stage-data")
+    _find(lines, "ssh", "--worker=all", "mkdir -p /tmp/data && gcloud storage cp -r 'gs://bkt/her2st_store/' /tmp/data/")
+    main = _find(lines, "ssh", "--worker=all")[-1][-1]
+    assert "--config.data.store=/tmp/data/her2st_store" in main and "--config.ae.store=/tmp/data/bach" in main
 
 
 def test_tpu_vm_keep_and_local_data():
@@ -99,9 +107,13 @@ def test_gpu_box_single_and_multi_host():
     for i, ln in enumerate(runs):
         cmd = ln[-1]
         assert f"HISTOSPACE_PROCESS_ID={i}" in cmd and "HISTOSPACE_NUM_PROCESSES=3" in cmd
-        assert "HISTOSPACE_COORDINATOR_ADDRESS=g1:4000" in cmd and "--config.data.store=/tmp/data/s" in cmd
+        assert "HISTOSPACE_COORDINATOR_ADDRESS=g1:4000" in cmd and "--config.data.store=gs://b/s" in cmd
     assert "-f" in runs[0] and "-f" not in runs[-1]  # all but the last start in the background
     _find(lines, "scp", "-r", "g1:/tmp/histospace_run/results.json")
+    lines, _ = dry("gpu_box.sh", "--hosts", "g1,g2", "--data", "gs://b/s", "--stage-data")
+    copies = [ln for ln in lines if ln[0] == "ssh" and "gcloud storage cp -r 'gs://b/s' /tmp/data/" in ln[-1]]
+    runs = [ln for ln in lines if ln[0] == "ssh" and "histospace_jax.main" in ln[-1]]
+    assert len(copies) == 2 and all("--config.data.store=/tmp/data/s" in ln[-1] for ln in runs)
 
 
 @pytest.mark.parametrize("script", ["tpu_vm.sh", "tpu_pod.sh", "gpu_box.sh"])

@@ -85,7 +85,17 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["spot_id"] for r in rows] == [f"s{k}" for k in range(len(centres))]
     assert all(np.isfinite(float(r[g])) for r in rows for g in ("G1", "G2", "G3", "G4"))
-    assert (out / "overlay_G2.png").exists() and (out / "predictions.h5ad").exists()
+    assert (out / "overlay_G2.png").exists()
+    # The .h5ad in scanpy's spatial layout: the same predictions, spot centres, and the slide as hires image.
+    import anndata
+
+    ad = anndata.read_h5ad(out / "predictions.h5ad")
+    assert list(ad.obs["spot_id"]) == [r["spot_id"] for r in rows] and list(ad.var_names) == ["G1", "G2", "G3", "G4"]
+    np.testing.assert_allclose(ad.X, [[float(r[g]) for g in ad.var_names] for r in rows], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ad.obsm["spatial"], np.asarray(centres, float))
+    lib = ad.uns["spatial"]["slide"]
+    scale = lib["scalefactors"]["tissue_hires_scalef"]
+    assert lib["images"]["hires"].shape[:2] == (round(80 * scale), round(96 * scale))
 
 
 def test_external_mode_on_two_stores(stores, tmp_path):

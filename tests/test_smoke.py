@@ -59,6 +59,14 @@ def test_smoke_loo_end_to_end_and_rerun_resumes(tmp_path):
     results2 = json.loads((workdir / "results.json").read_text())
     assert results2["folds"] == results["folds"]
 
+    # The held-out predictions as AnnData for scanpy/squidpy: X beside the truth, each section on its image.
+    anndata = pytest.importorskip("anndata")
+    a = anndata.read_h5ad(workdir / "predictions.h5ad")
+    held = (a.obs["fold"] == f0["held_out"]).to_numpy()
+    np.testing.assert_allclose(a.X[held], preds[f"pred_{f0['held_out']}"], rtol=1e-6)
+    np.testing.assert_allclose(a.layers["truth"], expr[a.obs["store_row"].to_numpy()], rtol=1e-6)
+    assert set(a.uns["spatial"]) == set(a.obs["section"]) and a.obsm["spatial"].shape == (a.n_obs, 2)
+
 
 @pytest.mark.subprocess
 def test_unknown_config_key_is_rejected(tmp_path):

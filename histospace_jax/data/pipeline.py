@@ -8,14 +8,13 @@ per-epoch shuffling, batching and sharding by JAX process; their iterator state 
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from histospace_jax.data.store import open_store
+from histospace_jax.data.store import normalise_location, open_store
 from histospace_jax.distributed import ProcessSliceSampler
 
 
@@ -23,11 +22,12 @@ class LazyStoreColumn:
     """`tiles` or `expression` of a store, opened on first access in each process.
 
     Grain worker processes receive a pickled copy; opening there (rather than pickling a TensorStore handle)
-    keeps workers independent.
+    keeps workers independent. A URL store is read from the URL by every worker, except `memory://`, whose data
+    exists only in the process that wrote it (use worker_count=0 with it).
     """
 
     def __init__(self, store_path: str, column: str):
-        self.store_path = os.path.abspath(store_path)
+        self.store_path = normalise_location(store_path)
         self.column = column
         self._view = None
 

@@ -1,6 +1,6 @@
-"""The tile store: the one on-disk format every dataset is converted into.
+"""The tile store: the one format every dataset is converted into, on local disk or in an object store.
 
-Layout of a store directory::
+Layout of a store (a directory, or a prefix of `gs://`, `s3://`, `file://` or `memory://` URL)::
 
     manifest.json   genes, tile size, expression normalisation, microns per pixel, provenance
     tiles/          zarr v3 array, uint8 [N, T, T, 3]
@@ -8,17 +8,23 @@ Layout of a store directory::
     obs.csv         one row per spot: spot_id, section, patient, array_x, array_y, pixel_x, pixel_y, label
                     [, library_size, n_genes_detected: sequencing depth, in spot stores written since they exist]
 
-Stores are written through `StoreWriter`, which builds the store under a temporary sibling path and renames it
-into place only when `close()` succeeds, so a reader never sees a half-written store.
+Every file is read and written through a tensorstore kvstore built from the location (`kvstore_spec`), so a
+URL works wherever a path does. Stores are written through `StoreWriter`, and a reader never sees a half-written
+one: a plain path is built under a temporary sibling directory and renamed into place by `close()`; an object
+store has no rename, so a URL store is written in place with the manifest LAST, as the commit, and `open_store`
+refuses a store whose manifest is missing. `memory://` stores live as long as the process (tests).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import os
+import re
 import shutil
+import tempfile
 import uuid
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -61,8 +67,122 @@ class StoreError(BadInputError):
     """A tile store is missing, malformed or inconsistent; the message names the file and the fix."""
 
 
-def _spec(path: str, name: str) -> dict:
-    return {"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(path, name)}}
+# URL scheme -> tensorstore kvstore driver. gs:// and s3:// use the machine's default credentials (gcloud
+# application-default login / the VM's service account; the AWS credential chain).
+URL_DRIVERS = {"gs": "gcs", "s3": "s3", "file": "file", "memory": "memory"}
+_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$", re.DOTALL)
+# Keys only a tile store has: their presence tells a store (committed or not) from an empty or foreign prefix.
+_STORE_KEYS = (MANIFEST, "tiles/zarr.json", "expression/zarr.json", OBS_FILE)
+# One tensorstore context for the process: `memory://` data is held by the context, so every open must share it
+# (and object-store connections are pooled).
+_CONTEXT = ts.Context()
+
+
+def is_url(location: str | os.PathLike) -> bool:
+    """True for `scheme://...` locations (any scheme: unsupported ones are refused by `kvstore_spec`)."""
+    return bool(_URL.match(os.fspath(location)))
+
+
+def normalise_location(location: str | os.PathLike) -> str:
+    """The canonical form of a store location: an absolute path, or a URL without trailing slashes (a relative
+    `file://` path made absolute). Never mangles a URL the way os.path.abspath would."""
+    location = os.fspath(location)
+    m = _URL.match(location)
+    if not m:
+        return os.path.abspath(location)
+    scheme, rest = m.group(1).lower(), m.group(2)
+    # os.path.abspath also drops trailing slashes; a relative file:// path would otherwise depend on the cwd of
+    # whichever process (a Grain worker) opens it.
+    rest = os.path.abspath(rest or ".") if scheme == "file" else rest.rstrip("/")
+    return f"{scheme}://{rest}"
+
+
+def join_location(location: str, name: str) -> str:
+    """`location`/`name`, for messages and for locating a store's members."""
+    if not is_url(location):
+        return os.path.join(location, name)
+    return location + name if location.endswith("/") else f"{location}/{name}"
+
+
+def location_name(location: str | os.PathLike) -> str:
+    """The last component of a path or URL (`gs://bucket/stores/her2st/` -> `her2st`)."""
+    location = os.fspath(location)
+    m = _URL.match(location)
+    if m:
+        return m.group(2).rstrip("/").rsplit("/", 1)[-1]
+    return os.path.basename(os.path.normpath(location))
+
+
+def kvstore_spec(location: str | os.PathLike, prefix: str = "") -> dict:
+    """The tensorstore kvstore spec of `prefix` ("" = the store's root, "tiles/" = its tiles array) inside the
+    store at `location` (a path or a gs://, s3://, file://, memory:// URL). Builds the spec only: no I/O."""
+    location = normalise_location(location)
+    m = _URL.match(location)
+    if not m:
+        return {"driver": "file", "path": _dir_path(location) + prefix}
+    scheme, rest = m.group(1), m.group(2)
+    driver = URL_DRIVERS.get(scheme)
+    if driver is None:
+        raise StoreError(f"{location}: unsupported URL scheme {scheme}://; a tile store lives at a local path or a "
+                         f"{', '.join(s + '://' for s in URL_DRIVERS)} URL.")
+    if driver in ("gcs", "s3"):
+        bucket, _, path = rest.partition("/")
+        if not bucket:
+            raise StoreError(f"{location}: no bucket name; write {scheme}://BUCKET/PATH/TO/STORE.")
+        return {"driver": driver, "bucket": bucket, "path": _dir_path(path) + prefix}
+    return {"driver": driver, "path": _dir_path(rest) + prefix}
+
+
+def _dir_path(path: str) -> str:
+    """A kvstore path naming a directory: ends with one "/" (the root of a bucket or memory store is "")."""
+    stripped = path.rstrip("/")
+    return stripped + "/" if stripped else ("/" if path.startswith("/") else "")
+
+
+def _array_spec(location: str, name: str) -> dict:
+    return {"driver": "zarr3", "kvstore": kvstore_spec(location, name + "/")}
+
+
+def _open_kvstore(location: str) -> ts.KvStore:
+    try:
+        return ts.KvStore.open(kvstore_spec(location), context=_CONTEXT).result()
+    except StoreError:
+        raise
+    except Exception as e:  # tensorstore reports bad specs and credentials as ValueError with its own text
+        raise StoreError(f"{location}: cannot open ({e}); check the path or URL and, for gs:// or s3://, your "
+                         "credentials.") from e
+
+
+def _read_key(kv: ts.KvStore, location: str, key: str) -> bytes | None:
+    """The bytes of `key` in the store, or None when it does not exist."""
+    try:
+        result = kv.read(key).result()
+    except Exception as e:
+        raise StoreError(f"{join_location(location, key)}: cannot read ({e}); check the location and, for gs:// "
+                         "or s3://, your credentials and network.") from e
+    return result.value if result.state == "value" else None
+
+
+def _prefix_range(prefix: str) -> ts.KvStore.KeyRange:
+    """Every key starting with `prefix` (the empty prefix: every key)."""
+    if not prefix:
+        return ts.KvStore.KeyRange()
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def _key_range(key: str) -> ts.KvStore.KeyRange:
+    """Exactly the one key."""
+    return ts.KvStore.KeyRange(key, key + "\0")
+
+
+def store_exists(location: str | os.PathLike) -> bool:
+    """Whether something occupies `location`: for a path, anything; for a URL, a tile store, committed or not
+    (an object-store prefix has no existence of its own)."""
+    location = normalise_location(location)
+    if not is_url(location):
+        return os.path.exists(location)
+    kv = _open_kvstore(location)
+    return any(_read_key(kv, location, k) is not None for k in _STORE_KEYS)
 
 
 class ArrayView:
@@ -142,13 +262,15 @@ class TileStore:
         return np.array([lookup[g] for g in genes], dtype=np.int64)
 
 
-def _read_obs(path: str, n: int) -> dict[str, np.ndarray]:
-    obs_path = os.path.join(path, OBS_FILE)
+def _read_obs(kv: ts.KvStore, location: str, n: int) -> dict[str, np.ndarray]:
+    obs_path = join_location(location, OBS_FILE)
+    data = _read_key(kv, location, OBS_FILE)
+    if data is None:
+        raise StoreError(f"{obs_path}: missing spot table; the store is incomplete, prepare it again.")
     try:
-        with open(obs_path, newline="") as f:
-            rows = list(csv.reader(f))
-    except OSError as e:
-        raise StoreError(f"{obs_path}: cannot read spot table ({e}); the store is incomplete, prepare it again.") from e
+        rows = list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise StoreError(f"{obs_path}: cannot read spot table ({e}); the store is damaged, prepare it again.") from e
     if not rows:
         raise StoreError(f"{obs_path}: empty spot table; prepare the store again.")
     header, body = rows[0], rows[1:]
@@ -184,23 +306,27 @@ def _parses(value: str, dtype) -> bool:
 
 
 def open_store(path: str | os.PathLike) -> TileStore:
-    """Opens the tile store at `path` for reading."""
+    """Opens the tile store at `path` (a directory, or a gs://, s3://, file://, memory:// URL) for reading."""
     path = os.fspath(path)
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isdir(path):
+    if is_url(path):
+        path = normalise_location(path)
+    elif not os.path.isdir(path):
         raise StoreError(f"{path}: no such tile store. Create one with `python -m histospace_jax.prepare` or use the demo.")
+    manifest_path = join_location(path, MANIFEST)
+    kv = _open_kvstore(path)
+    raw = _read_key(kv, path, MANIFEST)
+    if raw is None:
+        _refuse_without_manifest(kv, path)
     try:
-        with open(manifest_path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError as e:
-        raise StoreError(f"{manifest_path}: missing; {path} is not a tile store (or was never finished). Prepare it again.") from e
-    except json.JSONDecodeError as e:
+        manifest = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{manifest_path}: not valid JSON ({e}); prepare the store again.") from e
-    if manifest.get("format") != FORMAT_NAME:
-        raise StoreError(f"{manifest_path}: format {manifest.get('format')!r} is not {FORMAT_NAME!r}.")
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StoreError(f"{manifest_path}: format {found!r} is not {FORMAT_NAME!r}.")
     try:
-        tiles = ts.open(_spec(path, "tiles"), read=True).result()
-        expression = ts.open(_spec(path, "expression"), read=True).result()
+        tiles = ts.open(_array_spec(path, "tiles"), read=True, context=_CONTEXT).result()
+        expression = ts.open(_array_spec(path, "expression"), read=True, context=_CONTEXT).result()
     except Exception as e:  # tensorstore raises ValueError subclasses with its own text
         raise StoreError(f"{path}: cannot open tiles/ or expression/ ({e}); prepare the store again.") from e
     n = int(tiles.shape[0])
@@ -210,9 +336,24 @@ def open_store(path: str | os.PathLike) -> TileStore:
         raise StoreError(
             f"{path}: expression/ has {expression.shape[1]} columns but manifest lists {len(manifest['genes'])} genes."
         )
-    obs = _read_obs(path, n)
-    return TileStore(path, manifest, ArrayView(tiles, os.path.join(path, "tiles")),
-                     ArrayView(expression, os.path.join(path, "expression")), obs)
+    obs = _read_obs(kv, path, n)
+    return TileStore(path, manifest, ArrayView(tiles, join_location(path, "tiles")),
+                     ArrayView(expression, join_location(path, "expression")), obs)
+
+
+def _refuse_without_manifest(kv: ts.KvStore, location: str) -> None:
+    """Raises the right StoreError for a location without a manifest: nothing there, or an unfinished store."""
+    manifest_path = join_location(location, MANIFEST)
+    if any(_read_key(kv, location, k) is not None for k in _STORE_KEYS[1:]):
+        # The manifest is the commit of a store: written last, so its absence means the writer never finished.
+        raise StoreError(f"{manifest_path}: missing, but {location} holds tile data: a prepare writing it was "
+                         "interrupted and never committed it (the manifest is written last). Re-run prepare with "
+                         "--overwrite to replace it.")
+    if is_url(location):
+        raise StoreError(f"{location}: no such tile store (no manifest.json or tiles/ under it). Check the URL, or "
+                         "create one with `python -m histospace_jax.prepare --output=URL`.")
+    raise StoreError(f"{manifest_path}: missing; {location} is not a tile store (or was never finished). "
+                     "Prepare it again.")
 
 
 def _format_obs_value(v) -> str:
@@ -224,11 +365,16 @@ def _format_obs_value(v) -> str:
 class StoreWriter:
     """Builds a tile store section by section in bounded memory.
 
-        with StoreWriter(path, genes=genes, manifest={...}) as w:
+        with StoreWriter(path_or_url, genes=genes, manifest={...}) as w:
             w.append(tiles, expression, obs)   # any number of times
-        # the store appears at `path` only after a clean exit from the block
+        # the store is visible at `path_or_url` only after a clean exit from the block
 
-    An exception inside the block removes the temporary directory and leaves `path` untouched.
+    `tmp_path` is a local directory whose files become files of the store on `close()` (ingest puts its report
+    there). A plain path is built in a temporary sibling directory (tmp_path itself) that `close()` renames into
+    place; an exception removes it and leaves `path` untouched. A URL store is written in place, its small files
+    staged in tmp_path and uploaded by `close()`, which writes the manifest last: until then `open_store` refuses
+    it. An exception removes what was written. Overwriting a URL store removes the old one when the writer starts
+    (an object store cannot swap two prefixes), so a failed overwrite leaves no store, never a half-written one.
     """
 
     def __init__(
@@ -241,8 +387,9 @@ class StoreWriter:
         overwrite: bool = False,
         extra_obs: Sequence[str] = (),
     ):
-        self.path = os.path.abspath(os.fspath(path))
-        if os.path.exists(self.path) and not overwrite:
+        self.path = normalise_location(path)
+        self.is_url = is_url(self.path)
+        if not overwrite and store_exists(self.path):
             raise StoreError(f"{self.path}: already exists. Pass overwrite (prepare --overwrite) to replace it.")
         unknown = [c for c in extra_obs if c not in OPTIONAL_OBS]
         if unknown or len(set(extra_obs)) != len(extra_obs):
@@ -259,14 +406,23 @@ class StoreWriter:
         self.tile_size = int(tile_size)
         self.overwrite = overwrite
         self._manifest = dict(manifest or {})
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp_path = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:8]}")
-        os.makedirs(self.tmp_path)
+        if self.is_url:
+            self._kv = _open_kvstore(self.path)
+            if overwrite:
+                _remove_url_store(self._kv, self.path)
+            self._build_at = self.path
+            self.tmp_path = tempfile.mkdtemp(prefix=f"histospace-store-{location_name(self.path)}-")
+        else:
+            parent = os.path.dirname(self.path)
+            os.makedirs(parent, exist_ok=True)
+            self.tmp_path = os.path.join(parent, f".{os.path.basename(self.path)}.tmp-{uuid.uuid4().hex[:8]}")
+            os.makedirs(self.tmp_path)
+            self._build_at = self.tmp_path
+            self._kv = _open_kvstore(self.tmp_path)
         t = self.tile_size
         self._tiles = ts.open(
             {
-                **_spec(self.tmp_path, "tiles"),
+                **_array_spec(self._build_at, "tiles"),
                 "metadata": {
                     "shape": [0, t, t, 3],
                     "data_type": "uint8",
@@ -283,11 +439,12 @@ class StoreWriter:
                 },
             },
             create=True,
+            context=_CONTEXT,
         ).result()
         g = len(genes)
         self._expr = ts.open(
             {
-                **_spec(self.tmp_path, "expression"),
+                **_array_spec(self._build_at, "expression"),
                 "metadata": {
                     "shape": [0, g],
                     "data_type": "float32",
@@ -296,6 +453,7 @@ class StoreWriter:
                 },
             },
             create=True,
+            context=_CONTEXT,
         ).result()
         self._obs_file = open(os.path.join(self.tmp_path, OBS_FILE), "w", newline="")
         self._obs_writer = csv.writer(self._obs_file)
@@ -374,7 +532,7 @@ class StoreWriter:
         self._manifest.update(entries)
 
     def close(self) -> str:
-        """Writes the manifest and moves the finished store into place; returns its path."""
+        """Writes the manifest (the commit) and makes the finished store visible; returns its location."""
         if self._closed:
             return self.path
         self._obs_file.close()
@@ -390,15 +548,36 @@ class StoreWriter:
             **self._manifest,
         }
         manifest.setdefault("synthetic", False)
-        with open(os.path.join(self.tmp_path, MANIFEST), "w") as f:
-            json.dump(manifest, f, indent=1)
-        _replace_dir(self.tmp_path, self.path, self.overwrite)
+        manifest_bytes = json.dumps(manifest, indent=1).encode()
+        if self.is_url:
+            try:
+                for future in [self._kv.write(key, _file_bytes(full)) for key, full in _staged_files(self.tmp_path)]:
+                    future.result()
+                self._kv.write(MANIFEST, manifest_bytes).result()
+            except Exception as e:
+                self.abort()
+                raise StoreError(f"{self.path}: writing the store failed ({e}); nothing was committed. Check "
+                                 "the URL, credentials and network, then prepare again.") from e
+            shutil.rmtree(self.tmp_path, ignore_errors=True)
+        else:
+            self._kv.write(MANIFEST, manifest_bytes).result()
+            _replace_dir(self.tmp_path, self.path, self.overwrite)
         self._closed = True
         return self.path
 
     def abort(self) -> None:
+        """Removes everything this writer wrote; a store that existed before is untouched (plain paths)."""
         if not self._obs_file.closed:
             self._obs_file.close()
+        if self.is_url:
+            # Best effort: the manifest was never written, so anything left behind is refused by open_store.
+            try:
+                futures = [self._kv.delete_range(_key_range(key)) for key, _ in _staged_files(self.tmp_path)]
+                futures += [self._kv.delete_range(_prefix_range(p)) for p in ("tiles/", "expression/")]
+                for future in futures:
+                    future.result()
+            except Exception:
+                pass
         shutil.rmtree(self.tmp_path, ignore_errors=True)
         self._closed = True
 
@@ -410,6 +589,37 @@ class StoreWriter:
             self.close()
         else:
             self.abort()
+
+
+def _staged_files(directory: str) -> list[tuple[str, str]]:
+    """(store key, local file) of every file under a writer's local directory, the manifest excepted (it is the
+    commit, written by close() alone)."""
+    out = []
+    for root, _, names in os.walk(directory):
+        for name in sorted(names):
+            full = os.path.join(root, name)
+            key = os.path.relpath(full, directory).replace(os.sep, "/")
+            if key != MANIFEST:
+                out.append((key, full))
+    return out
+
+
+def _file_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _remove_url_store(kv: ts.KvStore, location: str) -> None:
+    """Deletes the tile store at a URL: its manifest first, so no reader sees it half deleted. A prefix holding
+    no tile store is left alone (it may hold other data)."""
+    if not any(_read_key(kv, location, k) is not None for k in _STORE_KEYS):
+        return
+    try:
+        kv.delete_range(_key_range(MANIFEST)).result()
+        kv.delete_range(_prefix_range("")).result()
+    except Exception as e:
+        raise StoreError(f"{location}: cannot remove the existing store to overwrite it ({e}); check your "
+                         "permissions on it, or write to another URL.") from e
 
 
 def _replace_dir(src: str, dst: str, overwrite: bool) -> None:

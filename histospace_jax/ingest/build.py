@@ -5,10 +5,13 @@ all spots of the job (every patient's, so a later leave-one-patient-out's held-o
 manifest says so under gene_selection.pooled_over), and to settle which spots are kept (missing counts, empty
 libraries, libraries below --min_umi, tiles leaving the image) together with each slide's scale and image hash.
 Spot stores keep each spot's depth in obs (library_size, n_genes_detected, both over all genes of the raw
-matrix). Pass 2 reads each slide image once, removes its colour cast, normalises its stains, cuts the tiles, and
-appends the section to a `StoreWriter`. One slide is in memory per worker (default one worker); with --workers=N,
-N sections are processed at once in spawned processes and appended in input order, so the store does not depend
-on the worker count.
+matrix). Pass 2 opens each slide (`wsi.open_slide`: plain images are decoded whole, TIFF / OME-TIFF / SVS slides
+are read region by region from the pyramid level nearest the tiles' scale), fits its colour cast and stains on a
+pixel sample (from a low level of large slides), cuts the crops in batches, normalises them and appends the section
+to a `StoreWriter`; its report thumbnail comes from a low level. Memory per worker is a batch of crops plus the
+section's tiles (and a plain image's pixels); with --workers=N, N sections are processed at once in spawned
+processes and appended in input order, so the store does not depend on the worker count. Sections that take long
+print progress lines with rate and ETA on stderr.
 """
 
 from __future__ import annotations
@@ -25,14 +28,16 @@ import sys
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
+from histospace_jax import console
+from histospace_jax.data import store as store_location
 from histospace_jax.data.store import StoreWriter
-from histospace_jax.ingest import (colour, expression, her2st, plain_images, slide_io, stain, stnet, store_report,
-                                   visium)
+from histospace_jax.ingest import (colour, expression, her2st, hest, plain_images, slide_io, stain, stnet,
+                                   store_report, visium)
 from histospace_jax.ingest.common import IngestError, SectionSource, SectionTable
+from histospace_jax.ingest.wsi import open_slide
 
-FORMATS = ("stnet", "her2st", "visium", "images")
+FORMATS = ("stnet", "her2st", "visium", "hest", "images")
 EDGE_MODES = ("pad", "drop")
 DEFAULT_TILE_UM = 100.0  # default tile side in micrometres: one ST spot diameter (100 um)
 DEFAULT_MIN_TISSUE_IMAGES = 0.5
@@ -84,10 +89,22 @@ class PrepareOptions:
     source_mpp: float | None = None
     skip_unreadable: bool = False
     thumbnail_px: int = 1024
+    # Visium HD: side of the pseudo-spots bins are summed into; None: the tile footprint. Given alone, the tile
+    # footprint follows it (one tile spans one pseudo-spot).
+    pseudo_spot_um: float | None = None
+    hest_normalised: str = "refuse"  # one of hest.NORMALISED_POLICIES: an h5ad whose X is not raw counts
 
     @property
     def resolved_target_mpp(self) -> float:
-        return float(self.target_mpp) if self.target_mpp else DEFAULT_TILE_UM / self.tile_size
+        if self.target_mpp:
+            return float(self.target_mpp)
+        if self.pseudo_spot_um:
+            return float(self.pseudo_spot_um) / self.tile_size
+        return DEFAULT_TILE_UM / self.tile_size
+
+    @property
+    def resolved_pseudo_spot_um(self) -> float:
+        return float(self.pseudo_spot_um) if self.pseudo_spot_um else self.resolved_target_mpp * self.tile_size
 
     @property
     def resolved_min_tissue(self) -> float:
@@ -115,10 +132,18 @@ def validate(opts: PrepareOptions) -> None:
         (int(opts.min_umi) == opts.min_umi and opts.min_umi >= 0,
          f"--min_umi={opts.min_umi}: a whole number of UMIs >= 0 (0 or 1 keeps every non-empty spot)."),
         (not (opts.gene_filter == "list" and not opts.gene_list), "--gene_filter=list needs --gene_list=FILE."),
-        (opts.format != "images" or bool(opts.source_mpp),
-         "--format=images needs --source_mpp (the images' microns per pixel; BACH/ICIAR-2018 is 0.42)."),
         (opts.format != "visium" or bool(opts.image),
          "--format=visium needs --image=FULL_RES_HE (Space Ranger does not keep the full-resolution image)."),
+        (opts.hest_normalised in hest.NORMALISED_POLICIES,
+         f"--hest_normalised={opts.hest_normalised!r}: use one of {hest.NORMALISED_POLICIES}."),
+        (opts.pseudo_spot_um is None or opts.pseudo_spot_um > 0, f"--pseudo_spot_um={opts.pseudo_spot_um}: must be "
+                                                                 "positive."),
+        (opts.pseudo_spot_um is None or opts.format == "visium",
+         f"--pseudo_spot_um applies to --format=visium (Visium HD binned outputs), not --format={opts.format}."),
+        (not (opts.pseudo_spot_um and opts.target_mpp)
+         or abs(opts.target_mpp * opts.tile_size - opts.pseudo_spot_um) <= 1e-6 * opts.pseudo_spot_um,
+         f"--pseudo_spot_um={opts.pseudo_spot_um} and --target_mpp={opts.target_mpp} x --tile_size={opts.tile_size} "
+         "disagree: a tile spans one pseudo-spot. Give only --pseudo_spot_um (the tiles follow it)."),
     ]
     for ok, message in checks:
         if not ok:
@@ -139,8 +164,11 @@ def discover(opts: PrepareOptions) -> list[SectionSource]:
         return stnet.discover(opts.input, sections)
     if opts.format == "images":
         return plain_images.discover(opts.input, sections)
+    if opts.format == "hest":
+        return hest.discover(opts.input, sections)
     inputs = [p for p in opts.input.split(",") if p]
-    srcs = visium.discover(inputs, list(opts.image), list(opts.section_name) or None, list(opts.patient) or None)
+    srcs = visium.discover(inputs, list(opts.image), list(opts.section_name) or None, list(opts.patient) or None,
+                           pseudo_spot_um=opts.pseudo_spot_um)
     if sections:
         srcs = [s for s in srcs if s.section in sections]
     return srcs
@@ -152,15 +180,9 @@ def _gene_map(path: str | None):
 
 
 def image_size(path: str) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError as e:
-        raise IngestError(f"{path}: image not found; check the release layout (or --image).") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise IngestError(f"{path}: unreadable image ({e}); download or re-export it, or leave the section out "
-                          "with --sections.") from e
+    """(width, height) of level 0, from the image's header or the slide's directory, without decoding pixels."""
+    with open_slide(path) as slide:
+        return slide.width, slide.height
 
 
 @dataclasses.dataclass
@@ -192,8 +214,11 @@ def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
         table = her2st.read_section(src, **kw)
     elif src.format == "stnet":
         table = stnet.read_section(src, **kw)
+    elif src.format == "hest":
+        table = hest.read_section(src, normalised=opts.hest_normalised, **kw)
     else:
-        table = visium.read_section(src, use_ids=opts.gene_ids == "ensembl", **kw)
+        table = visium.read_section(src, use_ids=opts.gene_ids == "ensembl",
+                                    pseudo_spot_um=opts.resolved_pseudo_spot_um, **kw)
     where = f"section {src.section} ({src.files.get('counts', src.files.get('h5', src.files.get('mtx', '')))})"
     detected = table.genes_detected()  # of the raw matrix: before harmonise merges genes sharing an ID
     counts, gene_info = expression.harmonise(table.counts, table.notes["native_ids"], opts.gene_ids,
@@ -211,9 +236,8 @@ def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
         table, lib = _subset(table, deep), lib[deep]
 
     width, height = image_size(src.image_path)
-    outside = ~((table.pixel_x >= 0) & (table.pixel_x < width) & (table.pixel_y >= 0) & (table.pixel_y < height))
-    if outside.any():
-        i = int(np.argmax(outside))
+    i, _ = slide_io.first_outside(table.pixel_x, table.pixel_y, width, height)
+    if i is not None:
         raise IngestError(
             f"{src.image_path}: spot {table.spot_ids[i]!r} of section {src.section} has its centre at pixel "
             f"({table.pixel_x[i]:.1f}, {table.pixel_y[i]:.1f}), outside the {width}x{height} image; the spot "
@@ -237,15 +261,29 @@ def load_section(src: SectionSource, opts: PrepareOptions) -> LoadedSection:
 
 # ----------------------------------------------------------------------------------------------------- pass one
 
+def image_scale(path: str, opts: PrepareOptions) -> tuple[float, str]:
+    """(microns per pixel, where it came from) of a plain image or slide: --source_mpp, else its own metadata."""
+    if opts.source_mpp:
+        return float(opts.source_mpp), "given by --source_mpp"
+    with open_slide(path) as slide:
+        if slide.mpp:
+            return float(slide.mpp), f"slide metadata ({slide.mpp_source})"
+        raise IngestError(f"{path}: no microns per pixel in the image's metadata ({slide.mpp_source}); pass "
+                          "--source_mpp (BACH/ICIAR-2018 images: 0.42).")
+
+
 def pass1_section(src: SectionSource, opts: PrepareOptions) -> dict:
     if src.format == "images":
         try:
             width, height = image_size(src.image_path)
+            mpp, how = image_scale(src.image_path, opts)
         except IngestError as e:
             if not opts.skip_unreadable:
                 raise IngestError(f"{e} (or pass --skip_unreadable to leave such images out)") from e
-            width, height = 0, 0  # pass 2 meets the same failure and records the image as skipped
-        return {"info": _section_info(src, opts, opts.source_mpp, "given by --source_mpp", width, height)}
+            # Pass 2 meets the same failure and records the image as skipped.
+            width, height = 0, 0
+            mpp, how = opts.source_mpp or opts.resolved_target_mpp, f"not read ({e})"
+        return {"info": _section_info(src, opts, mpp, how, width, height)}
     s = load_section(src, opts)
     stats = expression.section_gene_stats(s.table.counts, s.library_size, opts.norm_scale, opts.log_base)
     info = _section_info(src, opts, s.table.microns_per_pixel, s.table.mpp_method, s.width, s.height)
@@ -281,14 +319,17 @@ def _section_info(src, opts, mpp, how, width, height) -> dict:
 class SlideNormaliser:
     """Colour-cast removal and stain normalisation fitted once per slide and applied to crops of it."""
 
-    def __init__(self, rgb: np.ndarray, mode: str, *, stain_method: str, colour_cast: bool, colour_percentile: float,
+    def __init__(self, pixels, mode: str, *, stain_method: str, colour_cast: bool, colour_percentile: float,
                  reference: stain.StainParams | None, path: str, allow_fallback: bool = False):
+        """`pixels`: an opened slide (fitted on `slide_io.sample_slide_pixels`: a strided sample of a small slide,
+        of a low pyramid level of a large one) or an RGB array (fitted on a strided sample of it)."""
         self.method = stain_method
         self.reference = reference
         if slide_io.is_grayscale_mode(mode) and stain_method != "none":
             raise IngestError(f"{path}: grayscale image (mode {mode}); stain normalisation needs colour. Re-export it "
                               "in colour, pass --stain=none, or leave it out with --sections.")
-        sample = slide_io.sample_pixels(rgb)
+        sample = slide_io.sample_pixels(pixels) if isinstance(pixels, np.ndarray) else \
+            slide_io.sample_slide_pixels(pixels)
         # Percentiles are always computed: tissue detection runs on cast-corrected pixels even with --nocolour_cast.
         self.detect_percentiles = colour.channel_percentiles(sample, colour_percentile)
         self.percentiles = self.detect_percentiles if colour_cast else None
@@ -349,25 +390,25 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
                 reference: stain.StainParams | None) -> dict:
     s = load_section(src, opts)
     t = s.table
-    rgb, mode = slide_io.read_rgb(src.image_path)
-    if (rgb.shape[1], rgb.shape[0]) != (s.width, s.height):
-        raise IngestError(f"{src.image_path}: decoded size {rgb.shape[1]}x{rgb.shape[0]} differs from its header "
-                          f"{s.width}x{s.height}; the file is corrupt, download it again.")
-    norm = normaliser_for(rgb, mode, opts, reference, src.image_path)
-    crops = slide_io.cut_crops(rgb, s.x0, s.y0, s.box)
-    tissue = norm.tissue_fraction(crops)
-    tiles = slide_io.resize_tiles(norm(crops), opts.tile_size)
-    del crops
-    keep = tissue >= opts.resolved_min_tissue
+    with open_slide(src.image_path) as slide:
+        norm = normaliser_for(slide, slide.mode, opts, reference, src.image_path)
+        # Crops come from the pyramid level nearest (not coarser than) the tiles' scale, in batches.
+        level = slide.best_level(opts.resolved_target_mpp / t.microns_per_pixel)
+        tiles, tissue = slide_io.cut_tiles(slide, s.x0, s.y0, s.box, opts.tile_size, level=level, prepare=norm,
+                                           tissue=norm.tissue_fraction, name=f"prepare {src.section}",
+                                           report=functools.partial(print, file=sys.stderr, flush=True))
+        keep = tissue >= opts.resolved_min_tissue
+        small, (sx, sy) = slide_io.overview(slide, max(s.width, s.height) / opts.thumbnail_px, "report thumbnail")
+        thumb = store_report.thumbnail_png(
+            small,
+            {fate: (np.asarray(x) / sx, np.asarray(y) / sy) for fate, (x, y) in
+             {"kept": (s.x0[keep & ~s.padded], s.y0[keep & ~s.padded]),
+              "padded": (s.x0[keep & s.padded], s.y0[keep & s.padded]),
+              "background": (s.x0[~keep], s.y0[~keep]), "dropped_edge": s.dropped_boxes}.items()},
+            s.box / sx, (t.pixel_x / sx, t.pixel_y / sy), opts.thumbnail_px)
+        del small
     dense, missing = t.counts.dense_columns(genes)
     expr = expression.normalise(dense, s.library_size, opts.norm_scale, opts.log_base)
-    thumb = store_report.thumbnail_png(
-        rgb,
-        {"kept": (s.x0[keep & ~s.padded], s.y0[keep & ~s.padded]), "padded": (s.x0[keep & s.padded],
-                                                                                s.y0[keep & s.padded]),
-         "background": (s.x0[~keep], s.y0[~keep]), "dropped_edge": s.dropped_boxes},
-        s.box, (t.pixel_x, t.pixel_y), opts.thumbnail_px)
-    del rgb
     idx = np.flatnonzero(keep)
     obs = {
         "spot_id": t.spot_ids[idx], "section": np.array([src.section] * len(idx)),
@@ -394,22 +435,28 @@ def pass2_spots(src: SectionSource, opts: PrepareOptions, genes: list[str],
 def pass2_image(src: SectionSource, opts: PrepareOptions, genes: list[str],
                 reference: stain.StainParams | None) -> dict:
     try:
-        rgb, mode = slide_io.read_rgb(src.image_path)
+        slide = open_slide(src.image_path)
+        slide.read_region(0, 0, 1, 1)  # decodes a plain image (or a slide's first tile): unreadable files fail here
     except IngestError as e:
         if not opts.skip_unreadable:
             raise IngestError(f"{e} (or pass --skip_unreadable to leave such images out)") from e
         return {"skipped": str(e), "entry": {"section": src.section, "skipped": str(e), "spots_written": 0}}
-    norm = normaliser_for(rgb, mode, opts, reference, src.image_path, allow_fallback=True)
-    h, w = rgb.shape[:2]
-    box = slide_io.source_tile_size(opts.tile_size, opts.resolved_target_mpp, float(opts.source_mpp))
-    x0, y0, cols, rows = plain_images.grid_boxes(w, h, box)
-    crops = slide_io.cut_crops(rgb, x0, y0, box)
-    tissue = norm.tissue_fraction(crops)
-    tiles = slide_io.resize_tiles(norm(crops), opts.tile_size) if len(x0) else \
-        np.zeros((0, opts.tile_size, opts.tile_size, 3), np.uint8)
-    keep = tissue >= opts.resolved_min_tissue
-    thumb = store_report.thumbnail_png(rgb, {"kept": (x0[keep], y0[keep]), "background": (x0[~keep], y0[~keep])}, box,
-                                 None, opts.thumbnail_px)
+    with slide:
+        mode, w, h = slide.mode, slide.width, slide.height
+        source_mpp, _ = image_scale(src.image_path, opts)
+        norm = normaliser_for(slide, mode, opts, reference, src.image_path, allow_fallback=True)
+        box = slide_io.source_tile_size(opts.tile_size, opts.resolved_target_mpp, source_mpp)
+        x0, y0, cols, rows = plain_images.grid_boxes(w, h, box)
+        level = slide.best_level(opts.resolved_target_mpp / source_mpp)
+        tiles, tissue = slide_io.cut_tiles(slide, x0, y0, box, opts.tile_size, level=level, prepare=norm,
+                                           tissue=norm.tissue_fraction, name=f"prepare {src.section}",
+                                           report=functools.partial(print, file=sys.stderr, flush=True))
+        keep = tissue >= opts.resolved_min_tissue
+        small, (sx, sy) = slide_io.overview(slide, max(w, h) / opts.thumbnail_px, "report thumbnail")
+        thumb = store_report.thumbnail_png(small, {"kept": (x0[keep] / sx, y0[keep] / sy),
+                                                   "background": (x0[~keep] / sx, y0[~keep] / sy)},
+                                           box / sx, None, opts.thumbnail_px)
+        del small
     idx = np.flatnonzero(keep)
     label = src.extra.get("label", "")
     n = len(idx)
@@ -464,8 +511,8 @@ def stain_reference(opts: PrepareOptions) -> tuple[stain.StainParams | None, str
         return None, ""
     if not opts.stain_reference:
         return stain.builtin_reference(), "builtin (standard H&E reference stain matrix and max concentrations)"
-    rgb, mode = slide_io.read_rgb(opts.stain_reference)
-    sample = slide_io.sample_pixels(rgb)
+    with open_slide(opts.stain_reference) as slide:
+        sample = slide_io.sample_slide_pixels(slide)  # a strided sample; from a low level of a large slide
     if opts.colour_cast:
         sample = colour.remove_colour_cast(sample, colour.channel_percentiles(sample, opts.colour_percentile))
     try:
@@ -480,7 +527,7 @@ def choose_genes(opts: PrepareOptions, stats: expression.GeneStats) -> tuple[lis
     other_expr = None
     if opts.genes_from:
         genes, other_expr = expression.gene_list_from_store(opts.genes_from)
-        info = {"mode": "genes_from", "store": os.path.abspath(opts.genes_from), "n_genes_selected": len(genes),
+        info = {"mode": "genes_from", "store": store_location.normalise_location(opts.genes_from), "n_genes_selected": len(genes),
                 "n_spots_considered": stats.n_spots, "n_genes_in_input": len(stats.genes)}
         present = set(stats.genes)
         info["missing_from_input"] = [g for g in genes if g not in present]
@@ -508,8 +555,8 @@ def gene_pool(opts: PrepareOptions, section_infos: list[dict]) -> dict:
 def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -> dict:
     """Runs the whole job; returns the report dict. The store appears at opts.output only on success."""
     validate(opts)
-    out = os.path.abspath(opts.output)
-    if os.path.exists(out) and not opts.overwrite:
+    out = store_location.normalise_location(opts.output)  # a path, or a gs:// / s3:// / file:// URL
+    if not opts.overwrite and store_location.store_exists(out):
         raise IngestError(f"{out}: already exists; pass --overwrite to replace it, or choose another --output.")
     sources = discover(opts)
     if not sources:
@@ -519,12 +566,14 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
     # Pass 1: spot tables and counts (no images).
     stats = expression.GeneStats()
     section_infos = []
+    pass1_progress = console.Progress("prepare pass 1", len(sources), 1, counts="section ", unit="sections")
     for i, res in enumerate(ordered_map(pass1_section, sources, opts.workers, opts)):
         section_infos.append(res["info"])
         if "stats" in res:
             st = res["stats"]
             stats.add_partial(st["genes"], st["n_spots"], st["expressed"], st["total"], st["total_sq"])
-        log(f"pass 1: {sources[i].section}: {res['info'].get('spots', '-')} spots")
+        log(f"pass 1: {sources[i].section}: {res['info'].get('spots', '-')} spots "
+            f"({pass1_progress.line(i + 1)})")
 
     expr_settings = {"normalisation": "library_size", "scale": opts.norm_scale,
                      "log": "none" if opts.log_base == "none" else "log1p", "log_base": opts.log_base,
@@ -597,13 +646,20 @@ def prepare(opts: PrepareOptions, log: Callable[[str], None] = lambda m: None) -
     entries = []
     with StoreWriter(out, genes=genes, tile_size=opts.tile_size, manifest=manifest, overwrite=opts.overwrite,
                      extra_obs=() if opts.format == "images" else DEPTH_OBS) as w:
-        for src, res in zip(sources, ordered_map(_pass2, sources, opts.workers, opts, genes, reference)):
+        # Sections differ in size: the ETA counts spots (or images) still to cut, not sections.
+        weights = [i.get("spots", 1) for i in section_infos]
+        pass2_progress = console.Progress("prepare pass 2", sum(weights), 1, counts="",
+                                          unit="images" if opts.format == "images" else "spots")
+        done = 0
+        for src, res, weight in zip(sources, ordered_map(_pass2, sources, opts.workers, opts, genes, reference),
+                                    weights):
             entry = res["entry"]
             if "skipped" not in res:
                 w.append(res["tiles"], res["expression"], res["obs"])
                 entry["thumbnail"] = store_report.write_thumbnail(w.tmp_path, src.section, res["thumbnail"])
             entries.append(entry)
-            log(f"pass 2: {src.section}: {entry['spots_written']} tiles")
+            done += weight
+            log(f"pass 2: {src.section}: {entry['spots_written']} tiles ({pass2_progress.line(done)})")
         written = [e for e in entries if "skipped" not in e]
         rep = {
             "store": out, "format": opts.format, "n_sections": len(written),

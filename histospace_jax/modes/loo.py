@@ -8,6 +8,8 @@ Layout of a workdir:
   metrics.jsonl              every logged metric
   curves/*.csv, curves/*.png learning curves
   predictions.npz            held-out predictions of every fold (and of the controls)
+  predictions.h5ad           the same for scanpy/squidpy (X = prediction, layers truth and controls, obsm spatial,
+                             uns spatial with each section's image), when anndata is installed
   per_gene.csv               per-gene r of every fold
   results.json, report.md    the metric tables (see README)
 `loo.folds_per_program` < number of folds runs groups of folds one after another on the same stream (same
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, evaluation,
-                            features, folds, metrics, plots)
+                            features, folds, metrics, plots, spatial_anndata)
 from histospace_jax import controls as controls_lib
 from histospace_jax.data import open_store
 from histospace_jax.errors import BadInputError
@@ -84,7 +86,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     the curves, best epochs and inner-validation splits."""
     expression = np.asarray(store.expression, np.float32)
     if feats is None:
-        feats = np.stack([features.for_config(config, workdir, store, enc) for enc in encoders])
+        feats = encoder_features(config, workdir, store, encoders)
     splits = {}
     train_rows, val_rows = [], []
     for f in range(len(plan.folds)):
@@ -114,6 +116,19 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     return out
 
 
+def encoder_features(config, workdir: str, store, encoders: list[dict]):
+    """Every encoder's features of the store: [E, V, N, h, w, C] in memory when they fit
+    (train.features_in_memory), else one features.FeatureStream per encoder on its on-disk cache."""
+    resident = features.resident_choice(config, store, len(encoders), log=console.log)
+    feats = [features.for_config(config, workdir, store, enc, resident=resident) for enc in encoders]
+    return np.stack(feats) if resident else feats
+
+
+def _first_view(feats):
+    """Each encoder's untransformed view, [N, h, w, C] (in memory, or read from the cache on indexing)."""
+    return [f[0] if isinstance(f, np.ndarray) else f.view(0) for f in feats]
+
+
 def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra_controls: dict) -> None:
     atomic.write_csv(
         os.path.join(workdir, "per_gene.csv"),
@@ -139,6 +154,36 @@ def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra
         plots.plot_curves(os.path.join(workdir, "curves", "loo.png"), series,
                           title="Regression head: training Huber loss per fold", xlabel="epoch", ylabel="Huber loss",
                           logy=True)
+
+
+def _write_h5ad(workdir: str, store, loo: dict, expression: np.ndarray, extra_controls: dict) -> None:
+    """WORKDIR/predictions.h5ad: every held-out spot once (fold order, as in predictions.npz), its prediction as
+    X beside the truth and the controls as layers, on its section's image."""
+    plan = loo["plan"]
+    fold_ids = range(len(plan.folds))
+    rows = np.concatenate([plan.held_out_rows(k) for k in fold_ids])
+    obs = {name: store.obs[name][rows] for name in ("spot_id", "section", "patient", "array_x", "array_y", "label")
+           if name in store.obs}
+    obs["fold"] = np.concatenate([[plan.name(k)] * len(plan.held_out_rows(k)) for k in fold_ids])
+    obs["store_row"] = rows
+    layers = {"truth": expression[rows]}
+    layers.update({name: np.concatenate([np.asarray(ctrl[k], np.float32) for k in fold_ids])
+                   for name, ctrl in extra_controls.items()})
+    notes = {"X": "prediction of the fold that held out the spot's patient",
+             "truth": "measured expression (the store's normalised values)",
+             "controls": METRIC_NOTES["controls"], "store": store.path}
+    xy = np.stack([store.obs["pixel_x"][rows], store.obs["pixel_y"][rows]], axis=1)
+    try:
+        spatial_anndata.write_spatial_h5ad(
+            os.path.join(workdir, "predictions.h5ad"), X=np.concatenate([loo["preds"][k] for k in fold_ids]),
+            genes=store.genes, obs=obs, spatial_xy=xy, library_images=spatial_anndata.store_libraries(store, rows),
+            layers=layers, uns_extra={"histospace": {"mode": "loo", **notes}})
+    except spatial_anndata.AnnDataMissing as e:
+        console.log(f"[loo] predictions.h5ad not written: {e}")
+    except (OSError, ValueError, MemoryError) as e:
+        # An optional copy of predictions.npz: failing it must not lose the results of a whole LOO run.
+        console.log(f"[loo] WARNING: predictions.h5ad not written ({type(e).__name__}: {e}); predictions.npz "
+                    "holds the same predictions")
 
 
 def _colour_features(store, chunk: int = 256) -> np.ndarray:
@@ -198,7 +243,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                             "spot store from `python -m histospace_jax.prepare` with --format=stnet|her2st|visium")
     plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
     encoders, encoder_of_fold, ae_summaries = fold_encoders(config, workdir, store, inputs, plan)
-    feats = np.stack([features.for_config(config, workdir, store, enc) for enc in encoders])
+    feats = encoder_features(config, workdir, store, encoders)
     loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats)
     expression = np.asarray(store.expression, np.float32)
     controls = {}
@@ -209,7 +254,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
             [0] * len(plan.folds), inputs.writer, tag="random_encoder")["preds"]
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
     reviewer, alphas = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
-                                                    [f[0] for f in feats], encoder_of_fold)
+                                                    _first_view(feats), encoder_of_fold)
     controls.update(reviewer)
     del feats
     # With the output layer starting at zero, the untrained head predicts the training mean: the mean-profile
@@ -238,4 +283,5 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     }
     if jax.process_index() == 0:
         _write_files(workdir, genes, loo, fold_metrics, controls)
+        _write_h5ad(workdir, store, loo, expression, controls)
     return results, {"per_gene": [(f["held_out"], f["per_gene_r"]) for f in fold_metrics], "genes": genes}

@@ -1,0 +1,67 @@
+"""Heads that stream their features from the on-disk cache (train.features_in_memory=off, what STNet scale with
+8 views needs) train on the same batches as heads reading them from memory, and give the same predictions."""
+
+import numpy as np
+import pytest
+
+from histospace_jax import features
+from tests.test_smoke import run_main
+
+# Several members per fold, several views, several checkpoints: every path the streamed reader feeds.
+RECIPE = ["--config.train.augment=dihedral", "--config.train.ensemble=2", "--config.loo.random_encoder_control=off"]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_streamed_features_give_the_in_memory_results(tmp_path):
+    demo = tmp_path / "demo"
+    runs = {}
+    for setting in ("on", "off"):
+        w = tmp_path / setting
+        proc = run_main(w, demo, *RECIPE, f"--config.train.features_in_memory={setting}")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with np.load(w / "predictions.npz") as p:
+            runs[setting] = {k: p[k] for k in p.files if k.startswith("pred_")}
+    assert runs["on"].keys() == runs["off"].keys() and runs["on"]
+    for k in runs["on"]:
+        # Same rows and views in every batch; only XLA's fusion of the gather may reorder float sums.
+        np.testing.assert_allclose(runs["off"][k], runs["on"][k], rtol=1e-4, atol=1e-4)
+
+
+def test_feature_stream_reads_the_rows_it_is_asked_for(tmp_path):
+    class Store:
+        manifest = {"x": 1}
+        n_spots = 300  # more than one shard of SHARD_ROWS rows
+        tiles = np.random.default_rng(0).integers(0, 256, (300, 16, 16, 3), dtype=np.uint8)
+
+    from histospace_jax import builders, config as config_lib
+
+    c = config_lib.get_config()
+    c.model.encoder_features, c.data.tile_size = (4, 4, 8), 16
+    enc = builders.random_encoder_variables(c, seed=0)
+    kw = dict(variant="relu_bn", encoder_features=(4, 4, 8), batch_size=64, views=8)
+    full, path = features.cached_features(str(tmp_path), Store, enc, **kw)
+    stream, path2 = features.cached_features(str(tmp_path), Store, enc, resident=False, **kw)
+    assert path == path2 and stream.shape == full.shape and stream.nbytes == full.nbytes
+    rng = np.random.default_rng(1)
+    views, rows = rng.integers(0, 8, 50), rng.integers(0, 300, 50)
+    np.testing.assert_array_equal(stream.rows(views, rows), full[views, rows])
+    np.testing.assert_array_equal(stream.view(3)[np.array([299, 0, 257])], full[3, [299, 0, 257]])
+    # The cache written batch by batch equals the features computed in one go by the encoder.
+    assert np.isfinite(full).all() and full.std() > 0
+
+
+def test_in_memory_choice_follows_the_budget(monkeypatch):
+    from histospace_jax import config as config_lib
+
+    class Store:
+        n_spots = 30_000
+
+    c = config_lib.get_config()
+    c.train.augment = "dihedral"
+    need = features.feature_bytes(c, Store)
+    assert need == 8 * 30_000 * 16 * 16 * 128 * 4  # STNet scale, 8 views, float32: ~31 GB
+    monkeypatch.setattr(features, "resident_bytes_budget", lambda: need)
+    assert features.resident_choice(c, Store, 1) and not features.resident_choice(c, Store, 2)
+    c.train.features_in_memory = "off"
+    assert not features.resident_choice(c, Store, 1)
