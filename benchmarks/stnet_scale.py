@@ -35,7 +35,6 @@ import os
 import re
 import resource
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -98,15 +97,10 @@ def torch_step_s(genes: int, batch: int = 32, repeats: int = 5) -> float:
     sys.path.insert(0, HERE)
     import torch_reference as tr
 
+    from speed import _median_s
+
     tr.setup_threads()
-    fn = tr.torch_reg_train_step_fn(batch, genes)
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return _median_s(tr.torch_reg_train_step_fn(batch, genes), repeats)
 
 
 def main() -> None:

@@ -165,6 +165,12 @@ class MemberBatches:
         return {"index": np.stack([p[0] for p in pairs]), "view": np.stack([p[1] for p in pairs])}
 
 
+def member_features(streams: list, encoder_of_member, views: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """[M, B, h, w, C]: each member's features of its (view, row) pairs ([M, B] each), read from its encoder's
+    on-disk cache."""
+    return np.stack([streams[e].rows(v, i) for e, v, i in zip(encoder_of_member, views, rows)])
+
+
 class StreamedFeatures:
     """Adds each member's features for its batch rows, read from the encoders' on-disk caches, to a MemberBatches
     batch (a Grain map: runs in the pipeline's reader threads, ahead of the device)."""
@@ -173,8 +179,7 @@ class StreamedFeatures:
         self.streams, self.encoder_of_member = streams, np.asarray(encoder_of_member)
 
     def __call__(self, batch: dict) -> dict:
-        feats = np.stack([self.streams[e].rows(v, i) for e, v, i in
-                          zip(self.encoder_of_member, batch["view"], batch["index"])])
+        feats = member_features(self.streams, self.encoder_of_member, batch["view"], batch["index"])
         return {**batch, "features": feats}
 
 
@@ -288,7 +293,7 @@ class MemberProgram:
         else:
             acc = 0.0
             for v in range(n_views):
-                feats = np.stack([self.streams[e].rows(np.full(len(i), v), i) for e, i in zip(self.enc_of, idx)])
+                feats = member_features(self.streams, self.enc_of, np.full(idx.shape, v), idx)
                 acc = acc + np.asarray(self.predict(rstates, _split_devices(feats, by_process=False)))
             acc = acc / n_views
         return acc.transpose(1, 0, 2, 3).reshape(idx.shape[0], idx.shape[1], -1)
