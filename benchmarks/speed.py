@@ -9,7 +9,8 @@ PyTorch comes from this Python's environment (the `bench` extra), or from --torc
 with an error when that Python cannot import torch. Measured, on the same inputs and machine:
 
 * tiles/s of the autoencoder train step (fwd + MSE + bwd + Adam, BatchNorm in train mode): models.Autoencoder
-  (upconv_impl="subpixel") with steps.ae_train_step under jax.jit, vs torch_reference.torch_ae_train_step_fn.
+  (upconv_impl="subpixel") with steps.ae_train_step under jax.jit, compiled with the options and encoder conv
+  formulation that autoencoder pretraining uses (xla_tuning), vs torch_reference.torch_ae_train_step_fn.
   This is the only autoencoder figure: pretraining is not part of the LOO timings below;
 * tiles/s of the regression train step on tiles (frozen encoder recomputed + head fwd/bwd + Huber + Adam):
   steps.regression_train_step vs torch_reference.torch_reg_train_step_fn; and, for information, the JAX step
@@ -267,17 +268,19 @@ def jax_steps(batch: int, genes: int, repeats: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from histospace_jax import models, steps
+    from histospace_jax import models, steps, xla_tuning
 
     rng = np.random.default_rng(0)
     tiles = rng.integers(0, 256, (batch, 128, 128, 3), dtype=np.uint8)
     y = rng.standard_normal((batch, genes)).astype(np.float32)
     out = {}
 
-    ae = models.Autoencoder(upconv_impl="subpixel")
+    # The autoencoder step as autoencoder.train_autoencoder compiles it (builders.autoencoder, pmap_step).
+    options = xla_tuning.conv_step_options()
+    ae = models.Autoencoder(upconv_impl="subpixel", conv_impl=xla_tuning.encoder_conv_impl(options))
     state = steps.create_train_state(ae, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)),
                                      steps.make_ae_optimizer(1e-3))
-    ae_step = jax.jit(steps.ae_train_step, donate_argnums=(0,))
+    ae_step = jax.jit(steps.ae_train_step, donate_argnums=(0,), compiler_options=options)
     x = jax.device_put(tiles)
     box = [state]
 

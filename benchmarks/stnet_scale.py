@@ -15,11 +15,13 @@ decides itself (train.features_in_memory=auto) whether it fits in memory or stre
 The job is stopped with SIGTERM (it saves a checkpoint and exits 75, as on a preemption) after --steps logged head
 steps, since a whole epoch takes hours on a 2-core CPU. Reported:
   feature_cache_s         the encoder over every tile x 8 views (once per encoder; from its log lines)
-  head_step_s             wall time per head step (all 115 heads, batch 32 each), between the first and the last
-                          logged step after compilation
+  head_step_s             wall time per head step (every head of the first program, batch 32 each), between the
+                          first and the last logged step after compilation
   steps_per_epoch         from the job's own step count (total steps / epochs)
-  epoch_s                 steps_per_epoch x head_step_s: the projected time of one epoch of every fold's heads
-                          (the inner-validation pass at each epoch end is not included)
+  folds_per_program       folds per compiled program (loo.folds_per_program=0 picks it from memory; the programs
+                          run one after another)
+  epoch_s                 steps_per_epoch x head_step_s x folds / folds_per_program: the projected time of one
+                          epoch of every fold's heads (the inner-validation pass at each epoch end not included)
   peak_rss_gib            peak resident memory of the job (ru_maxrss of the child), features and training included
   streamed                1 when the heads streamed their features from disk
   torch_epoch_s           the PyTorch protocol's projected epoch (with --torch): folds and heads one after the
@@ -30,10 +32,12 @@ steps, since a whole epoch takes hours on a 2-core CPU. Reported:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +46,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-STEP_LINE = re.compile(r"^\[loo main\] step (\d+)/(\d+) ")
+STEP_LINE = re.compile(r"^\[loo main(?:_0)?\] step (\d+)/(\d+) ")  # the first program's steps
+GROUPS_LINE = re.compile(r"^\[loo\] .* programs of up to (\d+) folds")
 
 
 def build_store(root: str, patients: int, sections: int, grid: tuple[int, int], genes: int) -> tuple[str, str]:
@@ -64,6 +69,7 @@ def run_job(store: str, pretrain: str, workdir: str, steps: int, extra: list[str
     step_times: list[tuple[int, float]] = []
     total = None
     streamed = False
+    folds_in_program = None
     for line in proc.stdout:
         now = time.perf_counter() - t0
         say(line.rstrip())
@@ -71,6 +77,9 @@ def run_job(store: str, pretrain: str, workdir: str, steps: int, extra: list[str
             features_start = now
         if "stream their batches from the on-disk cache" in line:
             streamed = True
+        g = GROUPS_LINE.match(line)
+        if g:
+            folds_in_program = int(g.group(1))
         m = STEP_LINE.match(line)
         if m:
             if features_end is None:
@@ -89,6 +98,7 @@ def run_job(store: str, pretrain: str, workdir: str, steps: int, extra: list[str
     (s0, t_first), (s1, t_last) = step_times[1], step_times[-1]  # the first logged interval includes compilation
     return {"exit_code": code, "total_steps": total, "head_step_s": (t_last - t_first) / (s1 - s0),
             "feature_cache_s": (features_end or 0) - (features_start or 0), "streamed": int(streamed),
+            "folds_per_program": folds_in_program,
             "peak_rss_gib": usage.ru_maxrss / 2 ** 20}
 
 
@@ -113,6 +123,8 @@ def main() -> None:
     p.add_argument("--genes", type=int, default=250)
     p.add_argument("--torch", action="store_true", help="also project the PyTorch protocol's epoch")
     p.add_argument("--json", action="store_true", help="print only the JSON result (progress on stderr)")
+    p.add_argument("--keep-features", action="store_true",
+                   help="keep the job's workdir under --root: a rerun reuses its feature cache (feature_cache_s ~0)")
     p.add_argument("extra", nargs="*", help="further --config.KEY=VALUE for the job (after --)")
     args = p.parse_args()
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
@@ -120,13 +132,24 @@ def main() -> None:
     t = time.perf_counter()
     store, pretrain = build_store(args.root, args.patients, args.sections, tuple(args.grid), args.genes)
     say(f"[stnet_scale] store {store} ready ({time.perf_counter() - t:.0f} s, not timed)")
-    with tempfile.TemporaryDirectory(dir=args.root) as tmp:
-        r = run_job(store, pretrain, os.path.join(tmp, "work"), args.steps, args.extra, say)
+    if args.keep_features:
+        # The feature cache (and the pretrained encoder it comes from) survive between runs; the heads start over.
+        work = os.path.join(args.root, "work")
+        shutil.rmtree(os.path.join(work, "checkpoints", "loo_main"), ignore_errors=True)
+        for name in glob.glob(os.path.join(work, "checkpoints", "loo_main_*")):
+            shutil.rmtree(name)
+        r = run_job(store, pretrain, work, args.steps, args.extra, say)
+    else:
+        with tempfile.TemporaryDirectory(dir=args.root) as tmp:
+            r = run_job(store, pretrain, os.path.join(tmp, "work"), args.steps, args.extra, say)
     epochs = 10  # the standard recipe's epochs on a real store (config.REAL_HEAD_EPOCHS)
     members = args.patients * 5
     r.update(n_spots=args.patients * args.sections * args.grid[0] * args.grid[1], n_genes=args.genes,
              n_folds=args.patients, heads=members, steps_per_epoch=r["total_steps"] / epochs)
-    r["epoch_s"] = r["steps_per_epoch"] * r["head_step_s"]
+    # Programs of folds run one after another; the first one's step time stands for each fold's share.
+    per_program = r["folds_per_program"] or args.patients
+    r["folds_per_program"] = per_program
+    r["epoch_s"] = r["steps_per_epoch"] * r["head_step_s"] * args.patients / per_program
     if args.torch:
         # Each fold's heads see that fold's training spots per epoch; PyTorch runs them one head at a time.
         train_spots = r["n_spots"] * (args.patients - 1) / args.patients * 0.8  # inner-validation split

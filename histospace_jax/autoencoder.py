@@ -7,7 +7,7 @@ import os
 import jax
 import numpy as np
 
-from histospace_jax import atomic, builders, checkpointing, console, loop, plots, steps
+from histospace_jax import atomic, builders, checkpointing, console, loop, plots, steps, xla_tuning
 from histospace_jax.data import open_store, pipeline
 from histospace_jax.errors import ConfigError
 
@@ -48,7 +48,8 @@ class _EpochEval(loop.Hook):
 
     def __init__(self, config, store_path, val_rows, writer):
         self.config, self.store_path, self.val_rows, self.writer = config, store_path, val_rows, writer
-        self.eval_step = steps.pmap_step(steps.ae_eval_step, axis_name=builders.AXIS, donate_state=False)
+        self.eval_step = steps.pmap_step(steps.ae_eval_step, axis_name=builders.AXIS, donate_state=False,
+                                         compiler_options=xla_tuning.conv_step_options())
 
     def on_log(self, lp, step, mean_loss):
         self.writer.write("ae_train", step, loop=lp.spec.name, mse=mean_loss)
@@ -87,7 +88,8 @@ def pretrain(config, workdir: str, store_path: str, writer, *, rows: np.ndarray 
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", name.replace(" ", "_")),
                                       config.checkpoint.max_to_keep)
     compat = checkpointing.compat_signature(config, checkpointing.AE_KEYS, n_train_rows=int(len(train_rows)))
-    train_step = steps.pmap_step(steps.ae_train_step, axis_name=builders.AXIS)
+    train_step = steps.pmap_step(steps.ae_train_step, axis_name=builders.AXIS,
+                                 compiler_options=xla_tuning.conv_step_options())
     n_dev = jax.local_device_count()
 
     def step_fn(rstate, batch):

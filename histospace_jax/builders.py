@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import models, steps
+from histospace_jax import models, steps, xla_tuning
 
 AXIS = "batch"  # the pmap axis every step and BatchNorm reduces over
 
@@ -23,7 +23,10 @@ def compute_dtype(config):
 
 
 def autoencoder(config) -> models.Autoencoder:
-    return models.Autoencoder(upconv_impl=config.model.upconv_impl, axis_name=AXIS, **_arch(config))
+    # The encoder's conv formulation follows the options its train step is compiled with (same function).
+    conv_impl = xla_tuning.encoder_conv_impl(xla_tuning.conv_step_options())
+    return models.Autoencoder(upconv_impl=config.model.upconv_impl, axis_name=AXIS, conv_impl=conv_impl,
+                              **_arch(config))
 
 
 def encoder(config) -> models.Encoder:

@@ -376,6 +376,67 @@ def _where_member(better: np.ndarray, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
+# Memory a member takes while its program trains, in multiples of its train state's size: the state itself on
+# the host and on the device (host memory on a CPU backend), its best-epoch copy, and the step's transients
+# (gradients, Adam's new moments, the im2col of the head conv's kernel gradient), which come and go every step.
+# Measured at STNet scale (benchmarks/stnet_scale.py, 60 heads of 28 MB in one program): RSS swung between ~6 and
+# 17 GiB within every step, ~0.26 GiB per head, ~9.5x its state.
+_MEMORY_PER_STATE = 10
+
+
+def member_state_bytes(config, n_genes: int, encoder_variables: dict) -> int:
+    """Bytes of one head's train state (parameters, BatchNorm statistics, optimizer moments), from shapes only."""
+    shapes = jax.eval_shape(lambda: builders.head_states(config, n_genes, [encoder_variables], [1])[0])
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(shapes)))
+
+
+def head_state_budget() -> int:
+    """Bytes the heads of one program may take while training: half of this machine's memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (OSError, ValueError):
+        return 8 << 30
+
+
+def auto_folds_per_program(config, n_folds: int, n_genes: int, encoder_variables: dict, log=None,
+                           budget: int | None = None) -> int:
+    """loo.folds_per_program=0: all folds in one program when their heads' training memory (_MEMORY_PER_STATE x
+    their states) fits `head_state_budget()`, else the fewest equal groups that fit (each group is one program,
+    trained after the other)."""
+    per_member = member_state_bytes(config, n_genes, encoder_variables) * _MEMORY_PER_STATE
+    per_fold = per_member * max(1, int(config.train.ensemble))
+    budget = head_state_budget() if budget is None else budget
+    fit = max(1, budget // per_fold)
+    if fit >= n_folds:
+        return n_folds
+    groups = -(-n_folds // fit)
+    per_program = -(-n_folds // groups)
+    if log:
+        log(f"[loo] {n_folds} folds x {int(config.train.ensemble)} heads need ~{n_folds * per_fold / 2**30:.1f} GiB "
+            f"to train together (~{_MEMORY_PER_STATE}x their states), over the {budget / 2**30:.1f} GiB budget "
+            "(half of memory): "
+            f"{groups} programs of up to {per_program} folds, one after another "
+            "(--config.loo.folds_per_program=N sets it)")
+    return per_program
+
+
+def _stacked_head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets) -> dict:
+    """The members' initial states stacked on a leading axis, as host arrays, built one member at a time into
+    preallocated arrays: never a list of every member's state beside the stack (at STNet scale, 115 heads of
+    ~30 MB each, that list alone was 3.4 GB)."""
+    stacked = None
+    for m, (enc, seed) in enumerate(zip(encoder_variables, seed_offsets)):
+        one = builders.head_states(config, n_genes, [enc], [seed])[0]
+        leaves, tree = jax.tree_util.tree_flatten(one)
+        if stacked is None:
+            stacked = [np.empty((len(seed_offsets),) + np.shape(x), np.asarray(x).dtype) for x in leaves]
+            first_tree = tree
+        for out, x in zip(stacked, leaves):
+            out[m] = np.asarray(x)
+        del one, leaves
+    return jax.tree_util.tree_unflatten(first_tree, stacked)
+
+
 def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> dict:
     """Trains train.ensemble heads per fold of `data` in one program, resuming from WORKDIR/checkpoints/<tag>.
 
@@ -398,9 +459,8 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
         raise BadInputError(f"no genes to train on ({data.names})")
     program = MemberProgram(config, data, k)
     members = len(program.fold_of)
-    init = builders.head_states(config, g, [data.encoder_variables[data.encoder_of_fold[f]] for f in program.fold_of],
-                                [int(f) * 1000 + m % k + 1 for m, f in enumerate(program.fold_of)])
-    stacked = jax.tree_util.tree_map(lambda *xs: np.asarray(jnp.stack(xs)), *init)
+    stacked = _stacked_head_states(config, g, [data.encoder_variables[data.encoder_of_fold[f]] for f in program.fold_of],
+                                   [int(f) * 1000 + m % k + 1 for m, f in enumerate(program.fold_of)])
     rows_per_member = [data.train_rows[f] for f in program.fold_of]
     mean_rows = float(np.mean([len(r) for r in data.train_rows]))
     steps_per_epoch = max(1, int(mean_rows // c.batch_size))

@@ -129,6 +129,7 @@ def _conv2d_bwd(padding, precision, res, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+
 def same_padding(kernel_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """The (low, high) padding of ``"SAME"`` at stride 1 (what lax and nn.Conv use)."""
     return tuple((((k - 1) // 2), (k - 1) - (k - 1) // 2) for k in kernel_size)  # type: ignore[return-value]
@@ -298,3 +299,49 @@ def _mpf_bwd(x, g):
 
 
 max_pool_2x2_first.defvjp(_mpf_fwd, _mpf_bwd)
+
+
+def _window_first_max(x: Array) -> tuple[Array, Array]:
+    """Max of each 2x2 window and the position (a * 2 + b, int8) of its first maximum in row-major order."""
+    n, h, w, c = x.shape
+    h2, w2 = h // 2, w // 2
+    xc = x[:, : 2 * h2, : 2 * w2, :].reshape(n, h2, 2, w2, 2, c)
+    x00, x01, x10, x11 = xc[:, :, 0, :, 0], xc[:, :, 0, :, 1], xc[:, :, 1, :, 0], xc[:, :, 1, :, 1]
+    m = xc.max(axis=(2, 4))
+    first = jnp.where(x00 == m, 0, jnp.where(x01 == m, 1, jnp.where(x10 == m, 2, 3))).astype(jnp.int8)
+    return m, first
+
+
+@jax.custom_vjp
+def relu_max_pool_2x2(x: Array) -> Array:
+    """``max_pool_2x2_first(relu(x))`` in one pass, with the same value and the same gradient.
+
+    The two commute (``relu`` is monotone), so the pool runs first and the ReLU touches a quarter of the
+    values. The backward pass keeps one int8 window position per output instead of the input, and writes the
+    input gradient in one elementwise pass: the cotangent goes to the window's first maximum when that maximum
+    is positive, else nowhere (where ``relu(x)`` is 0 its gradient is 0, whichever tied zero is picked).
+    """
+    return jnp.maximum(max_pool_2x2(x), jnp.zeros((), x.dtype))
+
+
+def _rmp_fwd(x):
+    m, first = _window_first_max(x)
+    out = jnp.maximum(m, jnp.zeros((), x.dtype))
+    return out, (first, out > 0, x.shape)
+
+
+def _rmp_bwd(res, g):
+    first, live, shape = res
+    n, h, w, c = shape
+    h2, w2 = h // 2, w // 2
+    g = jnp.where(live, g, jnp.zeros((), g.dtype))
+    code = (2 * jnp.arange(2, dtype=jnp.int8)[:, None] + jnp.arange(2, dtype=jnp.int8)[None, :])
+    code = code.reshape(1, 1, 2, 1, 2, 1)
+    gx = jnp.where(first[:, :, None, :, None, :] == code, g[:, :, None, :, None, :], jnp.zeros((), g.dtype))
+    gx = gx.reshape(n, 2 * h2, 2 * w2, c)
+    if (2 * h2, 2 * w2) != (h, w):
+        gx = jnp.pad(gx, ((0, 0), (0, h - 2 * h2), (0, w - 2 * w2), (0, 0)))
+    return (gx,)
+
+
+relu_max_pool_2x2.defvjp(_rmp_fwd, _rmp_bwd)

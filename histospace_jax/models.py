@@ -16,15 +16,77 @@ predicted expression) are float32, so losses and optimizer updates never run in 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from histospace_jax.layers import ConvSame, UpConv, max_pool_2x2_first
+from histospace_jax.layers import ConvSame, UpConv, max_pool_2x2_first, relu_max_pool_2x2
 
 VARIANTS = ("pool", "relu", "relu_bn")
+
+
+def _channel_sums(tree, axis_name):
+    return tree if axis_name is None else jax.lax.psum(tree, axis_name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def batch_norm_train(x, scale, bias, rows, shift, epsilon, axis_name):
+    """Training-mode batch normalisation of `x + shift` over the rows where `rows` is 1, applied to all rows.
+
+    x: (N, ..., C) float32; scale, bias, shift: (C,); rows: (N,) float32, 1 = in the statistics, 0 = not.
+    Returns the output and the batch mean and (biased) variance of `x + shift`, for the running averages. Sums are over all
+    devices of `axis_name`. `shift` is a constant added before normalisation (a preceding layer's bias): it
+    moves only the mean, so it never has to be added to the full activation.
+
+    The gradient is written out (the textbook form: two channel sums of the cotangent, then one elementwise
+    pass) rather than left to autodiff of the two-pass statistics, which materialises several full-size
+    intermediates; on XLA:CPU that is most of the encoder's non-convolution time.
+    """
+    return _bn_forward(x, scale, bias, rows, shift, epsilon, axis_name)[0]
+
+
+def _bn_forward(x, scale, bias, rows, shift, epsilon, axis_name):
+    axes = tuple(range(x.ndim - 1))
+    w = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+    per_row = 1
+    for d in x.shape[1:-1]:
+        per_row *= d
+    keep = w > 0  # `where`, not a product: a NaN or inf in an excluded row must not reach the sums
+    count, total = _channel_sums((rows.sum() * per_row, jnp.where(keep, x, 0.0).sum(axes)), axis_name)
+    count = jnp.maximum(count, 1.0)
+    mean_x = total / count
+    # two-pass variance: no cancellation
+    sq = _channel_sums(jnp.where(keep, jnp.square(x - mean_x), 0.0).sum(axes), axis_name)
+    var = sq / count
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - mean_x) * (rstd * scale) + bias
+    return (y, mean_x + shift, var), (x, scale, rows, mean_x, rstd, count)
+
+
+def _bn_fwd(x, scale, bias, rows, shift, epsilon, axis_name):
+    return _bn_forward(x, scale, bias, rows, shift, epsilon, axis_name)
+
+
+def _bn_bwd(epsilon, axis_name, res, cotangents):
+    x, scale, rows, mean_x, rstd, count = res
+    g = cotangents[0]  # the statistics' own outputs feed only the running averages, never a loss
+    axes = tuple(range(x.ndim - 1))
+    w = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+    xhat = (x - mean_x) * rstd
+    # d bias and d scale sum every row's cotangent (all rows are normalised); the statistics, and so the
+    # gradient through them, come from the weighted rows only, summed over devices like the statistics.
+    sum_g, sum_gx = g.sum(axes), (g * xhat).sum(axes)
+    all_g, all_gx = _channel_sums((sum_g, sum_gx), axis_name)
+    k = scale * rstd
+    dx = k * g - jnp.where(w > 0, (k / count) * (all_g + xhat * all_gx), 0.0)
+    # The output does not depend on `shift` (it moves the mean it is normalised by): its gradient is exactly 0.
+    return dx, sum_gx, sum_g, jnp.zeros_like(rows), jnp.zeros_like(mean_x)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 class BatchNorm(nn.Module):
@@ -33,6 +95,7 @@ class BatchNorm(nn.Module):
     Unlike averaging per-device means, sums and counts are added across devices (`axis_name`), so a batch split
     over 1 or N devices, or with masked rows (padding, a held-out patient's spots), normalises identically.
     Variables match flax.linen.BatchNorm: params {scale, bias}, batch_stats {mean, var} (biased variance).
+    `shift` (optional, (C,)) is added to the input first; see `batch_norm_train`.
     """
 
     use_running_average: bool = False
@@ -41,7 +104,7 @@ class BatchNorm(nn.Module):
     axis_name: str | None = None
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, shift=None):
         out_dtype = x.dtype
         x = x.astype(jnp.float32)  # statistics of bfloat16 activations lose too much in the sums
         c = x.shape[-1]
@@ -49,30 +112,16 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        shift = jnp.zeros((c,), jnp.float32) if shift is None else shift.astype(jnp.float32)
         if self.use_running_average:
             mean, var = ra_mean.value, ra_var.value
-        else:
-            axes = tuple(range(x.ndim - 1))
-            rows = jnp.ones((x.shape[0],), bool) if mask is None else mask.reshape(x.shape[0]).astype(bool)
-            rows = rows.reshape((-1,) + (1,) * (x.ndim - 1))
-            per_row = 1
-            for d in x.shape[1:-1]:
-                per_row *= d
-            count = rows.sum().astype(jnp.float32) * per_row
-            total = jnp.where(rows, x, 0.0).sum(axes)
-            if self.axis_name is not None:
-                count, total = jax.lax.psum((count, total), self.axis_name)
-            count = jnp.maximum(count, 1.0)
-            mean = total / count
-            centred = jnp.where(rows, x - mean, 0.0)  # two-pass variance: no cancellation
-            sq = jnp.square(centred).sum(axes)
-            if self.axis_name is not None:
-                sq = jax.lax.psum(sq, self.axis_name)
-            var = sq / count
-            if not self.is_initializing():
-                ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-                ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-        return ((x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(out_dtype)
+            return ((x + shift - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias).astype(out_dtype)
+        rows = jnp.ones((x.shape[0],), jnp.float32) if mask is None else mask.reshape(x.shape[0]).astype(jnp.float32)
+        y, mean, var = batch_norm_train(x, scale, bias, rows, shift, self.epsilon, self.axis_name)
+        if not self.is_initializing():
+            ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * jax.lax.stop_gradient(mean)
+            ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * jax.lax.stop_gradient(var)
+        return y.astype(out_dtype)
 
 
 def _check_variant(variant: str) -> None:
@@ -88,7 +137,9 @@ class ConvBlock(nn.Module):
     use_relu: bool = True
     pool: bool = True
     axis_name: str | None = None  # set under pmap so BatchNorm statistics are global across devices
-    conv_impl: str = "fast"  # "fast": same function as nn.Conv, kernel gradient as one matmul (XLA:CPU)
+    # "fast": nn.Conv's function with the kernel gradient as one im2col matmul (XLA:CPU's default lowering);
+    # "xla": lax.conv_general_dilated throughout (see xla_tuning.encoder_conv_impl for when it is faster).
+    conv_impl: str = "fast"
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -100,13 +151,17 @@ class ConvBlock(nn.Module):
         # matters: Adam would otherwise turn float rounding noise into +-learning-rate steps, so results
         # would depend on summation order (device count, fold grouping).
         bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
-        x = x + (jax.lax.stop_gradient(bias) if self.use_bn else bias).astype(x.dtype)
         if self.use_bn:
-            # `mask` excludes rows (padding, a held-out patient) from the batch statistics.
-            x = BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x, mask)
-        if self.use_relu:
+            # `mask` excludes rows (padding, a held-out patient) from the batch statistics. The bias enters as
+            # BatchNorm's `shift`: it moves only the mean, so no pass over the full activation adds it.
+            x = BatchNorm(use_running_average=not train, axis_name=self.axis_name)(x, mask, shift=bias)
+        else:
+            x = x + bias.astype(x.dtype)
+        if self.use_relu and self.pool:
+            x = relu_max_pool_2x2(x)  # = max_pool_2x2_first(relu(x)), value and gradient, in one pass
+        elif self.use_relu:
             x = nn.relu(x)
-        if self.pool:
+        elif self.pool:
             x = max_pool_2x2_first(x)
         return x
 
@@ -118,6 +173,7 @@ class Encoder(nn.Module):
     features: Sequence[int] = (32, 64, 128)
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv_impl: str = "fast"  # ConvBlock.conv_impl: same function and parameters either way
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -128,6 +184,7 @@ class Encoder(nn.Module):
                 use_bn=self.variant == "relu_bn",
                 use_relu=self.variant != "pool",
                 axis_name=self.axis_name,
+                conv_impl=self.conv_impl,
                 dtype=self.dtype,
                 name=f"block{i}",
             )(x, train)
@@ -164,9 +221,11 @@ class Autoencoder(nn.Module):
     upconv_impl: str = "subpixel"
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    conv_impl: str = "fast"  # the encoder's ConvBlock.conv_impl
 
     def setup(self):
-        self.encoder = Encoder(self.variant, self.encoder_features, axis_name=self.axis_name, dtype=self.dtype)
+        self.encoder = Encoder(self.variant, self.encoder_features, axis_name=self.axis_name, dtype=self.dtype,
+                               conv_impl=self.conv_impl)
         decoder_features = tuple(reversed(self.encoder_features[:-1]))
         self.decoder = Decoder(self.variant, decoder_features, upconv_impl=self.upconv_impl,
                                axis_name=self.axis_name, dtype=self.dtype)

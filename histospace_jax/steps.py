@@ -205,10 +205,28 @@ def encode_step(encoder, variables: dict, images_uint8):
 # ----------------------------------------------------------------------------------------------- parallel
 
 
-def pmap_step(step_fn: Callable, axis_name: str = "batch", donate_state: bool = True, **static_kwargs):
-    """Maps a step over all local devices; inputs carry a leading device axis (see shard_batch)."""
+def pmap_step(step_fn: Callable, axis_name: str = "batch", donate_state: bool = True,
+              compiler_options: dict | None = None, **static_kwargs):
+    """Maps a step over all local devices; inputs carry a leading device axis (see shard_batch).
+
+    `compiler_options` (XLA options for this program only, e.g. xla_tuning.conv_step_options()) are applied by
+    compiling it explicitly, once per input signature, since pmap itself does not take them.
+    """
     fn = functools.partial(step_fn, axis_name=axis_name, **static_kwargs)
-    return jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate_state else ())
+    mapped = jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate_state else ())
+    return _WithCompilerOptions(mapped, dict(compiler_options)) if compiler_options else mapped
+
+
+class _WithCompilerOptions:
+    def __init__(self, mapped, options: dict):
+        self._mapped, self._options, self._compiled = mapped, options, {}
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        key = (tree, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+        if key not in self._compiled:
+            self._compiled[key] = self._mapped.lower(*args).compile(compiler_options=self._options)
+        return self._compiled[key](*args)
 
 
 def shard_batch(batch: dict, n_devices: int) -> dict:

@@ -17,6 +17,7 @@ from histospace_jax.layers import (
     conv2d,
     max_pool_2x2,
     max_pool_2x2_first,
+    relu_max_pool_2x2,
     same_padding,
     upconv_kernel_2x2,
     upconv_kernel_3x3,
@@ -229,6 +230,25 @@ def test_max_pool_ties_first_matches_reference_plain_splits():
     assert not np.allclose(np.asarray(g_split), np.asarray(g_ref))
     win = lambda g: np.asarray(g).reshape(2, 4, 2, 5, 2, 4).sum(axis=(2, 4))
     np.testing.assert_allclose(win(g_split), win(g_ref), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 4), (3, 7, 9, 5), (1, 2, 4, 1)])
+def test_relu_max_pool_equals_pool_of_relu_value_and_gradient_with_ties(shape):
+    """The fused ReLU + first-max pool is max_pool_2x2_first(relu(x)) (itself nn.max_pool's gradient) bit for bit:
+    integer inputs give ties among positive maxima, all-negative windows and mixed zero windows."""
+    x = jnp.round(_normal(21, shape) * 1.5)
+    if shape[1] >= 4:
+        x = x.at[0, :2, :2, :].set(0.0)  # a window of exact zeros
+    ct = _normal(22, (shape[0], shape[1] // 2, shape[2] // 2, shape[3]))
+    ref = lambda x: max_pool_2x2_first(nn.relu(x))
+    (y_ref, g_ref), (y, g) = jax.jit(
+        lambda x, ct: [(f(x), jax.grad(lambda x: jnp.vdot(f(x), ct))(x)) for f in (ref, relu_max_pool_2x2)])(x, ct)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_ref))
+    # and against the Flax reference layers outright
+    g_flax = jax.grad(lambda x: jnp.vdot(_ref_pool(nn.relu(x)), ct))(x)
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(g_flax))
+    assert np.count_nonzero(np.asarray(g)) > 0
 
 
 def test_small_network_gradients_equal_reference():

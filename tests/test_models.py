@@ -107,3 +107,81 @@ def test_batchnorm_matches_flax_and_honours_mask():
     y_m, _ = ours.apply(v, x.at[2].set(1e6), mask=mask, mutable=["batch_stats"])
     y_kept, _ = ours.apply(v, x[np.asarray(mask)], mutable=["batch_stats"])
     np.testing.assert_allclose(y_m[np.asarray(mask)], y_kept, atol=1e-5)
+
+
+def _autodiff_batchnorm(x, scale, bias, rows, shift, eps=1e-5):
+    """The textbook two-pass batch norm of x + shift over the weighted rows, left to autodiff (the reference)."""
+    x = x + shift
+    w = rows.reshape((-1,) + (1,) * (x.ndim - 1))
+    count = rows.sum() * np.prod(x.shape[1:-1])
+    mean = (w * x).sum(axis=tuple(range(x.ndim - 1))) / count
+    var = (w * jnp.square(x - mean)).sum(axis=tuple(range(x.ndim - 1))) / count
+    return (x - mean) / jnp.sqrt(var + eps) * scale + bias, mean, var
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_batch_norm_train_gradient_matches_autodiff_reference(masked):
+    k = jax.random.split(jax.random.PRNGKey(3), 5)
+    x = jax.random.normal(k[0], (6, 5, 4, 3)) * 2 + 0.5
+    scale, bias, shift = (jax.random.normal(k[i], (3,)) for i in (1, 2, 3))
+    rows = jnp.array([1, 1, 0, 1, 0, 1] if masked else [1] * 6, jnp.float32)
+    ct = jax.random.normal(k[4], x.shape)
+
+    def loss(fn, x, scale, bias):
+        return jnp.vdot(fn(x, scale, bias, rows, shift)[0], ct)
+
+    ours = lambda x, s, b, r, sh: models.batch_norm_train(x, s, b, r, sh, 1e-5, None)
+    for a, b_ in zip(ours(x, scale, bias, rows, shift), _autodiff_batchnorm(x, scale, bias, rows, shift)):
+        np.testing.assert_allclose(a, b_, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda *a: loss(ours, *a), argnums=(0, 1, 2))(x, scale, bias)
+    g_ref = jax.grad(lambda *a: loss(_autodiff_batchnorm, *a), argnums=(0, 1, 2))(x, scale, bias)
+    for a, b_ in zip(g, g_ref):
+        np.testing.assert_allclose(a, b_, rtol=1e-4, atol=1e-5)
+    # shift moves only the statistics: the output, and so every gradient, is the same without it
+    g0 = jax.grad(lambda x: jnp.vdot(models.batch_norm_train(x, scale, bias, rows, shift * 0, 1e-5, None)[0], ct))(x)
+    np.testing.assert_allclose(g[0], g0, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_norm_train_over_devices_equals_one_batch():
+    """Statistics and gradients summed over an axis (two 'devices' under vmap) equal those of the whole batch."""
+    x = jax.random.normal(jax.random.PRNGKey(4), (8, 3, 3, 2)) * 3
+    scale, bias, shift = jnp.array([1.5, -0.5]), jnp.array([0.1, 0.2]), jnp.array([0.3, -2.0])
+    rows = jnp.array([1, 0, 1, 1, 1, 1, 0, 1], jnp.float32)
+    ct = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+
+    def whole(x, scale):
+        y, mean, var = models.batch_norm_train(x, scale, bias, rows, shift, 1e-5, None)
+        return jnp.vdot(y, ct), (mean, var)
+
+    def split(xs, scale):
+        def one(x, r, c):
+            y, mean, var = models.batch_norm_train(x, scale, bias, r, shift, 1e-5, "d")
+            return jnp.vdot(y, c), (mean, var)
+        out, stats = jax.vmap(one, axis_name="d")(xs, rows.reshape(2, 4), ct.reshape(2, 4, 3, 3, 2))
+        return out.sum(), stats
+
+    (l1, (m1, v1)), (gx1, gs1) = jax.value_and_grad(whole, argnums=(0, 1), has_aux=True)(x, scale)
+    (l2, (m2, v2)), (gx2, gs2) = jax.value_and_grad(split, argnums=(0, 1), has_aux=True)(x.reshape(2, 4, 3, 3, 2), scale)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    np.testing.assert_allclose(m2[0], m1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(v2[1], v1, rtol=1e-5)
+    np.testing.assert_allclose(gx2.reshape(x.shape), gx1, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gs2, gs1, rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_conv_impls_same_loss_and_gradients():
+    """conv_impl changes how XLA computes the encoder's convolutions, not the function or the parameters."""
+    imgs = jax.random.uniform(jax.random.PRNGKey(6), (4, 32, 32, 3))
+    fast, native = models.Autoencoder(conv_impl="fast"), models.Autoencoder(conv_impl="xla")
+    v = fast.init(jax.random.PRNGKey(0), imgs)
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(native.init(jax.random.PRNGKey(0), imgs))
+
+    def loss(m, params):
+        out, _ = m.apply({"params": params, "batch_stats": v["batch_stats"]}, imgs, True, mutable=["batch_stats"])
+        return jnp.mean(jnp.square(out - imgs))
+
+    (l1, g1), (l2, g2) = (jax.value_and_grad(lambda p: loss(m, p))(v["params"]) for m in (fast, native))
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 + 1e-3 * float(np.abs(b).max()))
+

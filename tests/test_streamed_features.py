@@ -65,3 +65,25 @@ def test_in_memory_choice_follows_the_budget(monkeypatch):
     assert features.resident_choice(c, Store, 1) and not features.resident_choice(c, Store, 2)
     c.train.features_in_memory = "off"
     assert not features.resident_choice(c, Store, 1)
+
+
+def test_folds_per_program_auto_splits_folds_to_fit_the_state_budget():
+    """loo.folds_per_program=0 keeps all folds in one program when their heads fit, else the fewest equal groups
+    that fit; a member's state size is counted from the real state's arrays."""
+    import jax
+
+    from histospace_jax import builders, config as config_lib, folds
+
+    c = config_lib.get_config()
+    c.train.ensemble = 5
+    enc = builders.random_encoder_variables(c, 0)
+    real = builders.head_states(c, 250, [enc], [1])[0]
+    counted = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(real))
+    per_member = folds.member_state_bytes(c, 250, enc)
+    assert abs(per_member - counted) <= 8  # the step counter: an int32 in the state, a Python int here
+    assert 25e6 < per_member < 35e6  # params + two Adam moments of a ~2.4M-parameter head, 4 bytes each
+    per_fold = per_member * folds._MEMORY_PER_STATE * 5
+    assert folds.auto_folds_per_program(c, 23, 250, enc, budget=23 * per_fold) == 23
+    assert folds.auto_folds_per_program(c, 23, 250, enc, budget=23 * per_fold - 1) == 12  # 2 groups: 12 + 11
+    assert folds.auto_folds_per_program(c, 23, 250, enc, budget=3 * per_fold) == 3  # 8 groups of up to 3
+    assert folds.auto_folds_per_program(c, 23, 250, enc, budget=1) == 1

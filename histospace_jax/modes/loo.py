@@ -94,7 +94,8 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         train_rows.append(tr)
         val_rows.append(va)
         splits[plan.name(f)] = how
-    per_program = config.loo.folds_per_program or len(plan.folds)
+    per_program = config.loo.folds_per_program or folds.auto_folds_per_program(
+        config, len(plan.folds), expression.shape[1], encoders[0], log=console.log)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
     out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits}
     for gi, group in enumerate(groups):

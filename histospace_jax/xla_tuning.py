@@ -1,0 +1,52 @@
+"""Per-program XLA options that make our steps faster on a backend, chosen where they are measured to help.
+
+XLA:CPU (jaxlib 0.10) sends 3x3 convolutions, dots and reductions to its YNNPACK library fusions by default.
+On the autoencoder's train step (2-core AMD EPYC, batch 32) YNNPACK's convolutions were the slow part: the encoder
+forward took 248 ms against 156 ms with convolutions left to XLA's Eigen path, and the whole step went from about
+940 ms to 700 ms once the encoder's kernel gradients also use XLA's own convolution (`conv_impl="xla"`, which is
+slower than our im2col form under the default). Keeping YNNPACK for reductions only is what helped
+(`benchmarks/layer_speed.py`, `benchmarks/speed.py` measure it).
+
+The options go to one compiled program (jit/pmap `compiler_options`), never to the process's XLA_FLAGS: a
+researcher importing our functions keeps their own settings, and a jaxlib that no longer knows the option falls
+back to its defaults instead of aborting (an unknown flag in XLA_FLAGS is fatal).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# YNNPACK for reductions only: convolutions and dots go to XLA's Eigen kernels.
+CPU_CONV_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(options: tuple) -> bool:
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=dict(options)).lower(jnp.zeros((2,), jnp.float32)).compile()
+    except Exception:  # noqa: BLE001 - any refusal (unknown option, bad value) means: use the defaults
+        return False
+    return True
+
+
+def supported(options: dict) -> dict:
+    """`options` when this jaxlib's compiler accepts them, else {} (its defaults)."""
+    return dict(options) if options and _accepted(tuple(sorted(options.items()))) else {}
+
+
+def conv_step_options() -> dict:
+    """Compiler options for a train step dominated by convolutions (the autoencoder's) on this backend."""
+    return supported(CPU_CONV_OPTIONS) if jax.default_backend() == "cpu" else {}
+
+
+def encoder_conv_impl(options: dict) -> str:
+    """The encoder's ConvBlock.conv_impl for a step compiled with `options` (same function either way).
+
+    With CPU_CONV_OPTIONS, XLA's own convolution kernel gradient beats the im2col matmul (block 64x64x32->64:
+    91 ms against 154 ms); under XLA:CPU's defaults it is the other way round. Other backends keep "fast", the
+    form every test and checkpoint of this project has used (no GPU or TPU measurement says otherwise yet).
+    """
+    return "xla" if options.get("xla_cpu_experimental_ynn_fusion_type") == "LIBRARY_FUSION_TYPE_REDUCE" else "fast"
