@@ -210,11 +210,15 @@ def pmap_step(step_fn: Callable, axis_name: str = "batch", donate_state: bool = 
     """Maps a step over all local devices; inputs carry a leading device axis (see shard_batch).
 
     `compiler_options` (XLA options for this program only, e.g. xla_tuning.conv_step_options()) are applied by
-    compiling it explicitly, once per input signature, since pmap itself does not take them.
+    compiling it explicitly, once per input signature, since pmap itself does not take them. With several processes
+    they are not applied: a pmap lowered ahead of time expects global arrays, while each process calls it with
+    its local shard.
     """
     fn = functools.partial(step_fn, axis_name=axis_name, **static_kwargs)
     mapped = jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate_state else ())
-    return _WithCompilerOptions(mapped, dict(compiler_options)) if compiler_options else mapped
+    if compiler_options and jax.process_count() == 1:
+        return _WithCompilerOptions(mapped, dict(compiler_options))
+    return mapped
 
 
 class _WithCompilerOptions:

@@ -38,8 +38,13 @@ def supported(options: dict) -> dict:
 
 
 def conv_step_options() -> dict:
-    """Compiler options for a train step dominated by convolutions (the autoencoder's) on this backend."""
-    return supported(CPU_CONV_OPTIONS) if jax.default_backend() == "cpu" else {}
+    """Compiler options for a train step dominated by convolutions (the autoencoder's) on this backend.
+
+    None with several processes: steps.pmap_step cannot apply options there (see its docstring), and the
+    encoder's conv formulation must match what the step is compiled with."""
+    if jax.default_backend() != "cpu" or jax.process_count() > 1:
+        return {}
+    return supported(CPU_CONV_OPTIONS)
 
 
 def encoder_conv_impl(options: dict) -> str:
