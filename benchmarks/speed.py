@@ -275,7 +275,7 @@ def jax_steps(batch: int, genes: int, repeats: int) -> dict:
     y = rng.standard_normal((batch, genes)).astype(np.float32)
     out = {}
 
-    # The autoencoder step as autoencoder.train_autoencoder compiles it (builders.autoencoder, pmap_step).
+    # The autoencoder step as autoencoder.pretrain compiles it (builders.autoencoder, pmap_step).
     options = xla_tuning.conv_step_options()
     ae = models.Autoencoder(upconv_impl="subpixel", conv_impl=xla_tuning.encoder_conv_impl(options))
     state = steps.create_train_state(ae, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)),

@@ -135,8 +135,7 @@ def main() -> None:
     if args.keep_features:
         # The feature cache (and the pretrained encoder it comes from) survive between runs; the heads start over.
         work = os.path.join(args.root, "work")
-        shutil.rmtree(os.path.join(work, "checkpoints", "loo_main"), ignore_errors=True)
-        for name in glob.glob(os.path.join(work, "checkpoints", "loo_main_*")):
+        for name in glob.glob(os.path.join(work, "checkpoints", "loo_main*")):  # loo_main, or loo_main_<group>
             shutil.rmtree(name)
         r = run_job(store, pretrain, work, args.steps, args.extra, say)
     else:

@@ -137,13 +137,18 @@ class FeatureView:
         return self.stream.rows(np.full(len(rows), self.v), rows)
 
 
+def machine_memory_bytes() -> int:
+    """This machine's physical memory (16 GiB assumed where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 16 << 30
+
+
 def resident_bytes_budget() -> int:
     """Bytes of features kept in memory before LOO streams them from disk instead: a quarter of the machine's
     memory (on a CPU backend the device copy is host memory too, and the run needs room beside them)."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
-    except (OSError, ValueError):
-        return 4 << 30
+    return machine_memory_bytes() // 4
 
 
 def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: str,

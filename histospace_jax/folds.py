@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import builders, checkpointing, console, controls, loop, steps
+from histospace_jax import builders, checkpointing, console, controls, features, loop, steps
 from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
 
@@ -392,10 +392,7 @@ def member_state_bytes(config, n_genes: int, encoder_variables: dict) -> int:
 
 def head_state_budget() -> int:
     """Bytes the heads of one program may take while training: half of this machine's memory."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (OSError, ValueError):
-        return 8 << 30
+    return features.machine_memory_bytes() // 2
 
 
 def auto_folds_per_program(config, n_folds: int, n_genes: int, encoder_variables: dict, log=None,
@@ -424,17 +421,14 @@ def _stacked_head_states(config, n_genes: int, encoder_variables: list[dict], se
     """The members' initial states stacked on a leading axis, as host arrays, built one member at a time into
     preallocated arrays: never a list of every member's state beside the stack (at STNet scale, 115 heads of
     ~30 MB each, that list alone was 3.4 GB)."""
-    stacked = None
+    stacked, tree = [], None
     for m, (enc, seed) in enumerate(zip(encoder_variables, seed_offsets)):
-        one = builders.head_states(config, n_genes, [enc], [seed])[0]
-        leaves, tree = jax.tree_util.tree_flatten(one)
-        if stacked is None:
+        leaves, tree = jax.tree_util.tree_flatten(builders.head_states(config, n_genes, [enc], [seed])[0])
+        if m == 0:
             stacked = [np.empty((len(seed_offsets),) + np.shape(x), np.asarray(x).dtype) for x in leaves]
-            first_tree = tree
         for out, x in zip(stacked, leaves):
             out[m] = np.asarray(x)
-        del one, leaves
-    return jax.tree_util.tree_unflatten(first_tree, stacked)
+    return jax.tree_util.tree_unflatten(tree, stacked)
 
 
 def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> dict:

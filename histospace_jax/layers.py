@@ -129,7 +129,6 @@ def _conv2d_bwd(padding, precision, res, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-
 def same_padding(kernel_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
     """The (low, high) padding of ``"SAME"`` at stride 1 (what lax and nn.Conv use)."""
     return tuple((((k - 1) // 2), (k - 1) - (k - 1) // 2) for k in kernel_size)  # type: ignore[return-value]

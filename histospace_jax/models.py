@@ -66,10 +66,6 @@ def _bn_forward(x, scale, bias, rows, shift, epsilon, axis_name):
     return (y, mean_x + shift, var), (x, scale, rows, mean_x, rstd, count)
 
 
-def _bn_fwd(x, scale, bias, rows, shift, epsilon, axis_name):
-    return _bn_forward(x, scale, bias, rows, shift, epsilon, axis_name)
-
-
 def _bn_bwd(epsilon, axis_name, res, cotangents):
     x, scale, rows, mean_x, rstd, count = res
     g = cotangents[0]  # the statistics' own outputs feed only the running averages, never a loss
@@ -86,7 +82,7 @@ def _bn_bwd(epsilon, axis_name, res, cotangents):
     return dx, sum_gx, sum_g, jnp.zeros_like(rows), jnp.zeros_like(mean_x)
 
 
-batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+batch_norm_train.defvjp(_bn_forward, _bn_bwd)
 
 
 class BatchNorm(nn.Module):

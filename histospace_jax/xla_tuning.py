@@ -2,10 +2,10 @@
 
 XLA:CPU (jaxlib 0.10) sends 3x3 convolutions, dots and reductions to its YNNPACK library fusions by default.
 On the autoencoder's train step (2-core AMD EPYC, batch 32) YNNPACK's convolutions were the slow part: the encoder
-forward took 248 ms against 156 ms with convolutions left to XLA's Eigen path, and the whole step went from about
-940 ms to 700 ms once the encoder's kernel gradients also use XLA's own convolution (`conv_impl="xla"`, which is
-slower than our im2col form under the default). Keeping YNNPACK for reductions only is what helped
-(`benchmarks/layer_speed.py`, `benchmarks/speed.py` measure it).
+forward took 248 ms against 156 ms with convolutions left to XLA's Eigen path. With YNNPACK kept for reductions
+only and the encoder's kernel gradients on XLA's own convolution (`conv_impl="xla"`, which is slower than our
+im2col form under the defaults), the whole step takes 652 ms against 887 ms (`benchmarks/ae_step_profile.py`
+with and without --xla-defaults; `benchmarks/speed.py` compares it with PyTorch).
 
 The options go to one compiled program (jit/pmap `compiler_options`), never to the process's XLA_FLAGS: a
 researcher importing our functions keeps their own settings, and a jaxlib that no longer knows the option falls
@@ -54,4 +54,4 @@ def encoder_conv_impl(options: dict) -> str:
     91 ms against 154 ms); under XLA:CPU's defaults it is the other way round. Other backends keep "fast", the
     form every test and checkpoint of this project has used (no GPU or TPU measurement says otherwise yet).
     """
-    return "xla" if options.get("xla_cpu_experimental_ynn_fusion_type") == "LIBRARY_FUSION_TYPE_REDUCE" else "fast"
+    return "xla" if options == CPU_CONV_OPTIONS else "fast"
