@@ -64,7 +64,7 @@ def main() -> None:
     from histospace_jax import models, steps, xla_tuning
 
     options = {} if args.xla_defaults else xla_tuning.conv_step_options()
-    ae = models.Autoencoder(conv_impl=xla_tuning.encoder_conv_impl(options))
+    ae = models.Autoencoder(conv_impl=xla_tuning.conv_impl_for(options))
     state = steps.create_train_state(ae, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)),
                                      steps.make_ae_optimizer(1e-3))
     step = jax.jit(steps.ae_train_step, donate_argnums=(0,), compiler_options=options or None)
@@ -93,7 +93,7 @@ def main() -> None:
         if e.get("ph") == "X" and e["name"] in names:
             per_op[e["name"]] += e["dur"] / 1000 / args.steps
     rows = sorted(per_op.items(), key=lambda kv: -kv[1])
-    result = {"options": options, "conv_impl": xla_tuning.encoder_conv_impl(options), "batch": args.batch,
+    result = {"options": options, "conv_impl": xla_tuning.conv_impl_for(options), "batch": args.batch,
               "step_ms": statistics.median(times) * 1000, "traced_ops_ms": sum(per_op.values()),
               "top": [{"op": k, "ms": round(v, 2), "shape": names[k][0], "source": names[k][1]}
                       for k, v in rows[:args.top]]}

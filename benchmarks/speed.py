@@ -277,7 +277,7 @@ def jax_steps(batch: int, genes: int, repeats: int) -> dict:
 
     # The autoencoder step as autoencoder.pretrain compiles it (builders.autoencoder, pmap_step).
     options = xla_tuning.conv_step_options()
-    ae = models.Autoencoder(upconv_impl="subpixel", conv_impl=xla_tuning.encoder_conv_impl(options))
+    ae = models.Autoencoder(upconv_impl="subpixel", conv_impl=xla_tuning.conv_impl_for(options))
     state = steps.create_train_state(ae, jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)),
                                      steps.make_ae_optimizer(1e-3))
     ae_step = jax.jit(steps.ae_train_step, donate_argnums=(0,), compiler_options=options)

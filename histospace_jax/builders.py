@@ -24,7 +24,7 @@ def compute_dtype(config):
 
 def autoencoder(config) -> models.Autoencoder:
     # The encoder's conv formulation follows the options its train step is compiled with (same function).
-    conv_impl = xla_tuning.encoder_conv_impl(xla_tuning.conv_step_options())
+    conv_impl = xla_tuning.conv_impl_for(xla_tuning.conv_step_options())
     return models.Autoencoder(upconv_impl=config.model.upconv_impl, axis_name=AXIS, conv_impl=conv_impl,
                               **_arch(config))
 
@@ -33,11 +33,13 @@ def encoder(config) -> models.Encoder:
     return models.Encoder(config.model.variant, tuple(config.model.encoder_features), dtype=compute_dtype(config))
 
 
-def histospace(config, n_genes: int, axis_name: str | None = AXIS) -> models.HistoSpace:
+def histospace(config, n_genes: int, axis_name: str | None = AXIS, conv_impl: str = "fast") -> models.HistoSpace:
+    """`conv_impl`: xla_tuning.conv_impl_for the options the model's programs are compiled with."""
     m = config.model
     return models.HistoSpace(n_genes=n_genes, conv_features=tuple(m.head_conv_features),
                              fc_features=tuple(m.head_fc_features), dropout_rate=m.dropout_rate,
-                             axis_name=axis_name, output_init=_output_init(config), **_arch(config))
+                             axis_name=axis_name, output_init=_output_init(config), conv_impl=conv_impl,
+                             **_arch(config))
 
 
 def _output_init(config) -> str:
@@ -71,11 +73,12 @@ def autoencoder_state(config) -> steps.TrainState:
                                     jnp.zeros((1, t, t, 3)), tx)
 
 
-def head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets) -> list[steps.TrainState]:
+def head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets,
+                conv_impl: str = "fast") -> list[steps.TrainState]:
     """HistoSpace states with fresh heads (seeded by config.seed and each of `seed_offsets`) on the frozen
     encoders (one per state). They share one module and optimizer, so they stack (vmap over heads)."""
     c = config.train
-    model = histospace(config, n_genes)
+    model = histospace(config, n_genes, conv_impl=conv_impl)
     tx = steps.make_regression_optimizer(c.learning_rate, c.weight_decay)
     return [steps.create_regression_state(model, jax.random.PRNGKey(config.seed * 100003 + int(k)), enc, tx,
                                           config.data.tile_size) for enc, k in zip(encoder_variables, seed_offsets)]

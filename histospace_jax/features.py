@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from histospace_jax import console, models, steps
+from histospace_jax import console, models, steps, xla_tuning
 from histospace_jax.data import pipeline
 
 
@@ -71,8 +71,9 @@ def write_features(path: str, store, encoder_variables: dict, *, variant: str, e
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
     np_dtype = jnp.dtype(dtype)
-    encode = jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features),
-                                                                          dtype=np_dtype)))
+    encode = steps.with_compiler_options(
+        jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features), dtype=np_dtype))),
+        xla_tuning.conv_step_options())
     variables = steps.replicate(encoder_variables)
     source = pipeline.ArraySource({"image": store.tiles})
     out = None

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import builders, checkpointing, console, controls, features, loop, steps
+from histospace_jax import builders, checkpointing, console, controls, features, loop, steps, xla_tuning
 from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
 
@@ -202,7 +202,7 @@ def _split_devices(x: np.ndarray, by_process: bool = True) -> np.ndarray:
     return np.moveaxis(x.reshape((m, d, b // d) + x.shape[2:]), 1, 0)
 
 
-def make_member_train_step(huber_delta: float):
+def make_member_train_step(huber_delta: float, compiler_options: dict | None = None):
     def step(states, feats, expr, mu, sd, enc_of, fold_of, idx, view):
         def one(state, e, f, i, v):
             batch = {"features": feats[e, v, i], "expression": (expr[i] - mu[f]) / sd[f]}
@@ -210,10 +210,11 @@ def make_member_train_step(huber_delta: float):
 
         return jax.vmap(one)(states, enc_of, fold_of, idx, view)
 
-    return jax.pmap(step, axis_name=builders.AXIS, in_axes=(0, 0, 0, 0, 0, 0, 0, 0, 0), donate_argnums=(0,))
+    return steps.with_compiler_options(jax.pmap(step, axis_name=builders.AXIS, donate_argnums=(0,)),
+                                       compiler_options)
 
 
-def make_member_train_step_on_features(huber_delta: float):
+def make_member_train_step_on_features(huber_delta: float, compiler_options: dict | None = None):
     """The train step of streamed features: each member's batch arrives with its features [B, h, w, C]."""
     def step(states, feats, expr, mu, sd, fold_of, idx):
         def one(state, x, f, i):
@@ -222,20 +223,21 @@ def make_member_train_step_on_features(huber_delta: float):
 
         return jax.vmap(one)(states, feats, fold_of, idx)
 
-    return jax.pmap(step, axis_name=builders.AXIS, donate_argnums=(0,))
+    return steps.with_compiler_options(jax.pmap(step, axis_name=builders.AXIS, donate_argnums=(0,)),
+                                       compiler_options)
 
 
-def make_member_predict_on_features():
+def make_member_predict_on_features(compiler_options: dict | None = None):
     def predict(states, feats):
         return jax.vmap(lambda state, x: steps.predict_step(state, {"features": x}))(states, feats)
 
-    return jax.pmap(predict, axis_name=builders.AXIS)
+    return steps.with_compiler_options(jax.pmap(predict, axis_name=builders.AXIS), compiler_options)
 
 
-def make_member_predict():
+def make_member_predict(n_views: int, compiler_options: dict | None = None):
     """Each member's prediction on its rows, averaged over the first `n_views` dihedral views inside one program
-    (one compilation per view count, one transfer per chunk)."""
-    def predict(states, feats, enc_of, idx, n_views):
+    (one transfer per chunk)."""
+    def predict(states, feats, enc_of, idx):
         def one(state, e, i):
             def add_view(v, total):
                 return total + steps.predict_step(state, {"features": feats[e, v, i]})
@@ -245,7 +247,7 @@ def make_member_predict():
 
         return jax.vmap(one)(states, enc_of, idx)
 
-    return jax.pmap(predict, axis_name=builders.AXIS, in_axes=(0, 0, 0, 0, None), static_broadcasted_argnums=(4,))
+    return steps.with_compiler_options(jax.pmap(predict, axis_name=builders.AXIS), compiler_options)
 
 
 class MemberProgram:
@@ -261,6 +263,10 @@ class MemberProgram:
         self.mu = np.stack([s[0] for s in stats])
         self.sd = np.stack([s[1] for s in stats])
         self.streamed = not isinstance(data.features, np.ndarray)
+        # Every program of the heads is compiled with these options, and the heads' convolutions take the
+        # formulation that is fast under them (xla_tuning.conv_impl_for: the states must be built with it).
+        self.compiler_options = xla_tuning.conv_step_options()
+        self.conv_impl = xla_tuning.conv_impl_for(self.compiler_options)
         self.expr = _replicated(data.expression)
         self.mu_r, self.sd_r = _replicated(self.mu), _replicated(self.sd)
         self.enc_r, self.fold_r = _replicated(self.enc_of), _replicated(self.fold_of)
@@ -268,13 +274,13 @@ class MemberProgram:
             self.streams = list(data.features)
             self.n_views = self.streams[0].shape[0]
             self.feats = None
-            self.train_step = make_member_train_step_on_features(config.train.huber_delta)
-            self.predict = make_member_predict_on_features()
+            self.train_step = make_member_train_step_on_features(config.train.huber_delta, self.compiler_options)
+            self.predict = make_member_predict_on_features(self.compiler_options)
         else:
             self.n_views = data.features.shape[1]
             self.feats = _replicated(data.features)
-            self.train_step = make_member_train_step(config.train.huber_delta)
-            self.predict = make_member_predict()
+            self.train_step = make_member_train_step(config.train.huber_delta, self.compiler_options)
+            self._predict_views = {}
         self.chunk = max(jax.local_device_count(), config.eval_batch_size // jax.local_device_count()
                          * jax.local_device_count())
 
@@ -289,7 +295,9 @@ class MemberProgram:
         """[M, chunk, G]: each member's prediction on its chunk of rows, mean over the first n_views views."""
         if not self.streamed:
             part = _split_devices(idx, by_process=False)
-            acc = np.asarray(self.predict(rstates, self.feats, self.enc_r, part, n_views))
+            if n_views not in self._predict_views:
+                self._predict_views[n_views] = make_member_predict(n_views, self.compiler_options)
+            acc = np.asarray(self._predict_views[n_views](rstates, self.feats, self.enc_r, part))
         else:
             acc = 0.0
             for v in range(n_views):
@@ -417,13 +425,15 @@ def auto_folds_per_program(config, n_folds: int, n_genes: int, encoder_variables
     return per_program
 
 
-def _stacked_head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets) -> dict:
+def _stacked_head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets,
+                         conv_impl: str = "fast") -> dict:
     """The members' initial states stacked on a leading axis, as host arrays, built one member at a time into
     preallocated arrays: never a list of every member's state beside the stack (at STNet scale, 115 heads of
     ~30 MB each, that list alone was 3.4 GB)."""
     stacked, tree = [], None
     for m, (enc, seed) in enumerate(zip(encoder_variables, seed_offsets)):
-        leaves, tree = jax.tree_util.tree_flatten(builders.head_states(config, n_genes, [enc], [seed])[0])
+        leaves, tree = jax.tree_util.tree_flatten(builders.head_states(config, n_genes, [enc], [seed],
+                                                                       conv_impl=conv_impl)[0])
         if m == 0:
             stacked = [np.empty((len(seed_offsets),) + np.shape(x), np.asarray(x).dtype) for x in leaves]
         for out, x in zip(stacked, leaves):
@@ -454,7 +464,8 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
     program = MemberProgram(config, data, k)
     members = len(program.fold_of)
     stacked = _stacked_head_states(config, g, [data.encoder_variables[data.encoder_of_fold[f]] for f in program.fold_of],
-                                   [int(f) * 1000 + m % k + 1 for m, f in enumerate(program.fold_of)])
+                                   [int(f) * 1000 + m % k + 1 for m, f in enumerate(program.fold_of)],
+                                   conv_impl=program.conv_impl)
     rows_per_member = [data.train_rows[f] for f in program.fold_of]
     mean_rows = float(np.mean([len(r) for r in data.train_rows]))
     steps_per_epoch = max(1, int(mean_rows // c.batch_size))
@@ -529,7 +540,8 @@ def ensemble_predict_features(states, feats: np.ndarray, mean: np.ndarray, sd: n
                               batch: int = 256) -> np.ndarray:
     """Predictions (expression units) of heads stacked over members on features [V, n, h, w, C]: the mean over
     members and views of mean + sd * standardised prediction."""
-    fn = jax.jit(jax.vmap(lambda s, f: steps.predict_step(s, {"features": f}), in_axes=(0, None)))
+    fn = jax.jit(jax.vmap(lambda s, f: steps.predict_step(s, {"features": f}), in_axes=(0, None)),
+                 compiler_options=xla_tuning.conv_step_options() or None)
     n_views, n = feats.shape[:2]
     out = []
     for a in range(0, n, batch):

@@ -215,7 +215,14 @@ def pmap_step(step_fn: Callable, axis_name: str = "batch", donate_state: bool = 
     its local shard.
     """
     fn = functools.partial(step_fn, axis_name=axis_name, **static_kwargs)
-    mapped = jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate_state else ())
+    return with_compiler_options(jax.pmap(fn, axis_name=axis_name, donate_argnums=(0,) if donate_state else ()),
+                                 compiler_options)
+
+
+def with_compiler_options(mapped: Callable, compiler_options: dict | None) -> Callable:
+    """A pmapped function compiled with `compiler_options` (once per input signature; see pmap_step), or
+    `mapped` itself without options or with several processes. Its arguments must all be arrays (no static
+    arguments)."""
     if compiler_options and jax.process_count() == 1:
         return _WithCompilerOptions(mapped, dict(compiler_options))
     return mapped

@@ -185,3 +185,33 @@ def test_encoder_conv_impls_same_loss_and_gradients():
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 + 1e-3 * float(np.abs(b).max()))
 
+
+
+def test_head_conv_impls_same_prediction_and_gradients():
+    """HistoSpace.conv_impl reaches the head's conv: the same function and parameter tree either way, with the
+    options the heads are compiled with (xla_tuning.conv_step_options)."""
+    from histospace_jax import xla_tuning
+
+    feats = jax.random.normal(jax.random.PRNGKey(3), (4, 16, 16, 128))
+    y = jax.random.normal(jax.random.PRNGKey(4), (4, 5))
+    fast, native = (models.HistoSpace(n_genes=5, conv_impl=impl) for impl in ("fast", "xla"))
+    v = fast.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)))
+    assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(
+        native.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3))))
+    opts = xla_tuning.conv_step_options() or None
+
+    def loss(m, params):
+        out, _ = m.apply({**v, "params": params}, feats, True, method="from_features", mutable=["batch_stats"])
+        return jnp.mean(jnp.square(out - y))
+
+    (l1, g1), (l2, g2) = (jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)), compiler_options=opts)(v["params"])
+                          for m in (fast, native))
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree_util.tree_leaves(g1["head"]), jax.tree_util.tree_leaves(g2["head"])):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6 + 1e-3 * float(np.abs(b).max()))
+    p1, p2 = (m.apply(v, feats, method="from_features") for m in (fast, native))
+    np.testing.assert_allclose(p1, p2, rtol=1e-4, atol=1e-5)
+    # and the setting reaches the head: "fast" is conv2d's custom VJP, "xla" plain lax (the pool's VJP is in both)
+    vjps = [str(jax.make_jaxpr(lambda f, m=m: m.apply(v, f, method="from_features"))(feats)).count("custom_vjp_call")
+            for m in (fast, native)]
+    assert vjps[0] == vjps[1] + 1, vjps

@@ -11,7 +11,7 @@ from histospace_jax import models, steps, xla_tuning
 def test_unknown_option_falls_back_to_defaults():
     assert xla_tuning.supported({"xla_cpu_no_such_option_anywhere": "1"}) == {}
     assert xla_tuning.supported({}) == {}
-    assert xla_tuning.encoder_conv_impl({}) == "fast"
+    assert xla_tuning.conv_impl_for({}) == "fast"
 
 
 def test_ae_step_with_conv_options_equals_default_compilation():
@@ -19,7 +19,7 @@ def test_ae_step_with_conv_options_equals_default_compilation():
     if jax.default_backend() != "cpu" or not options:
         pytest.skip("these XLA:CPU options are for the CPU backend of a jaxlib that accepts them")
     assert xla_tuning.conv_step_options() == options
-    assert xla_tuning.encoder_conv_impl(options) == "xla"
+    assert xla_tuning.conv_impl_for(options) == "xla"
     images = np.random.default_rng(0).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)  # [device, batch, ...]
     results = []
     for impl, opts in (("fast", None), ("xla", options)):
