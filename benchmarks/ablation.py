@@ -96,11 +96,13 @@ def main() -> None:
         json.dump(rows, f, indent=1)
     with open(os.path.join(args.root, "ablation.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "held_out", *KEYS, "linear_probe_r", "trivial_image_r", "depth_oracle_r"])
+        w.writerow(["variant", "held_out", *KEYS, "linear_probe_r", "trivial_image_r", "depth_oracle_r",
+                    "image_depth_r"])
         for r in rows:
             for fold, m in r["folds"].items():
                 w.writerow([r["variant"], fold, *(m[k] for k in KEYS), m.get("linear_probe_per_gene_pearson"),
-                            m.get("trivial_image_per_gene_pearson"), m.get("depth_oracle_per_gene_pearson")])
+                            m.get("trivial_image_per_gene_pearson"), m.get("depth_oracle_per_gene_pearson"),
+                            m.get("image_depth_per_gene_pearson")])
     print(f"[ablation] wrote {os.path.join(args.root, 'ablation.json')} and ablation.csv", flush=True)
 
 

@@ -36,11 +36,17 @@ _NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory")
 
 
 class Checkpointer:
-    def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False):
+    """`async_save`: a save returns once the state is copied to host memory and the data iterator's position is
+    written; the arrays are written in the background while training goes on (the next save, a restore or
+    `close` waits for it). Jobs of several processes save synchronously: every process must agree on each
+    commit, and a background write would have to be coordinated across them."""
+
+    def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False, async_save: bool = True):
         self.directory = os.path.abspath(directory)
+        self._async = bool(async_save) and not read_only and jax.process_count() == 1
         options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
                    ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                                enable_async_checkpointing=False))
+                                                enable_async_checkpointing=self._async))
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -58,14 +64,23 @@ class Checkpointer:
                 f"parameters became NaN/Inf by step {step} ({len(bad)} arrays, e.g. {bad[:3]}); training stopped "
                 f"and this state was NOT saved. Last good checkpoint: {self.directory} step {last}. Fix: lower the "
                 "learning rate or check the input data, then rerun (resumes from that checkpoint).")
-        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)), "meta": ocp.args.JsonSave(meta or {})}
+        # Orbax copies the arrays to host memory before save() returns, so a donating step that overwrites the
+        # caller's buffers right after cannot change what is written (tested).
+        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)),
+                 "meta": ocp.args.JsonSave(meta or {})}
         if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)  # written before save() returns
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+        if not self._async:
+            self._manager.wait_until_finished()
+
+    def wait(self) -> None:
+        """Blocks until the last save is committed (renamed into place)."""
         self._manager.wait_until_finished()
 
     def restore(self, step: int | None, template: Any, *, data_iterator=None) -> tuple[Any, dict]:
         """Restores into the structure of `template` (same pytree, same shapes); returns (state, meta)."""
+        self.wait()
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"{self.directory}: no checkpoint to restore.")

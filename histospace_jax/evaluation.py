@@ -151,14 +151,15 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
     """The controls a sceptical reviewer asks for, per fold, fitted on the training patients only:
     trivial_image (ridge on colour and H/E/D statistics of each tile), linear_probe (ridge on the top principal
     components of the same frozen features the heads see, pooled) and, when the store keeps each spot's
-    library size, depth_oracle (per gene, a line in log library size). Penalties are chosen by leave-one-group-
+    library size, depth_oracle (per gene, a line in log library size) and image_depth (the same lines at the
+    log library size the linear probe's ridge reads from the features). Penalties are chosen by leave-one-group-
     out on the training rows. Returns ({control: {fold: predictions}}, {control: {fold name: alpha}})."""
     preds = {"trivial_image": {}, "linear_probe": {}}
     alphas = {"trivial_image": {}, "linear_probe": {}}
     log_depth = log_library_size(obs)
     has_depth = log_depth is not None
     if has_depth:
-        preds["depth_oracle"] = {}
+        preds["depth_oracle"], preds["image_depth"], alphas["image_depth"] = {}, {}, {}
     for f in range(len(plan.folds)):
         tr, te = plan.training_rows(f), plan.held_out_rows(f)
         y = expression[tr].astype(np.float64)
@@ -172,6 +173,8 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
         alphas["linear_probe"][plan.name(f)] = float(a)
         if has_depth:
             preds["depth_oracle"][f] = controls.depth_oracle(log_depth[tr], y, log_depth[te])
+            preds["image_depth"][f], a = controls.image_depth(maps[tr], log_depth[tr], y, groups, maps[te])
+            alphas["image_depth"][plan.name(f)] = float(a)
     return preds, alphas
 
 

@@ -24,6 +24,8 @@ CONTROL_NOTES = {
                     "plus global mean and std (is the trained head better than a linear model on its own inputs?)",
     "depth_oracle": "per gene, a line in the spot's log library size fitted on the training patients (how much of "
                     "per-gene r is sequencing depth?)",
+    "image_depth": "the depth oracle's lines at the log library size a ridge reads from the frozen features (has "
+                   "the model learnt more than how deep the image says the spot is?)",
 }
 
 
@@ -243,16 +245,18 @@ def _fold_details(results: dict) -> list[str]:
         sections = ", ".join(f"{s} {r:.3f}" for s, r in f.get("per_section_pearson", {}).items())
         rows.append([f["held_out"], f"[{_f(ci[0], 3)}, {_f(ci[1], 3)}] ({f.get('ci_units', '')})", sections,
                      f"{f.get('n_genes_significant_spatial', '-')} (t-test {f.get('n_genes_significant', '-')})",
-                     _f(ceilings.get(f["held_out"], {}).get("ceiling_r_mean"), 3)])
+                     _f(ceilings.get(f["held_out"], {}).get("ceiling_r_mean"), 3),
+                     _f(ceilings.get(f["held_out"], {}).get("depth_adjusted_ceiling_r_mean"), 3)])
     lines = ["## Per held-out patient", "",
              _md_table(["held out", "per-gene r, 95% bootstrap interval", "per-section r",
                         "genes significant: spatial block permutation (independent-spots t-test)",
-                        "noise ceiling of per-gene r"], rows), "",
+                        "noise ceiling of per-gene r", "noise ceiling of depth-adjusted r"], rows), "",
              "- Depth-adjusted r: truth and prediction residualised per gene on the spot's log library size within "
              "the held-out patient, then per-gene r: gene-specific signal beyond sequencing depth.",
              "- Noise ceiling: the mean over genes of sqrt(split-half reliability, Spearman-Brown corrected) from a "
              "binomial split of each spot's counts: about the best per-gene r any predictor could reach against "
-             "this noisy measurement.", ""]
+             "this noisy measurement. Its depth-adjusted twin residualises both halves on log library size first: "
+             "the ceiling for depth-adjusted r, low on shallow sections where depth is most of the agreement.", ""]
     t = results.get("training", {})
     if t:
         lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]

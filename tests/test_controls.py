@@ -195,6 +195,32 @@ def test_depth_oracle_matches_linregress_per_gene():
         np.testing.assert_allclose(pred[:, g], fit.intercept + fit.slope * d_test, rtol=1e-10)
 
 
+def test_image_depth_is_the_depth_oracle_at_the_depth_read_from_features():
+    """Features that carry the spot's depth: the control predicts the held-out log depth, then evaluates the
+    depth oracle's per-gene lines there; written out with numpy (standardise, SVD, ridge with the chosen alpha)."""
+    rng = np.random.default_rng(22)
+    n_train, n_test = 120, 40
+    depth = rng.normal(7.5, 0.6, n_train + n_test)
+    maps = rng.normal(size=(n_train + n_test, 4, 4, 3))
+    maps[..., 0] += depth[:, None, None] - 7.5
+    y = np.outer(depth, [0.8, -0.3, 0.1]) + 0.3 * rng.normal(size=(n_train + n_test, 3))
+    groups = np.arange(n_train) % 4
+    tr, te = slice(0, n_train), slice(n_train, None)
+    pred, alpha = controls.image_depth(maps[tr], depth[tr], y[tr], groups, maps[te], n_components=8)
+    assert alpha in controls.DEFAULT_ALPHAS
+    pooled = controls.pooled_feature_maps(maps)
+    mu, sd = pooled[tr].mean(0), pooled[tr].std(0)
+    z = (pooled - mu) / np.where(sd > 0, sd, 1.0)
+    _, _, vt = np.linalg.svd(z[tr] - z[tr].mean(0), full_matrices=False)
+    scores = (z - z[tr].mean(0)) @ vt[:8].T  # the component signs cancel in the ridge fit below
+    s_tr, d_tr = scores[tr], depth[tr]
+    s_mean, d_mean = s_tr.mean(0), d_tr.mean()
+    w = np.linalg.solve((s_tr - s_mean).T @ (s_tr - s_mean) + alpha * np.eye(8), (s_tr - s_mean).T @ (d_tr - d_mean))
+    depth_hat = d_mean + (scores[te] - s_mean) @ w
+    assert np.corrcoef(depth_hat, depth[te])[0, 1] > 0.8
+    np.testing.assert_allclose(pred, controls.depth_oracle(depth[tr], y[tr], depth_hat), rtol=1e-6, atol=1e-8)
+
+
 def test_linear_probe_and_trivial_image_control_learn_linear_signals():
     rng = np.random.default_rng(7)
     n = 240
@@ -358,6 +384,33 @@ def test_noise_ceiling_follows_documented_binomial_split():
     np.testing.assert_allclose(out["split_half_r_per_gene"], ref, rtol=1e-9)
     ref = np.array(ref)
     np.testing.assert_allclose(out["ceiling_r_per_gene"], np.sqrt(np.clip(2 * ref / (1 + ref), 0, 1)))
+
+
+def test_depth_adjusted_noise_ceiling_removes_shared_depth():
+    """Constant true rates, depth varying tenfold across spots: log1p of sparse counts follows depth in both
+    halves, so the plain split-half r is positive, while the depth-adjusted one is about 0. Its value is the
+    documented computation written out: both halves residualised on [1, log library], then r."""
+    rng = np.random.default_rng(21)
+    n, genes = 400, 60
+    depth = np.exp(rng.uniform(np.log(300), np.log(3000), n))
+    rate = rng.uniform(0.0005, 0.004, genes)
+    counts = rng.poisson(depth[:, None] * rate)
+    lib = counts.sum(1) + rng.poisson(depth * (1 - rate.sum()))
+    out = controls.noise_ceiling(counts, lib, seed=5)
+    assert out["split_half_r_mean"] > 0.05
+    assert abs(out["depth_adjusted_split_half_r_mean"]) < 0.02
+
+    ref_rng = np.random.default_rng(5)
+    c1 = ref_rng.binomial(counts, 0.5)
+    lib1 = c1.sum(1) + ref_rng.binomial(lib - counts.sum(1), 0.5)
+    lib2 = lib - lib1
+    e1 = np.log1p(c1 / lib1[:, None] * 1e4)
+    e2 = np.log1p((counts - c1) / lib2[:, None] * 1e4)
+    design = np.column_stack([np.ones(n), np.log(lib)])
+    res = [e - design @ np.linalg.lstsq(design, e, rcond=None)[0] for e in (e1, e2)]
+    ref = np.array([scipy.stats.pearsonr(res[0][:, g], res[1][:, g])[0] for g in range(genes)])
+    np.testing.assert_allclose(out["depth_adjusted_split_half_r_per_gene"], ref, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(out["depth_adjusted_ceiling_r_per_gene"], np.sqrt(np.clip(2 * ref / (1 + ref), 0, 1)))
 
 
 def test_noise_ceiling_rejects_inconsistent_library():

@@ -61,7 +61,8 @@ def test_reviewer_controls_never_see_the_held_out_patient():
     maps = np.random.default_rng(3).normal(size=(len(signal), 4, 4, 2)).astype(np.float32)
     maps[..., 0] += signal[:, :, None]
     preds, alphas = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0])
-    assert set(preds) == {"trivial_image", "linear_probe", "depth_oracle"} and set(alphas["linear_probe"]) == set("ABC")
+    assert set(preds) == {"trivial_image", "linear_probe", "depth_oracle", "image_depth"}
+    assert set(alphas["linear_probe"]) == set(alphas["image_depth"]) == set("ABC")
     # The colour features carry the signal: the trivial control predicts the held-out patient well.
     r = metrics.pearson_per_gene(expr[plan.held_out_rows(0)], preds["trivial_image"][0])
     assert np.nanmean(r) > 0.6

@@ -274,3 +274,21 @@ def test_two_devices_match_one_device_within_tolerance(tiny, tmp_path):
             if key.startswith("pred_"):
                 np.testing.assert_allclose(p[key], q[key], rtol=2e-2, atol=2e-2, err_msg=key)
                 assert np.corrcoef(p[key].ravel(), q[key].ravel())[0, 1] > 0.999, key
+
+
+def test_async_save_keeps_the_values_of_the_save_call_and_commits_on_close(tmp_path):
+    """save() returns before the arrays are written; what lands on disk is the state as it was at the call, even
+    when the caller overwrites its arrays at once (as a donating train step overwrites device buffers)."""
+    from histospace_jax import checkpointing
+
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"), async_save=True)
+    w = np.arange(4_000_000, dtype=np.float32)
+    ckpt.save(1, {"w": w}, meta={"step": 1})
+    w[:] = -1.0
+    ckpt.close()
+    reader = checkpointing.Checkpointer(str(tmp_path / "ck"), read_only=True)
+    assert reader.latest_step() == 1
+    restored, meta = reader.restore(None, {"w": np.zeros_like(w)})
+    np.testing.assert_array_equal(restored["w"], np.arange(4_000_000, dtype=np.float32))
+    assert meta["step"] == 1
+    reader.close()

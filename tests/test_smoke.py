@@ -34,7 +34,7 @@ def test_smoke_loo_end_to_end_and_rerun_resumes(tmp_path):
         for key in ("per_gene_pearson", "per_spot_pearson", "mse"):
             assert np.isfinite(f[key])
         assert set(f["baseline"]) == {"per_spot_pearson", "mse"}
-        assert set(f["controls"]) >= {"mean_predictor", "trivial_image", "linear_probe", "depth_oracle"}
+        assert set(f["controls"]) >= {"mean_predictor", "trivial_image", "linear_probe", "depth_oracle", "image_depth"}
         assert not f["failed"] and np.isfinite(f["depth_adjusted_per_gene_pearson"])
     s = results["summary"]
     assert s["per_gene_pearson"] == pytest.approx(np.mean([f["per_gene_pearson"] for f in results["folds"]]))

@@ -44,7 +44,8 @@ METRIC_NOTES = {
                 "undefined). random_encoder: the same heads on a randomly initialised, untrained encoder (what "
                 "pretraining buys). trivial_image: ridge on colour and H/E/D statistics of each tile. linear_probe: "
                 "ridge on the top 256 principal components of the pooled frozen features. depth_oracle: per gene, a "
-                "line in log library size. untrained_head (paper recipe only): the heads at initialisation. All "
+                "line in log library size. image_depth: the same lines at the log library size a ridge on the "
+                "pooled frozen features predicts. untrained_head (paper recipe only): the heads at initialisation. All "
                 "fitted on the training patients only",
     "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
               "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
