@@ -86,7 +86,7 @@ def pretrain(config, workdir: str, store_path: str, writer, *, rows: np.ndarray 
     iterator = iter(pipeline.train_loader(source, global_batch_size=c.batch_size, seed=config.seed,
                                           num_epochs=c.epochs, worker_count=config.data.worker_count))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", name.replace(" ", "_")),
-                                      config.checkpoint.max_to_keep)
+                                      config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
     compat = checkpointing.compat_signature(config, checkpointing.AE_KEYS, n_train_rows=int(len(train_rows)))
     train_step = steps.pmap_step(steps.ae_train_step, axis_name=builders.AXIS,
                                  compiler_options=xla_tuning.conv_step_options())

@@ -39,9 +39,10 @@ class Checkpointer:
     """`async_save`: a save returns once the state is copied to host memory and the data iterator's position is
     written; the arrays are written in the background while training goes on (the next save, a restore or
     `close` waits for it). Jobs of several processes save synchronously: every process must agree on each
-    commit, and a background write would have to be coordinated across them."""
+    commit, and a background write would have to be coordinated across them. A SIGKILL during a background
+    write loses that checkpoint only: the previous one stays, and a rerun resumes from it exactly."""
 
-    def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False, async_save: bool = True):
+    def __init__(self, directory: str, max_to_keep: int = 2, *, read_only: bool = False, async_save: bool = False):
         self.directory = os.path.abspath(directory)
         self._async = bool(async_save) and not read_only and jax.process_count() == 1
         options = (ocp.CheckpointManagerOptions(read_only=True) if read_only else
@@ -50,6 +51,9 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
+        """The last committed step (after the write in flight, if any, is committed)."""
+        if self._async:
+            self.wait()
         return self._manager.latest_step()
 
     def reached_preemption(self, step: int) -> bool:

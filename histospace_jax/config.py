@@ -118,6 +118,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 200
     c.checkpoint.max_to_keep = 2
+    # Training goes on while a checkpoint is written (single-process jobs; see checkpointing.Checkpointer).
+    c.checkpoint.async_save = True
     return c
 
 

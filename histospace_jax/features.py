@@ -71,9 +71,9 @@ def write_features(path: str, store, encoder_variables: dict, *, variant: str, e
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
     np_dtype = jnp.dtype(dtype)
-    encode = steps.with_compiler_options(
-        jax.pmap(functools.partial(steps.encode_step, models.Encoder(variant, tuple(encoder_features), dtype=np_dtype))),
-        xla_tuning.conv_step_options())
+    encoder = models.Encoder(variant, tuple(encoder_features), dtype=np_dtype)
+    encode = steps.with_compiler_options(jax.pmap(functools.partial(steps.encode_step, encoder)),
+                                         xla_tuning.conv_step_options())
     variables = steps.replicate(encoder_variables)
     source = pipeline.ArraySource({"image": store.tiles})
     out = None

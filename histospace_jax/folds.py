@@ -482,7 +482,8 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
         config, checkpointing.HEAD_KEYS, n_rows=int(len(data.expression)), n_genes=int(g), folds=data.names,
         train_rows=[int(len(r)) for r in data.train_rows], encoders=data.encoder_digests(),
         views=int(program.n_views))
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", tag), config.checkpoint.max_to_keep)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", tag), config.checkpoint.max_to_keep,
+                                      async_save=config.checkpoint.async_save)
     state = {"train": stacked, "best": stacked, "best_score": np.full(members, _NO_SCORE, np.float32),
              "best_epoch": np.zeros(members, np.int32)}
 

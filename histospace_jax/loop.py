@@ -154,35 +154,40 @@ def run(state, step_fn: Callable, iterator: Iterator, *, spec: LoopSpec, checkpo
                                 "run_sum": np.asarray(loop.run_sum).tolist(), "run_n": loop.run_n,
                                 "compat": compat})
 
-    for step in range(loop.start_step + 1, spec.total_steps + 1):
-        batch = next(iterator)
-        loop.rstate, metrics = step_fn(loop.rstate, batch)
-        for h in hooks:
-            metrics = h.after_step(loop, step, metrics)
-        pending.append((step, metrics["loss"], np.asarray(batch["index"])))
-        log_due = step % spec.log_every == 0 or step == spec.total_steps
-        epoch_end = step % spec.steps_per_epoch == 0
-        # Not at every epoch end: a checkpoint of many heads is hundreds of MB, and the curve and running sums
-        # travel in every checkpoint's meta, so any step resumes exactly.
-        save_due = step % spec.checkpoint_every == 0 or step == spec.total_steps
-        stop = preemption.stop_requested(step, checkpointer)
-        if not (log_due or epoch_end or save_due or stop):
-            continue
-        transfer()
-        mean = loop.run_sum / max(loop.run_n, 1)
-        if log_due:
-            console.log(progress.line(step, **{spec.loss_name: float(np.mean(mean))}))
+    try:
+        for step in range(loop.start_step + 1, spec.total_steps + 1):
+            batch = next(iterator)
+            loop.rstate, metrics = step_fn(loop.rstate, batch)
             for h in hooks:
-                h.on_log(loop, step, mean)
-        if epoch_end:
-            for h in hooks:
-                loop.curve.extend(h.on_epoch_end(loop, step // spec.steps_per_epoch, step, mean))
-            loop.run_sum, loop.run_n = np.zeros_like(loop.run_sum), 0
-        if save_due or stop:
-            save(step)
-        if stop:
-            checkpointer.close()
-            raise Preempted(spec.name, step, checkpointer.directory)
+                metrics = h.after_step(loop, step, metrics)
+            pending.append((step, metrics["loss"], np.asarray(batch["index"])))
+            log_due = step % spec.log_every == 0 or step == spec.total_steps
+            epoch_end = step % spec.steps_per_epoch == 0
+            # Not at every epoch end: a checkpoint of many heads is hundreds of MB, and the curve and running sums
+            # travel in every checkpoint's meta, so any step resumes exactly.
+            save_due = step % spec.checkpoint_every == 0 or step == spec.total_steps
+            stop = preemption.stop_requested(step, checkpointer)
+            if not (log_due or epoch_end or save_due or stop):
+                continue
+            transfer()
+            mean = loop.run_sum / max(loop.run_n, 1)
+            if log_due:
+                console.log(progress.line(step, **{spec.loss_name: float(np.mean(mean))}))
+                for h in hooks:
+                    h.on_log(loop, step, mean)
+            if epoch_end:
+                for h in hooks:
+                    loop.curve.extend(h.on_epoch_end(loop, step // spec.steps_per_epoch, step, mean))
+                loop.run_sum, loop.run_n = np.zeros_like(loop.run_sum), 0
+            if save_due or stop:
+                save(step)
+            if stop:
+                raise Preempted(spec.name, step, checkpointer.directory)
+    except BaseException:
+        # A failing loop (a NaN loss, a bad batch, Ctrl-C, preemption) still commits the save in flight: the
+        # last good checkpoint is on disk before the error reaches the user.
+        checkpointer.close()
+        raise
     checkpointer.close()
     for h in hooks:
         h.on_finish(loop)

@@ -3,7 +3,9 @@
     HISTOSPACE_TEST_FAULTS="kill@ae:7,finish_kill@loo main_0,sigterm@loo main_0:5,nan@ae:3" \
         python -m tests.faulty_main --config=... --workdir=...
 
-  kill@LOOP:STEP      SIGKILL right after training step STEP of loop LOOP (before any checkpoint of that step)
+  kill@LOOP:STEP      SIGKILL right after training step STEP of loop LOOP (before any checkpoint of that step,
+                      once the earlier ones are committed: a kill during a background write, which loses that
+                      write only, is what the random-time kill test meets)
   sigterm@LOOP:STEP   SIGTERM to itself after step STEP (the preemption path: checkpoint at STEP, exit 75)
   nan@LOOP:STEP       the step's loss becomes NaN (the NaN guard's path: exit 70)
   finish_kill@LOOP    SIGKILL when loop LOOP has finished (between fold groups)
@@ -45,6 +47,7 @@ class FaultHook(loop.Hook):
         if ("sigterm", name, step) in self.faults:
             os.kill(os.getpid(), signal.SIGTERM)
         if ("kill", name, step) in self.faults:
+            lp.checkpointer.wait()
             print(f"FAULT INJECTED: SIGKILL after step {step} of {name}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         return metrics
