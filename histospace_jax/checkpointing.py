@@ -70,8 +70,7 @@ class Checkpointer:
                 "learning rate or check the input data, then rerun (resumes from that checkpoint).")
         # Orbax copies the arrays to host memory before save() returns, so a donating step that overwrites the
         # caller's buffers right after cannot change what is written (tested).
-        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)),
-                 "meta": ocp.args.JsonSave(meta or {})}
+        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)), "meta": ocp.args.JsonSave(meta or {})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)  # written before save() returns
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)

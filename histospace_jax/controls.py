@@ -291,21 +291,16 @@ def pca_transform(model: PCAModel, x) -> np.ndarray:
 
 def linear_probe(feats_train, y_train, groups_train, feats_test, n_components: int = 256,
                  alphas=DEFAULT_ALPHAS, fallback_groups=None) -> tuple[np.ndarray, float]:
-    """Ridge on the top principal components of pooled frozen-encoder feature maps -> (test predictions, alpha).
-
-    Pooled features are standardised and the PCA fitted on the training rows; the ridge then works on the PCA
-    scores unstandardised, so the penalty shrinks low-variance components most (ridge on the standardised
-    features restricted to the top components). Alpha is chosen by leave-one-group-out on `groups_train`. The
-    PCA has seen the inner-validation rows' features (never their expression), which is unsupervised only.
-    """
-    z_train, z_test = _probe_scores(feats_train, feats_test, n_components)
-    alpha, _ = choose_ridge_alpha(z_train, y_train, groups_train, alphas, fallback_groups, standardise=False)
-    model = ridge_fit(z_train, y_train, alpha, standardise=False)
-    return ridge_predict(model, z_test), alpha
+    """Ridge on the top principal components of pooled frozen-encoder feature maps -> (test predictions, alpha):
+    probe_scores, then ridge_on_scores."""
+    return ridge_on_scores(*probe_scores(feats_train, feats_test, n_components), y_train, groups_train,
+                           alphas, fallback_groups)
 
 
-def _probe_scores(feats_train, feats_test, n_components: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pooled feature maps, standardised and projected on the training rows' top principal components."""
+def probe_scores(feats_train, feats_test, n_components: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """The linear probe's inputs: pooled feature maps, standardised on the training rows, projected on the
+    training rows' top principal components -> (train scores, test scores). The PCA has seen the
+    inner-validation rows' features (never their expression), which is unsupervised only."""
     p_train = pooled_feature_maps(feats_train)
     p_test = pooled_feature_maps(feats_test)
     mean, scale = _standardiser(p_train, True)
@@ -313,17 +308,24 @@ def _probe_scores(feats_train, feats_test, n_components: int) -> tuple[np.ndarra
     return pca_transform(pca, (p_train - mean) / scale), pca_transform(pca, (p_test - mean) / scale)
 
 
-def image_depth(feats_train, log_depth_train, y_train, groups_train, feats_test, n_components: int = 256,
-                alphas=DEFAULT_ALPHAS, fallback_groups=None) -> tuple[np.ndarray, float]:
-    """Depth read from the image -> (test predictions, alpha): the linear probe's ridge predicts each spot's log
-    library size from its pooled frozen features, and the depth oracle's per-gene lines are evaluated at that
-    predicted depth. A rank-one predictor that knows nothing about any gene beyond how deep the image says the
-    spot is; a model that cannot beat it has learnt depth, not genes."""
+def ridge_on_scores(z_train, z_test, y_train, groups_train, alphas=DEFAULT_ALPHAS, fallback_groups=None
+                    ) -> tuple[np.ndarray, float]:
+    """Ridge on probe_scores -> (test predictions, alpha). The scores stay unstandardised, so the penalty shrinks
+    low-variance components most (ridge on the standardised features restricted to the top components). Alpha
+    is chosen by leave-one-group-out on `groups_train`."""
+    alpha, _ = choose_ridge_alpha(z_train, y_train, groups_train, alphas, fallback_groups, standardise=False)
+    return ridge_predict(ridge_fit(z_train, y_train, alpha, standardise=False), z_test), alpha
+
+
+def image_depth(z_train, z_test, log_depth_train, y_train, groups_train, alphas=DEFAULT_ALPHAS,
+                fallback_groups=None) -> tuple[np.ndarray, float]:
+    """Depth read from the image -> (test predictions, alpha): the linear probe's ridge (ridge_on_scores, on
+    probe_scores) predicts each spot's log library size, and the depth oracle's per-gene lines are evaluated at
+    that predicted depth. A rank-one predictor that knows nothing about any gene beyond how deep the image says
+    the spot is; a model that cannot beat it has learnt depth, not genes."""
     d_train = np.asarray(log_depth_train, np.float64).reshape(-1, 1)
-    z_train, z_test = _probe_scores(feats_train, feats_test, n_components)
-    alpha, _ = choose_ridge_alpha(z_train, d_train, groups_train, alphas, fallback_groups, standardise=False)
-    depth_test = ridge_predict(ridge_fit(z_train, d_train, alpha, standardise=False), z_test)[:, 0]
-    return depth_oracle(d_train[:, 0], y_train, depth_test), alpha
+    depth_test, alpha = ridge_on_scores(z_train, z_test, d_train, groups_train, alphas, fallback_groups)
+    return depth_oracle(d_train[:, 0], y_train, depth_test[:, 0]), alpha
 
 
 def trivial_image_control(tiles_train, y_train, groups_train, tiles_test, alphas=DEFAULT_ALPHAS,

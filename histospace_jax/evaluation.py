@@ -169,11 +169,13 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
                                                            colour_features[te])
         alphas["trivial_image"][plan.name(f)] = float(a)
         maps = feature_maps[encoder_of_fold[f]]
-        preds["linear_probe"][f], a = controls.linear_probe(maps[tr], y, groups, maps[te])
+        # One PCA per fold serves the linear probe and image_depth.
+        z_train, z_test = controls.probe_scores(maps[tr], maps[te])
+        preds["linear_probe"][f], a = controls.ridge_on_scores(z_train, z_test, y, groups)
         alphas["linear_probe"][plan.name(f)] = float(a)
         if has_depth:
             preds["depth_oracle"][f] = controls.depth_oracle(log_depth[tr], y, log_depth[te])
-            preds["image_depth"][f], a = controls.image_depth(maps[tr], log_depth[tr], y, groups, maps[te])
+            preds["image_depth"][f], a = controls.image_depth(z_train, z_test, log_depth[tr], y, groups)
             alphas["image_depth"][plan.name(f)] = float(a)
     return preds, alphas
 

@@ -206,7 +206,8 @@ def test_image_depth_is_the_depth_oracle_at_the_depth_read_from_features():
     y = np.outer(depth, [0.8, -0.3, 0.1]) + 0.3 * rng.normal(size=(n_train + n_test, 3))
     groups = np.arange(n_train) % 4
     tr, te = slice(0, n_train), slice(n_train, None)
-    pred, alpha = controls.image_depth(maps[tr], depth[tr], y[tr], groups, maps[te], n_components=8)
+    pred, alpha = controls.image_depth(*controls.probe_scores(maps[tr], maps[te], n_components=8), depth[tr], y[tr],
+                                       groups)
     assert alpha in controls.DEFAULT_ALPHAS
     pooled = controls.pooled_feature_maps(maps)
     mu, sd = pooled[tr].mean(0), pooled[tr].std(0)
@@ -368,17 +369,21 @@ def test_noise_ceiling_near_zero_for_constant_rates_and_near_one_for_varying_rat
     assert out["spearman_brown_r_mean"] > out["split_half_r_mean"]
 
 
+def _documented_halves(counts, lib, seed: int):
+    """noise_ceiling's documented split written out: genes thinned first, then the rest of the library, with the
+    same generator; each half normalised with its own library."""
+    rng = np.random.default_rng(seed)
+    c1 = rng.binomial(counts, 0.5)
+    lib1 = c1.sum(1) + rng.binomial(lib - counts.sum(1), 0.5)
+    lib2 = lib - lib1
+    return np.log1p(c1 / lib1[:, None] * 1e4), np.log1p((counts - c1) / lib2[:, None] * 1e4)
+
+
 def test_noise_ceiling_follows_documented_binomial_split():
-    # The documented procedure written out: genes thinned first, then the rest of the library, same generator.
     rng = np.random.default_rng(16)
     counts = rng.poisson(rng.uniform(0.5, 20, (80, 1)) * rng.uniform(0.2, 1, 5))
     lib = counts.sum(1) + rng.integers(0, 3000, 80)
-    ref_rng = np.random.default_rng(3)
-    c1 = ref_rng.binomial(counts, 0.5)
-    lib1 = c1.sum(1) + ref_rng.binomial(lib - counts.sum(1), 0.5)
-    lib2 = lib - lib1
-    e1 = np.log1p(c1 / lib1[:, None] * 1e4)
-    e2 = np.log1p((counts - c1) / lib2[:, None] * 1e4)
+    e1, e2 = _documented_halves(counts, lib, seed=3)
     ref = [scipy.stats.pearsonr(e1[:, g], e2[:, g])[0] for g in range(5)]
     out = controls.noise_ceiling(counts, lib, seed=3)
     np.testing.assert_allclose(out["split_half_r_per_gene"], ref, rtol=1e-9)
@@ -400,12 +405,7 @@ def test_depth_adjusted_noise_ceiling_removes_shared_depth():
     assert out["split_half_r_mean"] > 0.05
     assert abs(out["depth_adjusted_split_half_r_mean"]) < 0.02
 
-    ref_rng = np.random.default_rng(5)
-    c1 = ref_rng.binomial(counts, 0.5)
-    lib1 = c1.sum(1) + ref_rng.binomial(lib - counts.sum(1), 0.5)
-    lib2 = lib - lib1
-    e1 = np.log1p(c1 / lib1[:, None] * 1e4)
-    e2 = np.log1p((counts - c1) / lib2[:, None] * 1e4)
+    e1, e2 = _documented_halves(counts, lib, seed=5)
     design = np.column_stack([np.ones(n), np.log(lib)])
     res = [e - design @ np.linalg.lstsq(design, e, rcond=None)[0] for e in (e1, e2)]
     ref = np.array([scipy.stats.pearsonr(res[0][:, g], res[1][:, g])[0] for g in range(genes)])
