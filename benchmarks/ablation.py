@@ -1,5 +1,7 @@
 """Ablation of the training recipe on a real store: leave-one-patient-out once per variant, each element of the
-standard recipe switched off in turn, plus the paper's recipe. Prints a per-fold table and writes
+standard recipe switched off in turn (dropout included), the paper's recipe, and the standard recipe's settings
+(weight decay, learning rate, epochs, heads) each moved once. Prints a per-fold table with each variant's
+inner-validation score (training patients only) and which variant that score prefers, and writes
 ablation.json / ablation.csv under --root.
 
     python benchmarks/ablation.py --store=STORE --root=DIR [--variants=standard,paper,...] [-- --config.KEY=V ...]
@@ -20,6 +22,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -29,7 +33,14 @@ VARIANTS = {
     "no_augment": ["--config.train.augment=none"],
     "one_head": ["--config.train.ensemble=1"],
     "no_inner_validation": ["--config.train.select_epoch=off"],
+    "no_dropout": ["--config.model.dropout_rate=0"],
     "paper": ["--config.recipe=paper"],
+    # The standard recipe's settings, each moved once: the defaults stay where inner validation (training
+    # patients only) puts them, never where the held-out patient does.
+    "weight_decay_1": ["--config.train.weight_decay=1.0"],
+    "learning_rate_3e-4": ["--config.train.learning_rate=3e-4"],
+    "epochs_20": ["--config.train.epochs=20"],
+    "ensemble_10": ["--config.train.ensemble=10"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 
@@ -62,7 +73,25 @@ def run_variant(name: str, store: str, workdir: str, extra: list[str], seed_from
     return {"variant": name, "seconds": round(time.time() - t0, 1), "folds": {
         f["held_out"]: {**{k: f.get(k) for k in KEYS}, "mean_profile_mse": f["baseline"]["mse"],
                         **{f"{c}_per_gene_pearson": f["controls"][c]["per_gene_pearson"] for c in f["controls"]}}
-        for f in res["folds"]}, "summary": {k: res["summary"].get(k) for k in KEYS if k != "failed"}}
+        for f in res["folds"]}, "summary": {k: res["summary"].get(k) for k in KEYS if k != "failed"},
+        "inner_validation": res.get("training", {}).get("inner_validation_score", {})}
+
+
+def preferred_by_inner_validation(rows: list[dict]) -> dict:
+    """Per fold, the variant with the lowest inner-validation MSE (training patients only) among those that
+    have one (select_epoch=off variants train on every training spot and have none); under "(all folds)", the
+    lowest mean over folds among the variants scored in every fold."""
+    best = {}
+    for r in rows:
+        for fold, score in r["inner_validation"].items():
+            if fold not in best or score["mse_sd_units"] < best[fold][1]:
+                best[fold] = (r["variant"], score["mse_sd_units"])
+    out = {fold: v for fold, (v, _) in best.items()}
+    complete = [r for r in rows if best and set(r["inner_validation"]) == set(best)]
+    if complete:
+        out["(all folds)"] = min(complete, key=lambda r: np.mean([s["mse_sd_units"]
+                                                                for s in r["inner_validation"].values()]))["variant"]
+    return out
 
 
 def main() -> None:
@@ -88,19 +117,29 @@ def main() -> None:
         first = first or workdir
         rows.append(r)
         for fold, m in r["folds"].items():
-            print(f"[ablation] {name:20s} {fold}: per-gene r {m['per_gene_pearson']:.4f}  depth-adjusted "
-                  f"{m['depth_adjusted_per_gene_pearson']:.4f}  per-spot r {m['per_spot_pearson']:.4f}  "
-                  f"MSE {m['mse']:.4f} (mean profile {m['mean_profile_mse']:.4f})"
+            inner = r["inner_validation"].get(fold)
+            inner_text = (f"inner-val MSE {inner['mse_sd_units']:.4f} "
+                          f"(mean {inner['mean_profile_mse_sd_units']:.4f}) r {inner['per_gene_pearson']:.4f}"
+                          if inner else "no inner validation")
+            print(f"[ablation] {name:20s} {fold}: {inner_text} | held out: per-gene r {m['per_gene_pearson']:.4f}  "
+                  f"depth-adjusted {m['depth_adjusted_per_gene_pearson']:.4f}  per-spot r "
+                  f"{m['per_spot_pearson']:.4f}  MSE {m['mse']:.4f} (mean profile {m['mean_profile_mse']:.4f})"
                   f"{'  FAILED' if m['failed'] else ''}  [{r['seconds']} s]", flush=True)
+    preferred = preferred_by_inner_validation(rows)
+    for fold, variant in preferred.items():
+        where = "over all folds" if fold == "(all folds)" else f"holding out {fold}"
+        print(f"[ablation] {where}: inner validation prefers {variant}", flush=True)
     with open(os.path.join(args.root, "ablation.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump({"variants": rows, "preferred_by_inner_validation": preferred}, f, indent=1)
     with open(os.path.join(args.root, "ablation.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "held_out", *KEYS, "linear_probe_r", "trivial_image_r", "depth_oracle_r",
-                    "image_depth_r"])
+        w.writerow(["variant", "held_out", "inner_val_mse_sd_units", "inner_val_per_gene_pearson", *KEYS,
+                    "linear_probe_r", "trivial_image_r", "depth_oracle_r", "image_depth_r"])
         for r in rows:
             for fold, m in r["folds"].items():
-                w.writerow([r["variant"], fold, *(m[k] for k in KEYS), m.get("linear_probe_per_gene_pearson"),
+                inner = r["inner_validation"].get(fold, {})
+                w.writerow([r["variant"], fold, inner.get("mse_sd_units"), inner.get("per_gene_pearson"),
+                            *(m[k] for k in KEYS), m.get("linear_probe_per_gene_pearson"),
                             m.get("trivial_image_per_gene_pearson"), m.get("depth_oracle_per_gene_pearson"),
                             m.get("image_depth_per_gene_pearson")])
     print(f"[ablation] wrote {os.path.join(args.root, 'ablation.json')} and ablation.csv", flush=True)

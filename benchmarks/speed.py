@@ -39,7 +39,8 @@ whose every leaf is a number (versions, backend and paths go to stderr):
    "loo": {STORE: {RECIPE: {"jax_cold_s", "jax_warm_s", "torch_s", "ratio_cold", "ratio_warm" (jax / torch:
           below 1 = JAX faster), "jax_cold_process_s", "jax_warm_process_s" (whole processes, imports included),
           "compile_cache_files" (entries the cold run wrote), "torch_threads", "n_spots", "n_genes", "n_folds",
-          "epochs", "ensemble", "views", "standardise", "zero_output_init", "select_epoch" (0/1), "batch_size",
+          "epochs", "ensemble", "views", "standardise", "zero_output_init", "select_epoch" (0/1), "dropout_rate",
+          "batch_size",
           "jax_per_gene_r", "torch_per_gene_r" (held-out per-gene Pearson r, mean over genes, then folds)}}}}
 
 Where the two sides differ: random streams (head initialisation, batch order and views are drawn from each
@@ -256,6 +257,7 @@ def write_protocol(path: str, config, rows: list[tuple], encoder_variables: dict
               "views": 8 if t.augment == "dihedral" else 1, "standardise": int(t.standardise_targets == "on"),
               "zero_output": int(config.model.output_init == "zeros"), "select_epoch": int(t.select_epoch == "on"),
               "learning_rate": t.learning_rate, "weight_decay": t.weight_decay, "huber_delta": t.huber_delta,
+              "dropout_rate": float(config.model.dropout_rate),
               "eval_batch_size": config.eval_batch_size, "seed": config.seed}
     for f, (held, train, val) in enumerate(rows):
         arrays.update({f"held_out_{f}": held, f"train_{f}": train, f"val_{f}": val})
@@ -385,7 +387,8 @@ def loo_benchmark(args, store_name: str, store_path: str, recipe: str, root: str
     t = config.train
     _log(f"[speed] {store_name} {recipe}: epochs={t.epochs} ensemble={t.ensemble} augment={t.augment} "
          f"select_epoch={t.select_epoch} standardise_targets={t.standardise_targets} "
-         f"output_init={config.model.output_init} batch_size={t.batch_size}")
+         f"output_init={config.model.output_init} dropout_rate={config.model.dropout_rate:g} "
+         f"batch_size={t.batch_size}")
     store = open_store(store_path)
     plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
     rows = fold_rows(config, store.obs, plan)
@@ -426,7 +429,8 @@ def loo_benchmark(args, store_name: str, store_path: str, recipe: str, root: str
         "n_spots": int(store.n_spots), "n_genes": len(store.genes), "n_folds": len(rows), "epochs": t.epochs,
         "ensemble": t.ensemble, "views": 8 if t.augment == "dihedral" else 1,
         "standardise": int(t.standardise_targets == "on"), "zero_output_init": int(config.model.output_init == "zeros"),
-        "select_epoch": int(t.select_epoch == "on"), "batch_size": t.batch_size,
+        "select_epoch": int(t.select_epoch == "on"), "dropout_rate": float(config.model.dropout_rate),
+        "batch_size": t.batch_size,
         "jax_per_gene_r": mean_per_gene_r(expression, held, jax_preds["cold"]),
         "torch_per_gene_r": mean_per_gene_r(expression, held, [torch_pred[r] for r in held]),
     }

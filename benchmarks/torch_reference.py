@@ -15,10 +15,11 @@ view; the frozen encoder run (eval mode, no grad) on every batch, for training, 
 prediction alike. It follows one `Recipe` (the JAX side's resolved config, see benchmarks/speed.py):
 
 * "standard": targets standardised per gene on each fold's training rows; output layer initialised to zero;
+  dropout 0.5 on the hidden FC layer;
   one of the 8 flips/rotations drawn per example; `ensemble` heads per fold from different seeds; after each
   epoch the inner-validation MSE (untransformed view, standardised units) and each head keeps its best epoch;
   held-out predictions averaged over the 8 views and the heads.
-* "paper": raw targets, default initialisation, no augmentation, one head, the final epoch.
+* "paper": raw targets, default initialisation, no augmentation, one head, the final epoch, no dropout.
 
 Both use AdamW (Adam when weight_decay is 0), Huber loss and full batches (drop_last) from the fold's own
 training rows. The inner-validation rows come from the JAX side, so both sides split the same way. Layers are
@@ -113,26 +114,28 @@ class TorchHead(nn.Module):
     """(N, 128, 16, 16) encoder features -> (N, G) (features of image_size / 8 a side for other tile sizes)."""
 
     def __init__(self, n_genes: int, hidden: int = 256, channels: int = ENC_CHANNELS[-1],
-                 image_size: int = IMAGE_SIZE):
+                 image_size: int = IMAGE_SIZE, dropout_rate: float = 0.0):
         super().__init__()
         self.block = _conv_block(channels, channels)
         self.fc1 = nn.Linear(channels * (image_size // 16) ** 2, hidden)
+        self.dropout = nn.Dropout(dropout_rate)
         self.fc2 = nn.Linear(hidden, n_genes)
 
     def forward(self, f):
         h = self.block(f).flatten(1)
-        return self.fc2(torch.relu(self.fc1(h)))
+        return self.fc2(self.dropout(torch.relu(self.fc1(h))))
 
 
 class TorchRegressor(nn.Module):
     """Frozen encoder (always eval mode, no grad) -> trainable head."""
 
-    def __init__(self, n_genes: int, encoder: TorchEncoder | None = None, image_size: int = IMAGE_SIZE):
+    def __init__(self, n_genes: int, encoder: TorchEncoder | None = None, image_size: int = IMAGE_SIZE,
+                 dropout_rate: float = 0.0):
         super().__init__()
         self.encoder = encoder if encoder is not None else TorchEncoder()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
-        self.head = TorchHead(n_genes, image_size=image_size)
+        self.head = TorchHead(n_genes, image_size=image_size, dropout_rate=dropout_rate)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -202,6 +205,7 @@ class Recipe:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     huber_delta: float = 1.0
+    dropout_rate: float = 0.0   # on the hidden FC layer's output while training
     eval_batch_size: int = 128
     seed: int = 0
 
@@ -387,7 +391,8 @@ def torch_loo_protocol(tiles_uint8: np.ndarray, expression: np.ndarray, folds: l
         fold_pred, fold_best = torch.zeros(len(fold.held_out), n_genes), []
         for k in range(recipe.ensemble):
             torch.manual_seed(recipe.seed * 100003 + f * 1000 + k + 1)
-            model = TorchRegressor(n_genes, encoder, image_size=tiles_uint8.shape[1])
+            model = TorchRegressor(n_genes, encoder, image_size=tiles_uint8.shape[1],
+                                   dropout_rate=recipe.dropout_rate)
             init_like_flax(model.head, zero_output=model.head.fc2 if recipe.zero_output else None)
             model, best = _train_head(model, tiles_uint8, targets, fold, recipe)
             z = _predict_rows(model, tiles_uint8, fold.held_out, recipe.eval_batch_size, recipe.views)

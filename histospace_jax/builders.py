@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import models, steps, xla_tuning
+from histospace_jax import config as config_lib, models, steps, xla_tuning
 
 AXIS = "batch"  # the pmap axis every step and BatchNorm reduces over
 
@@ -37,7 +37,7 @@ def histospace(config, n_genes: int, axis_name: str | None = AXIS, conv_impl: st
     """`conv_impl`: xla_tuning.conv_impl_for the options the model's programs are compiled with."""
     m = config.model
     return models.HistoSpace(n_genes=n_genes, conv_features=tuple(m.head_conv_features),
-                             fc_features=tuple(m.head_fc_features), dropout_rate=m.dropout_rate,
+                             fc_features=tuple(m.head_fc_features), dropout_rate=dropout_rate(config),
                              axis_name=axis_name, output_init=_output_init(config), conv_impl=conv_impl,
                              **_arch(config))
 
@@ -48,12 +48,18 @@ def _output_init(config) -> str:
     return ("zeros" if config.recipe == "standard" else "lecun") if value == "auto" else value
 
 
+def dropout_rate(config) -> float:
+    # Before resolve_auto, unset means the recipe's choice.
+    value = config.model.dropout_rate
+    return config_lib.RECIPES[config.recipe][5] if value is None else float(value)
+
+
 def architecture(config) -> dict:
     """The model's architecture as model.json records it (histospace_from_architecture reads it back)."""
     m = config.model
     return {"variant": m.variant, "encoder_features": list(m.encoder_features),
             "head_conv_features": list(m.head_conv_features), "head_fc_features": list(m.head_fc_features),
-            "dropout_rate": float(m.dropout_rate), "output_init": _output_init(config),
+            "dropout_rate": dropout_rate(config), "output_init": _output_init(config),
             "compute_dtype": str(compute_dtype(config))}
 
 

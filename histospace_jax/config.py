@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import ml_collections
+from ml_collections import config_dict
 
 from histospace_jax.errors import ConfigError
 
@@ -45,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.encoder_features = (32, 64, 128)
     c.model.head_conv_features = (128,)  # more entries = the paper's deeper heads
     c.model.head_fc_features = (256,)
-    c.model.dropout_rate = 0.0
+    # On the FC layers' outputs while training. Unset (None) = the recipe's: 0.5 standard (chosen on inner
+    # validation, benchmarks/ablation.py), 0 paper.
+    c.model.dropout_rate = config_dict.placeholder(float)
     c.model.output_init = "auto"  # "zeros" (first prediction = training mean) | "lecun" | "auto" (recipe)
     c.model.upconv_impl = "subpixel"  # "subpixel" (fast, same function) | "transpose" (lax reference)
     # "bfloat16": convolutions and dense layers compute in bfloat16 (GPU tensor cores, TPU MXU), parameters,
@@ -221,6 +224,8 @@ def validate(config) -> None:
         if key not in values:
             continue
         v = values[key]
+        if v is None and key in RECIPE_NUMBERS:
+            continue
         elems = tuple(v) if isinstance(v, (tuple, list)) else (v,)
         if isinstance(v, (tuple, list)) and not elems:
             raise ConfigError(f"config key {key}={v!r}: needs at least one value, each {describe_range(rule)}")
@@ -248,11 +253,13 @@ DEMO_HEAD_EPOCHS = 3  # keeps the README demo within ~10 minutes on a 2-core CPU
 REAL_HEAD_EPOCHS = 10
 
 
-# Per recipe: (standardise_targets, output_init, augment, ensemble on a real store, select_epoch).
+# Per recipe: (standardise_targets, output_init, augment, ensemble on a real store, select_epoch, dropout_rate).
 RECIPES = {
-    "standard": ("on", "zeros", "dihedral", 5, "on"),
-    "paper": ("off", "lecun", "none", 1, "off"),
+    "standard": ("on", "zeros", "dihedral", 5, "on", 0.5),
+    "paper": ("off", "lecun", "none", 1, "off", 0.0),
 }
+# Keys whose unset value (None) means the recipe's choice.
+RECIPE_NUMBERS = ("model.dropout_rate",)
 
 
 def resolve_auto(config, log=print) -> None:
@@ -264,7 +271,7 @@ def resolve_auto(config, log=print) -> None:
         config.train.epochs = DEMO_HEAD_EPOCHS if on_demo else REAL_HEAD_EPOCHS
         log(f"train.epochs=auto -> {config.train.epochs} ({'synthetic demo' if on_demo else 'real store'}); "
             "set --config.train.epochs=N to choose")
-    standardise, output_init, augment, ensemble, select = RECIPES[config.recipe]
+    standardise, output_init, augment, ensemble, select, dropout = RECIPES[config.recipe]
     chosen = []
     for node, key, value in ((config.train, "standardise_targets", standardise),
                              (config.model, "output_init", output_init),
@@ -273,6 +280,9 @@ def resolve_auto(config, log=print) -> None:
         if node[key] == "auto":
             node[key] = value
             chosen.append(f"{key}={value}")
+    if config.model.dropout_rate is None:
+        config.model.dropout_rate = dropout
+        chosen.append(f"dropout_rate={dropout:g}")
     if config.train.ensemble == 0:
         config.train.ensemble = 1 if on_demo else ensemble
         chosen.append(f"ensemble={config.train.ensemble}")

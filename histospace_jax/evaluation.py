@@ -53,6 +53,24 @@ def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray
     return out
 
 
+def inner_validation_score(expression: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+                           pred: np.ndarray) -> dict:
+    """How a fold's heads do on its inner-validation spots (training patients only), in units every recipe
+    shares: MSE per gene in standard deviations of the fold's training rows (so 1.0 is about what the
+    training mean scores), the training mean's own MSE there, and the mean per-gene r. Settings are compared on
+    this, never on the held-out patient. The heads' epochs were chosen on these spots, so the score is a little
+    optimistic for every setting alike."""
+    train = np.asarray(expression[train_rows], np.float64)
+    truth = np.asarray(expression[val_rows], np.float64)
+    sd = train.std(0)
+    sd = np.where(sd > 1e-6, sd, 1.0)
+    mean = train.mean(0)
+    return {"n_spots": int(len(val_rows)),
+            "mse_sd_units": float(np.mean(((truth - np.asarray(pred, np.float64)) / sd) ** 2)),
+            "mean_profile_mse_sd_units": float(np.mean(((truth - mean) / sd) ** 2)),
+            "per_gene_pearson": metrics.nanmean_or_nan(metrics.pearson_per_gene(truth, pred))}
+
+
 def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float, seed: int) -> dict:
     """Per-section r, spatial block-permutation significance and the bootstrap interval of per-gene r."""
     sections = np.asarray(obs_rows["section"])

@@ -263,6 +263,11 @@ def _fold_details(results: dict) -> list[str]:
         for name, how in t.get("inner_validation", {}).items():
             lines.append(f"- holding out {name}: inner validation {how}; best epoch per head "
                          f"{t.get('best_epoch', {}).get(name)}")
+            score = t.get("inner_validation_score", {}).get(name)
+            if score:
+                lines.append(f"  - on those spots: MSE {score['mse_sd_units']:.4f} training SDs² (training mean "
+                             f"{score['mean_profile_mse_sd_units']:.4f}), per-gene r "
+                             f"{score['per_gene_pearson']:.4f}: the score settings are compared on")
         for control, by_fold in t.get("control_ridge_alpha", {}).items():
             lines.append(f"- {control} ridge penalty (leave-one-group-out on training patients): {by_fold}")
         lines.append("")

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from histospace_jax import config as config_lib
+from histospace_jax import builders, config as config_lib
 from histospace_jax.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
@@ -132,6 +132,22 @@ def test_every_numeric_key_has_a_range():
     assert numeric - set(config_lib.NUMERIC_RANGES) == set()
 
 
+def test_unset_dropout_is_the_recipes_and_a_given_value_is_kept():
+    logs = []
+    for recipe, expected in (("standard", 0.5), ("paper", 0.0)):
+        c = config_lib.get_config()
+        c.recipe = recipe
+        config_lib.validate(c)  # unset passes validation
+        assert builders.dropout_rate(c) == expected  # before resolve_auto too
+        config_lib.resolve_auto(c, log=logs.append)
+        assert c.model.dropout_rate == expected and f"dropout_rate={expected:g}" in logs[-1]
+    c = config_lib.get_config()
+    c.model.dropout_rate = 0.0
+    config_lib.resolve_auto(c, log=logs.append)
+    assert c.model.dropout_rate == 0.0 and builders.architecture(c)["dropout_rate"] == 0.0
+    assert set(config_lib.RECIPE_NUMBERS) <= set(config_lib.NUMERIC_RANGES)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("train.batch_size", 0, "train.batch_size=0: must be an integer >= 1"),
     ("train.epochs", -3, "train.epochs=-3: must be an integer >= 0"),
@@ -162,7 +178,9 @@ def test_bad_values_exit_64_from_any_directory_before_any_work(tmp_path):
     env["JAX_PLATFORMS"] = "cpu"
     config = os.path.join(REPO_ROOT, "configs", "loo.py")
     for flag, text in (("--config.train.batch_size=0", "train.batch_size=0: must be an integer >= 1"),
-                       ("--config.train.epochs=-3", "train.epochs=-3: must be an integer >= 0")):
+                       ("--config.train.epochs=-3", "train.epochs=-3: must be an integer >= 0"),
+                       # unset by default (the recipe's), still a number when given
+                       ("--config.model.dropout_rate=1.5", "model.dropout_rate=1.5: must be a number in [0, 1)")):
         r = subprocess.run([sys.executable, "-m", "histospace_jax.main", f"--config={config}",
                             f"--workdir={tmp_path}/wd", flag], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=300)

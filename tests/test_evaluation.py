@@ -55,6 +55,25 @@ def test_metric_block_matches_independent_computation():
     assert f0["n_genes_significant_spatial"] <= 6
 
 
+def test_inner_validation_score_is_in_training_standard_deviations():
+    """Hand computation: one gene constant on the training rows (its SD floored to 1), a perfect prediction
+    of one gene and a reversed one of another."""
+    expr = np.array([[1.0, 5.0, 0.0], [3.0, 5.0, 2.0], [2.0, 5.0, 4.0],  # training rows 0-2
+                     [4.0, 7.0, 1.0], [0.0, 3.0, 3.0]])                 # inner-validation rows 3-4
+    pred = np.array([[4.0, 5.0, 3.0], [0.0, 5.0, 1.0]])
+    out = evaluation.inner_validation_score(expr, np.arange(3), np.array([3, 4]), pred)
+    sd0 = np.sqrt(2 / 3)  # gene 0 on training rows: values 1, 3, 2
+    sd2 = np.sqrt(8 / 3)  # gene 2: 0, 2, 4
+    err = [[0, 2 / 1.0, 2 / sd2], [0, 2 / 1.0, 2 / sd2]]
+    assert np.isclose(out["mse_sd_units"], np.mean(np.square(err)))
+    mean_err = [[2 / sd0, 2.0, -1 / sd2], [-2 / sd0, -2.0, 1 / sd2]]
+    assert np.isclose(out["mean_profile_mse_sd_units"], np.mean(np.square(mean_err)))
+    # gene 0 r = 1, gene 2 r = -1, gene 1 undefined (constant prediction): mean over the defined ones
+    assert np.isclose(out["per_gene_pearson"], 0.0) and out["n_spots"] == 2
+    assert np.isclose(evaluation.inner_validation_score(expr, np.arange(3), np.array([3, 4]),
+                                                        expr[[3, 4]])["mse_sd_units"], 0.0)
+
+
 def test_reviewer_controls_never_see_the_held_out_patient():
     plan, expr, obs, signal = _plan_and_data()
     colour = np.concatenate([signal, np.random.default_rng(2).normal(size=(len(signal), 3))], 1)

@@ -127,6 +127,11 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     # No ae.store: one autoencoder per fold, on that fold's training patients only.
     assert set(res["autoencoder"]) == {"E", "F"}
     assert "training patients of the fold holding out E" in res["autoencoder"]["E"]["tiles_seen"]
+    # The score settings are compared on: the heads on their inner-validation spots, never the held-out patient.
+    inner = res["training"]["inner_validation_score"]
+    assert set(inner) == {"E", "F"} and all(0 < v["n_spots"] < 24 for v in inner.values())
+    assert all(np.isfinite(v["mse_sd_units"]) and v["mean_profile_mse_sd_units"] > 0 for v in inner.values())
+    assert "the score settings are compared on" in open(w / "report.md").read()
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
     assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder"}

@@ -167,8 +167,9 @@ def test_protocol_carries_our_folds_recipe_and_encoder(tr, tmp_path, recipe):
     assert (t_recipe.epochs, t_recipe.batch_size, t_recipe.ensemble) == (t.epochs, t.batch_size, t.ensemble)
     assert (t_recipe.learning_rate, t_recipe.weight_decay, t_recipe.huber_delta) == (
         t.learning_rate, t.weight_decay, t.huber_delta)
-    expected = {"standard": (8, True, True, True), "paper": (1, False, False, False)}[recipe]
-    assert (t_recipe.views, t_recipe.standardise, t_recipe.zero_output, t_recipe.select_epoch) == expected
+    expected = {"standard": (8, True, True, True, 0.5), "paper": (1, False, False, False, 0.0)}[recipe]
+    assert (t_recipe.views, t_recipe.standardise, t_recipe.zero_output, t_recipe.select_epoch,
+            t_recipe.dropout_rate) == expected
     assert set(arrays) == {k for k in tr.TorchEncoder().state_dict() if not k.endswith("num_batches_tracked")}
 
 
@@ -180,9 +181,10 @@ def test_default_recipes_resolve_as_a_run_does():
     real = speed.loo_config("s", "standard", on_demo=False, **quiet)
     assert (real.train.epochs, real.train.ensemble, real.train.augment, real.model.output_init) == (
         config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"][3], "dihedral", "zeros")
+    assert real.model.dropout_rate == demo.model.dropout_rate == 0.5
     paper = speed.loo_config("s", "paper", on_demo=False, **quiet)
     assert (paper.train.ensemble, paper.train.augment, paper.train.select_epoch, paper.train.standardise_targets,
-            paper.model.output_init) == (1, "none", "off", "off", "lecun")
+            paper.model.output_init, paper.model.dropout_rate) == (1, "none", "off", "off", "lecun", 0.0)
     assert speed.loo_config("s", "paper", on_demo=True, epochs=1, **quiet).train.epochs == 1
 
 

@@ -98,7 +98,8 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     per_program = config.loo.folds_per_program or folds.auto_folds_per_program(
         config, len(plan.folds), expression.shape[1], encoders[0], log=console.log)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
-    out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits}
+    out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits,
+           "inner_validation_score": {}}
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
@@ -109,6 +110,11 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         held = [plan.held_out_rows(f) for f in group]
         for f, p in zip(group, res["predict"](held)):
             out["preds"][f] = p
+        if any(len(val_rows[f]) for f in group):
+            for f, p in zip(group, res["predict"]([val_rows[f] for f in group])):
+                if len(p):
+                    out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
+                        expression, train_rows[f], val_rows[f], p)
         # With a zero output layer the untrained heads predict the training mean: not worth a pass.
         untrained = res["untrained"](held) if config.model.output_init != "zeros" else [None] * len(group)
         for f, p in zip(group, untrained):
@@ -278,7 +284,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "summary": evaluation.summarise(fold_metrics),
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
         "training": {"recipe": config.recipe, "best_epoch": loo["best_epoch"],
-                     "inner_validation": loo["inner_validation"], "control_ridge_alpha": alphas},
+                     "inner_validation": loo["inner_validation"],
+                     "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas},
         "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
         "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),
         **extra,
