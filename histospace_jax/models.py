@@ -233,6 +233,15 @@ class Autoencoder(nn.Module):
         return self.encoder(x, train)
 
 
+def example_dropout(x: jax.Array, rate: float, key: jax.Array, first_example) -> jax.Array:
+    """Inverted dropout whose mask for an example depends only on `key` and the example's position in the global
+    batch (`first_example` + its row), so a batch split over any number of devices or processes draws the same
+    masks as on one device (flax's Dropout draws per device, and results then depend on the layout)."""
+    ids = first_example + jnp.arange(x.shape[0])
+    keep = jax.vmap(lambda i: jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - rate, x.shape[1:]))(ids)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
 class RegressionHead(nn.Module):
     """Encoder features -> conv blocks -> flatten -> FC layers -> G genes.
 
@@ -261,8 +270,9 @@ class RegressionHead(nn.Module):
         x = x.reshape((x.shape[0], -1))
         for i, f in enumerate(self.fc_features):
             x = nn.relu(nn.Dense(f, dtype=self.dtype, name=f"fc{i}")(x))
-            if self.dropout_rate > 0:
-                x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            if self.dropout_rate > 0 and train:
+                first = jax.lax.axis_index(self.axis_name) * x.shape[0] if self.axis_name else 0
+                x = example_dropout(x, self.dropout_rate, self.make_rng("dropout"), first)
         init = nn.initializers.zeros if self.output_init == "zeros" else nn.linear.default_kernel_init
         return nn.Dense(self.n_genes, kernel_init=init, dtype=self.dtype, name="out")(x).astype(jnp.float32)
 

@@ -47,11 +47,9 @@ def _psum(x, axis_name):
     return x if axis_name is None else jax.lax.psum(x, axis_name)
 
 
-def _dropout_key(state: TrainState, axis_name):
-    key = jax.random.fold_in(state.key, state.step)
-    if axis_name is not None:
-        key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
-    return key
+def _dropout_key(state: TrainState):
+    # The same key on every device: models.example_dropout draws each example's mask from its global position.
+    return jax.random.fold_in(state.key, state.step)
 
 
 # ----------------------------------------------------------------------------------------------- optimizers
@@ -175,7 +173,7 @@ def regression_train_step(state: TrainState, batch: dict, *, huber_delta: float 
     row_count = jnp.asarray(batch["expression"].shape[0], jnp.float32)
     count = batch["mask"].astype(bool).sum().astype(jnp.float32) if "mask" in batch else row_count
     global_count = jnp.maximum(_psum(count, axis_name), 1.0)
-    rngs = {"dropout": _dropout_key(state, axis_name)}
+    rngs = {"dropout": _dropout_key(state)}
     batch = _zero_masked_rows(batch)
 
     def loss_fn(params):

@@ -215,3 +215,23 @@ def test_head_conv_impls_same_prediction_and_gradients():
     vjps = [str(jax.make_jaxpr(lambda f, m=m: m.apply(v, f, method="from_features"))(feats)).count("custom_vjp_call")
             for m in (fast, native)]
     assert vjps[0] == vjps[1] + 1, vjps
+
+
+def test_example_dropout_draws_the_same_masks_on_any_device_split():
+    """The mask of an example depends on the key and its global position only: one batch of 8 on one device
+    equals the same batch as 4 shards of 2 (pmap, axis_index gives each shard's first example), and the kept
+    units are scaled by 1 / (1 - rate) (inverted dropout), about `rate` of them dropped."""
+    x = jnp.ones((8, 512))
+    key = jax.random.PRNGKey(7)
+    whole = models.example_dropout(x, 0.5, key, 0)
+    assert set(np.unique(np.asarray(whole))) == {0.0, 2.0}
+    assert abs(float(jnp.mean(whole == 0)) - 0.5) < 0.05
+    n_dev = jax.local_device_count()
+    if 8 % n_dev == 0:
+        shards = x.reshape(n_dev, 8 // n_dev, 512)
+        split = jax.pmap(lambda s: models.example_dropout(s, 0.5, key, jax.lax.axis_index("d") * s.shape[0]),
+                         axis_name="d")(shards)
+        np.testing.assert_array_equal(np.asarray(split).reshape(8, 512), np.asarray(whole))
+    # Any split: the rows 4..7 drawn as their own batch starting at example 4
+    np.testing.assert_array_equal(np.asarray(models.example_dropout(x[4:], 0.5, key, 4)), np.asarray(whole[4:]))
+    assert not np.array_equal(np.asarray(whole[:4]), np.asarray(whole[4:]))  # examples differ
