@@ -60,11 +60,8 @@ def inner_validation_score(expression: np.ndarray, train_rows: np.ndarray, val_r
     training mean scores), the training mean's own MSE there, and the mean per-gene r. Settings are compared on
     this, never on the held-out patient. The heads' epochs were chosen on these spots, so the score is a little
     optimistic for every setting alike."""
-    train = np.asarray(expression[train_rows], np.float64)
+    mean, sd = metrics.gene_mean_and_sd(expression[train_rows])
     truth = np.asarray(expression[val_rows], np.float64)
-    sd = train.std(0)
-    sd = np.where(sd > 1e-6, sd, 1.0)
-    mean = train.mean(0)
     return {"n_spots": int(len(val_rows)),
             "mse_sd_units": float(np.mean(((truth - np.asarray(pred, np.float64)) / sd) ** 2)),
             "mean_profile_mse_sd_units": float(np.mean(((truth - mean) / sd) ** 2)),

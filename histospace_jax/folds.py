@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import builders, checkpointing, console, controls, features, loop, steps, xla_tuning
+from histospace_jax import builders, checkpointing, console, controls, features, loop, metrics, steps, xla_tuning
 from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
 
@@ -127,9 +127,8 @@ def standardisation(expression: np.ndarray, rows: np.ndarray, on: bool) -> tuple
     g = expression.shape[1]
     if not on:
         return np.zeros(g, np.float32), np.ones(g, np.float32)
-    x = expression[rows].astype(np.float64)
-    sd = x.std(0)
-    return x.mean(0).astype(np.float32), np.where(sd > 1e-6, sd, 1.0).astype(np.float32)
+    mean, sd = metrics.gene_mean_and_sd(expression[rows])
+    return mean.astype(np.float32), sd.astype(np.float32)
 
 
 class MemberBatches:
@@ -488,8 +487,8 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
              "best_epoch": np.zeros(members, np.int32)}
 
     def step_fn(rstate, batch):
-        new, metrics = program.step(rstate["train"], batch)
-        return {**rstate, "train": new}, metrics
+        new, step_metrics = program.step(rstate["train"], batch)
+        return {**rstate, "train": new}, step_metrics
 
     name = tag.replace("_", " ", 1)  # "loo_main_0" -> "loo main_0"
     spec = loop.LoopSpec(name=name, total_steps=total, steps_per_epoch=steps_per_epoch,

@@ -70,6 +70,14 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict:
     }
 
 
+def gene_mean_and_sd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per gene (column) mean and standard deviation in float64; a gene constant over the rows gets sd 1, so
+    dividing by it is never a division by zero."""
+    x = np.asarray(x, np.float64)
+    sd = x.std(0)
+    return x.mean(0), np.where(sd > 1e-6, sd, 1.0)
+
+
 def mean_profile_prediction(train_expression: np.ndarray, n: int) -> np.ndarray:
     """The image-blind baseline: the training spots' mean expression profile, repeated for n spots."""
     mean = np.asarray(train_expression, np.float64).mean(axis=0)
