@@ -41,6 +41,7 @@ VARIANTS = {
     "learning_rate_3e-4": ["--config.train.learning_rate=3e-4"],
     "epochs_20": ["--config.train.epochs=20"],
     "ensemble_10": ["--config.train.ensemble=10"],
+    "context": ["--config.model.context=neighbours"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 

@@ -39,19 +39,23 @@ def histospace(config, n_genes: int, axis_name: str | None = AXIS, conv_impl: st
     return models.HistoSpace(n_genes=n_genes, conv_features=tuple(m.head_conv_features),
                              fc_features=tuple(m.head_fc_features), dropout_rate=dropout_rate(config),
                              axis_name=axis_name, output_init=_output_init(config), conv_impl=conv_impl,
-                             **_arch(config))
+                             use_context=uses_context(config), **_arch(config))
+
+
+def uses_context(config) -> bool:
+    return config.model.get("context", "none") == "neighbours"
 
 
 def _output_init(config) -> str:
     # Before resolve_auto (e.g. a bare config in a test), "auto" means the recipe's choice.
     value = config.model.output_init
-    return ("zeros" if config.recipe == "standard" else "lecun") if value == "auto" else value
+    return config_lib.RECIPES[config.recipe].output_init if value == "auto" else value
 
 
 def dropout_rate(config) -> float:
     # Before resolve_auto, unset means the recipe's choice.
     value = config.model.dropout_rate
-    return config_lib.RECIPES[config.recipe][5] if value is None else float(value)
+    return config_lib.RECIPES[config.recipe].dropout_rate if value is None else float(value)
 
 
 def architecture(config) -> dict:
@@ -60,7 +64,8 @@ def architecture(config) -> dict:
     return {"variant": m.variant, "encoder_features": list(m.encoder_features),
             "head_conv_features": list(m.head_conv_features), "head_fc_features": list(m.head_fc_features),
             "dropout_rate": dropout_rate(config), "output_init": _output_init(config),
-            "compute_dtype": str(compute_dtype(config))}
+            "compute_dtype": str(compute_dtype(config)), "context": config.model.get("context", "none"),
+            "context_radius": float(config.model.get("context_radius", 1.5))}
 
 
 def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
@@ -69,7 +74,8 @@ def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
                              conv_features=tuple(arch["head_conv_features"]),
                              fc_features=tuple(arch["head_fc_features"]), dropout_rate=arch.get("dropout_rate", 0.0),
                              output_init=arch.get("output_init", "lecun"),
-                             dtype=jnp.dtype(arch.get("compute_dtype", "float32")))
+                             dtype=jnp.dtype(arch.get("compute_dtype", "float32")),
+                             use_context=arch.get("context", "none") == "neighbours")
 
 
 def autoencoder_state(config) -> steps.TrainState:

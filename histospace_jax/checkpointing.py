@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from histospace_jax import workdir
 from histospace_jax.errors import CheckpointError, ConfigMismatchError, NonFiniteError
 
 # Config keys that decide what a checkpoint holds (prefix match on dotted keys). Everything else (logging,
@@ -33,6 +34,9 @@ AE_KEYS = ("seed", "data.tile_size", "model.variant", "model.encoder_features", 
 HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
 # Paths, and where the features are read from (memory or the on-disk cache: the same batches either way).
 _NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory")
+# Settings added after checkpoints were already being written, with the value that reproduces the old behaviour:
+# a checkpoint that does not record one was written with that value, so it resumes under it.
+ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5}
 
 
 class Checkpointer:
@@ -70,7 +74,13 @@ class Checkpointer:
                 "learning rate or check the input data, then rerun (resumes from that checkpoint).")
         # Orbax copies the arrays to host memory before save() returns, so a donating step that overwrites the
         # caller's buffers right after cannot change what is written (tested).
-        items = {"state": ocp.args.StandardSave(_to_numpy_tree(state)), "meta": ocp.args.JsonSave(meta or {})}
+        arrays = _to_numpy_tree(state)
+        # The new step is written in full before an old one is deleted. A few MiB beyond the arrays for the
+        # iterator state, metadata and the file system's blocks.
+        workdir.ensure_free_space(self.directory, sum(int(np.asarray(x).nbytes) for x in
+                                                      jax.tree_util.tree_leaves(arrays)) + (8 << 20),
+                                  f"the checkpoint of step {step}")
+        items = {"state": ocp.args.StandardSave(arrays), "meta": ocp.args.JsonSave(meta or {})}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)  # written before save() returns
         self._manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -185,6 +195,7 @@ def check_compatible(directory: str, step: int, meta: dict, current: dict) -> No
     saved = meta.get("compat")
     if saved is None:
         return
+    saved = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **saved}
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diff:

@@ -8,6 +8,7 @@ options, and raises errors.ConfigError naming the key, the value and the range (
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import ml_collections
 from ml_collections import config_dict
@@ -51,6 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.dropout_rate = config_dict.placeholder(float)
     c.model.output_init = "auto"  # "zeros" (first prediction = training mean) | "lecun" | "auto" (recipe)
     c.model.upconv_impl = "subpixel"  # "subpixel" (fast, same function) | "transpose" (lax reference)
+    # "neighbours": the head also sees the mean pooled encoder features of the spots adjacent to each spot
+    # (histospace_jax/context.py); neighbours lie within context_radius x the section's spot spacing.
+    c.model.context = "none"
+    c.model.context_radius = 1.5
     # "bfloat16": convolutions and dense layers compute in bfloat16 (GPU tensor cores, TPU MXU), parameters,
     # BatchNorm statistics, outputs and losses stay float32. "float32" everywhere is the default (and the
     # fast choice on CPUs without bfloat16 units).
@@ -148,6 +153,7 @@ NUMERIC_RANGES = {
     "model.head_conv_features": (1, _INF, True, True, True),
     "model.head_fc_features": (1, _INF, True, True, True),
     "model.dropout_rate": (0, 1, True, False, False),
+    "model.context_radius": (1, _INF, False, True, False),
     "ae.epochs": (0, _INF, True, True, True),
     "ae.batch_size": (1, _INF, True, True, True),
     "ae.learning_rate": (0, _INF, False, True, False),
@@ -181,6 +187,7 @@ CHOICES = {
     "model.variant": ("pool", "relu", "relu_bn"),
     "model.upconv_impl": ("subpixel", "transpose"),
     "model.compute_dtype": ("float32", "bfloat16"),
+    "model.context": ("none", "neighbours"),
     "loo.random_encoder_control": ("on", "off", "auto"),
     "distributed.mode": ("auto", "on", "off"),
     "ae_study.variants": ("pool", "relu", "relu_bn"),
@@ -253,10 +260,20 @@ DEMO_HEAD_EPOCHS = 3  # keeps the README demo within ~10 minutes on a 2-core CPU
 REAL_HEAD_EPOCHS = 10
 
 
-# Per recipe: (standardise_targets, output_init, augment, ensemble on a real store, select_epoch, dropout_rate).
+class Recipe(NamedTuple):
+    """The values a recipe gives the settings left at "auto" (or unset)."""
+
+    standardise_targets: str
+    output_init: str
+    augment: str
+    ensemble: int  # heads per fold on a real store (1 on the demo)
+    select_epoch: str
+    dropout_rate: float
+
+
 RECIPES = {
-    "standard": ("on", "zeros", "dihedral", 5, "on", 0.5),
-    "paper": ("off", "lecun", "none", 1, "off", 0.0),
+    "standard": Recipe("on", "zeros", "dihedral", 5, "on", 0.5),
+    "paper": Recipe("off", "lecun", "none", 1, "off", 0.0),
 }
 # Keys whose unset value (None) means the recipe's choice.
 RECIPE_NUMBERS = ("model.dropout_rate",)
@@ -271,20 +288,20 @@ def resolve_auto(config, log=print) -> None:
         config.train.epochs = DEMO_HEAD_EPOCHS if on_demo else REAL_HEAD_EPOCHS
         log(f"train.epochs=auto -> {config.train.epochs} ({'synthetic demo' if on_demo else 'real store'}); "
             "set --config.train.epochs=N to choose")
-    standardise, output_init, augment, ensemble, select, dropout = RECIPES[config.recipe]
+    recipe = RECIPES[config.recipe]
     chosen = []
-    for node, key, value in ((config.train, "standardise_targets", standardise),
-                             (config.model, "output_init", output_init),
-                             (config.train, "augment", "none" if on_demo else augment),
-                             (config.train, "select_epoch", select)):
+    for node, key, value in ((config.train, "standardise_targets", recipe.standardise_targets),
+                             (config.model, "output_init", recipe.output_init),
+                             (config.train, "augment", "none" if on_demo else recipe.augment),
+                             (config.train, "select_epoch", recipe.select_epoch)):
         if node[key] == "auto":
             node[key] = value
             chosen.append(f"{key}={value}")
     if config.model.dropout_rate is None:
-        config.model.dropout_rate = dropout
-        chosen.append(f"dropout_rate={dropout:g}")
+        config.model.dropout_rate = recipe.dropout_rate
+        chosen.append(f"dropout_rate={recipe.dropout_rate:g}")
     if config.train.ensemble == 0:
-        config.train.ensemble = 1 if on_demo else ensemble
+        config.train.ensemble = 1 if on_demo else recipe.ensemble
         chosen.append(f"ensemble={config.train.ensemble}")
     if chosen:
         log(f"recipe={config.recipe}: " + ", ".join(chosen) + (" (synthetic demo)" if on_demo else ""))

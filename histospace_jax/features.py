@@ -21,6 +21,7 @@ import numpy as np
 import tensorstore as ts
 
 from histospace_jax import console, models, steps, xla_tuning
+from histospace_jax import workdir as workdir_lib
 from histospace_jax.data import pipeline
 
 
@@ -171,6 +172,10 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
         except Exception:  # unreadable cache entry: recompute and replace it
             arr = None
     if arr is None:
+        side = int(store.tiles.shape[1]) // 2 ** len(tuple(encoder_features))
+        workdir_lib.ensure_free_space(cache_dir, views * store.n_spots * side * side
+                                      * int(tuple(encoder_features)[-1]) * jnp.dtype(dtype).itemsize,
+                                      "the feature cache")
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         write_features(tmp, store, encoder_variables, variant=variant, encoder_features=encoder_features,
                        batch_size=batch_size, views=views, dtype=dtype, log=log)

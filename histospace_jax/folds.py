@@ -9,6 +9,9 @@ there; or, when the features do not fit in memory (STNet scale with 8 views), th
 cache and the input pipeline reads each step's rows from it, a few steps ahead of the device (the same batches,
 the same results).
 
+With model.context=neighbours each row also carries its neighbourhood context (context.py; [E, V, N, C], always in
+memory, gathered on the device beside the features).
+
 Targets are standardised per gene on each fold's training rows when train.standardise_targets is on; the
 heads predict standardised values and predictions are mapped back. With train.select_epoch on, each member
 keeps the parameters of its best epoch on the fold's inner validation rows (from training patients only: a
@@ -26,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from histospace_jax import builders, checkpointing, console, controls, features, loop, metrics, steps, xla_tuning
+from histospace_jax import context as context_lib
 from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
 
@@ -116,6 +120,7 @@ class HeadData:
     features: "np.ndarray | list"
     expression: np.ndarray            # [N, G]
     encoder_variables: list[dict]     # per encoder: {'params', 'batch_stats'} (kept in the states for export)
+    context: np.ndarray | None = None  # [E, V, N, C] neighbourhood context (model.context=neighbours), in memory
 
     def encoder_digests(self) -> list[str]:
         return [checkpointing.tree_digest(v) for v in self.encoder_variables]
@@ -202,9 +207,12 @@ def _split_devices(x: np.ndarray, by_process: bool = True) -> np.ndarray:
 
 
 def make_member_train_step(huber_delta: float, compiler_options: dict | None = None):
-    def step(states, feats, expr, mu, sd, enc_of, fold_of, idx, view):
+    """`ctx`: the neighbourhood context [E, V, N, C], or None for heads without it."""
+    def step(states, feats, ctx, expr, mu, sd, enc_of, fold_of, idx, view):
         def one(state, e, f, i, v):
             batch = {"features": feats[e, v, i], "expression": (expr[i] - mu[f]) / sd[f]}
+            if ctx is not None:
+                batch["context"] = ctx[e, v, i]
             return steps.regression_train_step(state, batch, huber_delta=huber_delta, axis_name=builders.AXIS)
 
         return jax.vmap(one)(states, enc_of, fold_of, idx, view)
@@ -214,21 +222,28 @@ def make_member_train_step(huber_delta: float, compiler_options: dict | None = N
 
 
 def make_member_train_step_on_features(huber_delta: float, compiler_options: dict | None = None):
-    """The train step of streamed features: each member's batch arrives with its features [B, h, w, C]."""
-    def step(states, feats, expr, mu, sd, fold_of, idx):
-        def one(state, x, f, i):
+    """The train step of streamed features: each member's batch arrives with its features [B, h, w, C]; the
+    neighbourhood context (small) stays on the device, [E, V, N, C] or None."""
+    def step(states, feats, ctx, expr, mu, sd, enc_of, fold_of, idx, view):
+        def one(state, x, e, f, i, v):
             batch = {"features": x, "expression": (expr[i] - mu[f]) / sd[f]}
+            if ctx is not None:
+                batch["context"] = ctx[e, v, i]
             return steps.regression_train_step(state, batch, huber_delta=huber_delta, axis_name=builders.AXIS)
 
-        return jax.vmap(one)(states, feats, fold_of, idx)
+        return jax.vmap(one)(states, feats, enc_of, fold_of, idx, view)
 
     return steps.with_compiler_options(jax.pmap(step, axis_name=builders.AXIS, donate_argnums=(0,)),
                                        compiler_options)
 
 
 def make_member_predict_on_features(compiler_options: dict | None = None):
-    def predict(states, feats):
-        return jax.vmap(lambda state, x: steps.predict_step(state, {"features": x}))(states, feats)
+    """`ctx`: each member's context rows [M, B, C], or None."""
+    def predict(states, feats, ctx):
+        def one(state, x, c):
+            return steps.predict_step(state, {"features": x} if c is None else {"features": x, "context": c})
+
+        return jax.vmap(one)(states, feats, ctx)
 
     return steps.with_compiler_options(jax.pmap(predict, axis_name=builders.AXIS), compiler_options)
 
@@ -236,12 +251,17 @@ def make_member_predict_on_features(compiler_options: dict | None = None):
 def make_member_predict(n_views: int, compiler_options: dict | None = None):
     """Each member's prediction on its rows, averaged over the first `n_views` dihedral views inside one program
     (one transfer per chunk)."""
-    def predict(states, feats, enc_of, idx):
+    def predict(states, feats, ctx, enc_of, idx):
         def one(state, e, i):
-            def add_view(v, total):
-                return total + steps.predict_step(state, {"features": feats[e, v, i]})
+            def view_batch(v):
+                if ctx is None:
+                    return {"features": feats[e, v, i]}
+                return {"features": feats[e, v, i], "context": ctx[e, v, i]}
 
-            first = steps.predict_step(state, {"features": feats[e, 0, i]})
+            def add_view(v, total):
+                return total + steps.predict_step(state, view_batch(v))
+
+            first = steps.predict_step(state, view_batch(0))
             return jax.lax.fori_loop(1, n_views, add_view, first) / n_views
 
         return jax.vmap(one)(states, enc_of, idx)
@@ -269,6 +289,8 @@ class MemberProgram:
         self.expr = _replicated(data.expression)
         self.mu_r, self.sd_r = _replicated(self.mu), _replicated(self.sd)
         self.enc_r, self.fold_r = _replicated(self.enc_of), _replicated(self.fold_of)
+        self.context = data.context
+        self.ctx_r = None if data.context is None else _replicated(data.context)
         if self.streamed:
             self.streams = list(data.features)
             self.n_views = self.streams[0].shape[0]
@@ -284,11 +306,12 @@ class MemberProgram:
                          * jax.local_device_count())
 
     def step(self, rstates, batch):
+        index, view = _split_devices(batch["index"]), _split_devices(batch["view"])
         if self.streamed:
-            return self.train_step(rstates, _split_devices(batch["features"]), self.expr, self.mu_r, self.sd_r,
-                                   self.fold_r, _split_devices(batch["index"]))
-        return self.train_step(rstates, self.feats, self.expr, self.mu_r, self.sd_r, self.enc_r, self.fold_r,
-                               _split_devices(batch["index"]), _split_devices(batch["view"]))
+            return self.train_step(rstates, _split_devices(batch["features"]), self.ctx_r, self.expr, self.mu_r,
+                                   self.sd_r, self.enc_r, self.fold_r, index, view)
+        return self.train_step(rstates, self.feats, self.ctx_r, self.expr, self.mu_r, self.sd_r, self.enc_r,
+                               self.fold_r, index, view)
 
     def _predict_chunk(self, rstates, idx: np.ndarray, n_views: int) -> np.ndarray:
         """[M, chunk, G]: each member's prediction on its chunk of rows, mean over the first n_views views."""
@@ -296,12 +319,15 @@ class MemberProgram:
             part = _split_devices(idx, by_process=False)
             if n_views not in self._predict_views:
                 self._predict_views[n_views] = make_member_predict(n_views, self.compiler_options)
-            acc = np.asarray(self._predict_views[n_views](rstates, self.feats, self.enc_r, part))
+            acc = np.asarray(self._predict_views[n_views](rstates, self.feats, self.ctx_r, self.enc_r, part))
         else:
             acc = 0.0
             for v in range(n_views):
                 feats = member_features(self.streams, self.enc_of, np.full(idx.shape, v), idx)
-                acc = acc + np.asarray(self.predict(rstates, _split_devices(feats, by_process=False)))
+                ctx = None if self.context is None else np.stack(
+                    [self.context[e, v, i] for e, i in zip(self.enc_of, idx)])
+                acc = acc + np.asarray(self.predict(rstates, _split_devices(feats, by_process=False),
+                                                    None if ctx is None else _split_devices(ctx, by_process=False)))
             acc = acc / n_views
         return acc.transpose(1, 0, 2, 3).reshape(idx.shape[0], idx.shape[1], -1)
 
@@ -460,6 +486,9 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
                 "(--config.train.select_epoch=off)")
     if g < 1:
         raise BadInputError(f"no genes to train on ({data.names})")
+    if builders.uses_context(config) != (data.context is not None):
+        raise ValueError(f"model.context={config.model.context} but the head data "
+                         f"{'has no' if data.context is None else 'has a'} neighbourhood context")
     program = MemberProgram(config, data, k)
     members = len(program.fold_of)
     stacked = _stacked_head_states(config, g, [data.encoder_variables[data.encoder_of_fold[f]] for f in program.fold_of],
@@ -522,13 +551,15 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
 
 
 def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
-                          encoder_variables: dict, writer, tag: str) -> dict:
+                          encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None) -> dict:
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows). Returns {'states': member states stacked [K], 'mean', 'sd' (target standardisation), 'curve',
-    'best_epoch', 'untrained_states'}."""
+    'best_epoch', 'untrained_states'}. `context` ([1, V, N, C]): the rows' neighbourhood context when it was
+    computed on more spots than these (default: from `feats` and `obs`)."""
     tr, va, how = training_split(config, obs, np.arange(len(expression)))
+    ctx = context if context is not None else store_context(config, [feats], obs)
     data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
-                    expression=expression, encoder_variables=[encoder_variables])
+                    expression=expression, encoder_variables=[encoder_variables], context=ctx)
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
@@ -536,15 +567,37 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
             "untrained_states": res["initial_states"]}
 
 
+def store_context(config, features_per_encoder, obs: dict) -> np.ndarray | None:
+    """The neighbourhood context [E, V, N, C] of a store's spots under each encoder's features, or None when
+    model.context=none."""
+    if not builders.uses_context(config):
+        return None
+    return context_lib.store_context(features_per_encoder, obs, float(config.model.context_radius))
+
+
+def context_summary(config, obs: dict) -> dict | None:
+    """What results.json records about the neighbourhoods the heads saw (None without neighbourhood context)."""
+    if not builders.uses_context(config):
+        return None
+    radius = float(config.model.context_radius)
+    return context_lib.describe(context_lib.neighbour_table(obs["pixel_x"], obs["pixel_y"], obs["section"], radius),
+                                radius)
+
+
 def ensemble_predict_features(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray,
-                              batch: int = 256) -> np.ndarray:
-    """Predictions (expression units) of heads stacked over members on features [V, n, h, w, C]: the mean over
-    members and views of mean + sd * standardised prediction."""
-    fn = jax.jit(jax.vmap(lambda s, f: steps.predict_step(s, {"features": f}), in_axes=(0, None)),
-                 compiler_options=xla_tuning.conv_step_options() or None)
+                              batch: int = 256, context: np.ndarray | None = None) -> np.ndarray:
+    """Predictions (expression units) of heads stacked over members on features [V, n, h, w, C] (and their
+    neighbourhood context [V, n, C] for heads with context): the mean over members and views of
+    mean + sd * standardised prediction."""
+    def one(s, f, c):
+        return steps.predict_step(s, {"features": f} if c is None else {"features": f, "context": c})
+
+    fn = jax.jit(jax.vmap(one, in_axes=(0, None, None)), compiler_options=xla_tuning.conv_step_options() or None)
     n_views, n = feats.shape[:2]
     out = []
     for a in range(0, n, batch):
-        z = sum(np.asarray(fn(states, jnp.asarray(feats[v, a:a + batch]))) for v in range(n_views)) / n_views
+        z = sum(np.asarray(fn(states, jnp.asarray(feats[v, a:a + batch]),
+                              None if context is None else jnp.asarray(context[v, a:a + batch])))
+                for v in range(n_views)) / n_views
         out.append(mean + sd * z.mean(0))
     return np.concatenate(out).astype(np.float32)

@@ -260,14 +260,20 @@ class RegressionHead(nn.Module):
     output_init: str = "lecun"
     dtype: Any = jnp.float32
     conv_impl: str = "fast"  # ConvBlock.conv_impl: same function and parameters either way
+    # With neighbourhood context, a [B, C] vector per example (context.py) joins the flattened conv output at
+    # the first FC layer's input.
+    use_context: bool = False
 
     @nn.compact
-    def __call__(self, features, train: bool = False, mask=None):
+    def __call__(self, features, train: bool = False, mask=None, context=None):
+        _check_context(self.use_context, context)
         x = features.astype(self.dtype)
         for i, f in enumerate(self.conv_features):
             x = ConvBlock(f, pool=(i == 0), axis_name=self.axis_name, dtype=self.dtype, conv_impl=self.conv_impl,
                           name=f"conv{i}")(x, train, mask)
         x = x.reshape((x.shape[0], -1))
+        if self.use_context:
+            x = jnp.concatenate([x, context.astype(self.dtype)], axis=-1)
         for i, f in enumerate(self.fc_features):
             x = nn.relu(nn.Dense(f, dtype=self.dtype, name=f"fc{i}")(x))
             if self.dropout_rate > 0 and train:
@@ -275,6 +281,15 @@ class RegressionHead(nn.Module):
                 x = example_dropout(x, self.dropout_rate, self.make_rng("dropout"), first)
         init = nn.initializers.zeros if self.output_init == "zeros" else nn.linear.default_kernel_init
         return nn.Dense(self.n_genes, kernel_init=init, dtype=self.dtype, name="out")(x).astype(jnp.float32)
+
+
+def _check_context(use_context: bool, context) -> None:
+    if use_context and context is None:
+        raise ValueError("this model was built with neighbourhood context (model.context=neighbours): pass "
+                         "context=[B, C] (histospace_jax.context)")
+    if not use_context and context is not None:
+        raise ValueError("this model has no neighbourhood context input (model.context=none), but a context was "
+                         "passed")
 
 
 class HistoSpace(nn.Module):
@@ -296,23 +311,28 @@ class HistoSpace(nn.Module):
     # The head's ConvBlock.conv_impl (xla_tuning.conv_impl_for). The frozen encoder only runs forward, where the
     # im2col form is the faster one under either option set (263 / 288 against 191 / 227 tiles/s on CPU).
     conv_impl: str = "fast"
+    use_context: bool = False  # RegressionHead.use_context: `context` is then a required input
 
     def setup(self):
         self.encoder = Encoder(self.variant, self.encoder_features, dtype=self.dtype)
         self.head = RegressionHead(self.n_genes, self.conv_features, self.fc_features, self.dropout_rate,
                                    axis_name=self.axis_name, output_init=self.output_init, dtype=self.dtype,
-                                   conv_impl=self.conv_impl)
+                                   conv_impl=self.conv_impl, use_context=self.use_context)
 
-    def __call__(self, images, train: bool = False, mask=None):
+    def __call__(self, images, train: bool = False, mask=None, context=None):
         features = self.encoder(images, train=False)
-        return self.head(jax.lax.stop_gradient(features), train, mask)
+        return self.head(jax.lax.stop_gradient(features), train, mask, context)
 
     def encode(self, images):
         return self.encoder(images, train=False)
 
-    def from_features(self, features, train: bool = False, mask=None):
+    def from_features(self, features, train: bool = False, mask=None, context=None):
         """The head alone, on precomputed (cached) encoder features."""
-        return self.head(features, train, mask)
+        return self.head(features, train, mask, context)
+
+    def sample_context(self, batch: int = 1):
+        """A zero context of the right shape (for init), or None for a model without context."""
+        return jnp.zeros((batch, self.encoder_features[-1]), jnp.float32) if self.use_context else None
 
 
 def to_unit_range(images_uint8):

@@ -20,7 +20,9 @@ dropped): a tile is predicted when the map covers at least --min_tissue of it.
 Tiles are cut at the model's microns per pixel and tile size, from the pyramid level nearest that scale, and
 preprocessed as the training store was (colour-cast removal and stain normalisation, from the model's model.json,
 via histospace_jax.ingest). Spots are processed --batch_size at a time; predictions stream to disk as they come,
-with progress lines (rate, ETA). Output (written to OUT.tmp-*, renamed to OUT when complete):
+with progress lines (rate, ETA). A model trained with neighbourhood context (model.context=neighbours) first
+pools every position's encoder features in one pass over the slide, then gives each position the mean over its
+adjacent spots or grid tiles. Output (written to OUT.tmp-*, renamed to OUT when complete):
   predictions.csv    spot_id, pixel_x, pixel_y, array_x, array_y, one column per gene
   predictions.zarr   float32 [n_spots, n_genes] (zarr v3), genes in model.json order
   overlay_<gene>.png predicted expression over the slide thumbnail, per --genes
@@ -44,7 +46,8 @@ import numpy as np
 import tensorstore as ts
 from absl import app, flags
 
-from histospace_jax import atomic, console, features, model_export, models, plots, spatial_anndata
+from histospace_jax import atomic, console, context as context_lib, features, model_export, models, plots
+from histospace_jax import spatial_anndata
 from histospace_jax.errors import EXIT_BAD_INPUT, BadInputError
 from histospace_jax.ingest import build, common, slide_io, stain, wsi
 
@@ -60,18 +63,36 @@ class PredictError(BadInputError):
 
 
 def make_predict_fn(model, variables, info: dict):
-    """uint8 tiles -> expression: the mean over the ensemble's members and the model's dihedral views of the
-    heads' standardised outputs, mapped back with the training store's per-gene mean and sd."""
+    """(uint8 tiles, their neighbourhood context [V, B, C] or None) -> expression: the mean over the ensemble's
+    members and the model's dihedral views of the heads' standardised outputs, mapped back with the training
+    store's per-gene mean and sd."""
     mean = np.asarray(info["target_mean"], np.float32)
     sd = np.asarray(info["target_sd"], np.float32)
     views = int(info["views"])
-    fn = jax.jit(jax.vmap(lambda v, x: model.apply(v, models.to_unit_range(x), False), in_axes=(0, None)))
+    fn = jax.jit(jax.vmap(lambda v, x, c: model.apply(v, models.to_unit_range(x), False, None, c),
+                          in_axes=(0, None, None)))
 
-    def predict(tiles):
-        z = sum(np.asarray(fn(variables, features.dihedral(tiles, v))) for v in range(views)) / views
+    def predict(tiles, context=None):
+        z = sum(np.asarray(fn(variables, features.dihedral(tiles, v), None if context is None else context[v]))
+                for v in range(views)) / views
         return mean + sd * z.mean(0)
 
     return predict
+
+
+def make_pooled_fn(model, variables, info: dict):
+    """uint8 tiles -> [V, B, C]: the spatially average-pooled frozen-encoder features of each dihedral view (the
+    encoder is the same in every ensemble member: member 0's is used)."""
+    encoder = {k: jax.tree_util.tree_map(lambda x: x[0], v["encoder"]) for k, v in variables.items()
+               if "encoder" in v}
+    fn = jax.jit(lambda v, x: model.apply({k: {"encoder": w} for k, w in v.items()}, models.to_unit_range(x),
+                                          method="encode").mean(axis=(1, 2)))
+    views = int(info["views"])
+
+    def pooled(tiles):
+        return np.stack([np.asarray(fn(encoder, features.dihedral(tiles, v)), np.float32) for v in range(views)])
+
+    return pooled
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
@@ -260,6 +281,29 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
         f"{'spots' if spots_csv else 'grid tiles'}; {box}px crops read as {crop_px}px from level {level} -> {t}px "
         f"tiles; {len(gene_names)} genes")
 
+    def tiles_of(idx):
+        try:
+            crops = slide_io.cut_crops_from(slide, x0[idx], y0[idx], box, level)
+        except common.IngestError as e:
+            raise PredictError(str(e)) from e
+        tiles = slide_io.resize_tiles(pre(crops), t)
+        pad = (-len(tiles)) % batch_size  # one compiled shape for every batch
+        return (np.concatenate([tiles, np.repeat(tiles[:1], pad, 0)]) if pad else tiles), len(tiles)
+
+    ctx = None
+    if info["model"].get("context", "none") == "neighbours":
+        radius = float(info["model"].get("context_radius", context_lib.DEFAULT_RADIUS))
+        table = context_lib.neighbour_table(pos["pixel_x"], pos["pixel_y"], None, radius)
+        log(f"[predict] the model takes neighbourhood context: a first pass pools every position's encoder features "
+            f"(neighbours within {radius:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
+            f"{np.median((table >= 0).sum(1)):g})")
+        pooled_fn = make_pooled_fn(model, variables, info)
+        parts = []
+        for a in range(0, n, batch_size):
+            batch, n_real = tiles_of(np.arange(a, min(n, a + batch_size)))
+            parts.append(pooled_fn(batch)[:, :n_real])
+        ctx = context_lib.neighbour_mean(np.concatenate(parts, 1), table)
+
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
@@ -285,14 +329,12 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
             w.writerow(["spot_id", "pixel_x", "pixel_y", "array_x", "array_y"] + gene_names)
             for b, a in enumerate(range(0, n, batch_size)):
                 idx = np.arange(a, min(n, a + batch_size))
-                try:
-                    crops = slide_io.cut_crops_from(slide, x0[idx], y0[idx], box, level)
-                except common.IngestError as e:
-                    raise PredictError(str(e)) from e
-                tiles = slide_io.resize_tiles(pre(crops), t)
-                pad = (-len(tiles)) % batch_size  # one compiled shape for every batch
-                batch = np.concatenate([tiles, np.repeat(tiles[:1], pad, 0)]) if pad else tiles
-                pred = predict(batch)[:len(tiles)].astype(np.float32)
+                batch, n_real = tiles_of(idx)
+                batch_ctx = None
+                if ctx is not None:
+                    batch_ctx = np.zeros((ctx.shape[0], len(batch), ctx.shape[2]), np.float32)
+                    batch_ctx[:, :n_real] = ctx[:, idx]
+                pred = predict(batch, batch_ctx)[:n_real].astype(np.float32)
                 arr = arr.resize(exclusive_max=[a + len(idx), g]).result()
                 arr[a:a + len(idx)].write(pred).result()
                 ax = pos.get("array_x")

@@ -260,6 +260,11 @@ def _fold_details(results: dict) -> list[str]:
     t = results.get("training", {})
     if t:
         lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]
+        ctx = t.get("context")
+        if ctx:
+            lines.append(f"- neighbourhood context: {ctx['input']}, within {ctx['radius_spacings']:g} spot spacings "
+                         f"(median {ctx['neighbours_median']:g} neighbours, {ctx['n_without_neighbours']} spots "
+                         "without one use their own)")
         for name, how in t.get("inner_validation", {}).items():
             lines.append(f"- holding out {name}: inner validation {how}; best epoch per head "
                          f"{t.get('best_epoch', {}).get(name)}")

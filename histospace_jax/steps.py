@@ -93,7 +93,9 @@ def create_regression_state(model, key, encoder_variables: dict, tx, tile_size: 
     """HistoSpace state with the head freshly initialised and the encoder taken from `encoder_variables`
     ({'params': ..., 'batch_stats': ...} of an Encoder, e.g. the pretrained autoencoder's encoder)."""
     sample = jnp.zeros((1, tile_size, tile_size, 3), jnp.float32)
-    state = create_train_state(model, key, sample, tx)
+    context = model.sample_context() if hasattr(model, "sample_context") else None
+    state = create_train_state(model, key, sample, tx, init_kwargs={"context": context} if context is not None
+                               else None)
     params = flax.core.unfreeze(state.params)
     params["encoder"] = encoder_variables["params"]
     batch_stats = flax.core.unfreeze(state.batch_stats)
@@ -147,7 +149,7 @@ def _zero_masked_rows(batch: dict) -> dict:
         return batch
     keep = batch["mask"].astype(bool)
     out = dict(batch)
-    for k in ("image", "features", "expression"):
+    for k in ("image", "features", "context", "expression"):
         if k in batch:
             shape = (-1,) + (1,) * (batch[k].ndim - 1)
             out[k] = jnp.where(keep.reshape(shape), batch[k], jnp.zeros((), batch[k].dtype))
@@ -156,10 +158,11 @@ def _zero_masked_rows(batch: dict) -> dict:
 
 def _regression_forward(state, params, batch, train: bool, rngs=None, mutable=False):
     mask = batch.get("mask")
+    context = batch.get("context")  # only for models with neighbourhood context
     if "features" in batch:
-        return state.apply_fn(_variables(state, params), batch["features"], train, mask,
+        return state.apply_fn(_variables(state, params), batch["features"], train, mask, context,
                               method="from_features", rngs=rngs, mutable=mutable)
-    return state.apply_fn(_variables(state, params), to_unit_range(batch["image"]), train, mask,
+    return state.apply_fn(_variables(state, params), to_unit_range(batch["image"]), train, mask, context,
                           rngs=rngs, mutable=mutable)
 
 

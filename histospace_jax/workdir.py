@@ -41,6 +41,20 @@ def check_workdir(workdir: str, min_free_mb: float | None = None) -> str:
     return workdir
 
 
+def ensure_free_space(path: str, need_bytes: int, what: str) -> None:
+    """Raises WorkdirError (ENOSPC) before writing `need_bytes` under `path` when its disk has less free: a full
+    disk met in the middle of a write takes the process down in a native writer thread, without our message."""
+    probe = path
+    while probe and not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe or ".").free
+    if free < need_bytes:
+        raise WorkdirError(errno.ENOSPC,
+                           f"{path}: {what} needs about {need_bytes / 2 ** 20:.0f} MiB but its disk has "
+                           f"{free / 2 ** 20:.0f} MiB free; free space (or use a --workdir on a larger disk) and "
+                           "rerun the same command: it resumes from its last checkpoint")
+
+
 def clean_stale_temporaries(workdir: str) -> list[str]:
     """Removes temporaries a killed run left behind (Orbax *.orbax-checkpoint-tmp-* step directories,
     atomic-write .NAME.XXXX.tmp files, feature-cache *.tmp-* directories). Single-process jobs only: call

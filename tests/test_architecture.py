@@ -20,7 +20,7 @@ PACKAGE = os.path.join(REPO_ROOT, "histospace_jax")
 # Layers, lowest first. A module may import modules of its own layer or below, never above.
 LAYERS = [
     {"errors", "atomic", "layers", "stats", "config"},
-    {"models", "losses", "metrics", "console", "metric_log", "distributed", "xla_tuning"},
+    {"models", "losses", "metrics", "context", "console", "metric_log", "distributed", "xla_tuning"},
     {"steps", "plots", "data", "ingest", "checkpointing", "preemption", "workdir", "spatial_anndata"},
     {"builders", "features", "datasets", "evaluation", "clustering", "controls"},
     {"loop"},

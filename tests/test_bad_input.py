@@ -129,6 +129,46 @@ def test_incompatible_checkpoint_names_every_difference_and_the_fix(tmp_path):
     assert errors.exit_code(e.value) == 78
 
 
+def test_checkpoint_from_before_a_setting_existed_resumes_only_under_its_old_behaviour(tmp_path):
+    """A head checkpoint written before model.context existed records no such key: it resumes with context off
+    (what it was trained with) and is refused with context on."""
+    import ml_collections
+
+    config = config_lib.get_config()
+    sig = checkpointing.compat_signature(config, checkpointing.HEAD_KEYS, n_rows=96)
+    old = {k: v for k, v in sig.items() if k not in checkpointing.ADDED_LATER}
+    assert len(old) == len(sig) - 2
+    path = str(tmp_path / "ck")
+    _tiny_checkpoint(path, old)
+    ck = Checkpointer(path)
+    ck.restore_checked({"w": np.ones(4, np.float32)}, dict(sig))
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.model.context = "neighbours"
+    with pytest.raises(errors.ConfigMismatchError, match="model.context: checkpoint 'none' vs now 'neighbours'"):
+        ck.restore_checked({"w": np.ones(4, np.float32)},
+                           checkpointing.compat_signature(other, checkpointing.HEAD_KEYS, n_rows=96))
+    ck.close()
+
+
+def test_a_checkpoint_that_would_not_fit_on_the_disk_is_refused_before_writing(tmp_path, monkeypatch):
+    """Free space is checked before each save (a full disk met inside Orbax's writer thread killed a run with
+    SIGSEGV and no message): the error names the directory and the sizes, the last checkpoint stays."""
+    import shutil
+
+    path = str(tmp_path / "ck")
+    ck = Checkpointer(path)
+    big = {"w": np.ones(1 << 20, np.float32)}  # 4 MiB
+    ck.save(1, big, meta={"step": 1})
+    usage = shutil.disk_usage(path)
+    monkeypatch.setattr(workdir_lib.shutil, "disk_usage", lambda p: usage._replace(free=10 << 20))
+    with pytest.raises(errors.WorkdirError) as e:
+        ck.save(2, big, meta={"step": 2})
+    assert path in str(e.value) and "needs about 12 MiB but its disk has 10 MiB free" in str(e.value)
+    assert "step 2" in str(e.value) and errors.exit_code(e.value) == errors.EXIT_WORKDIR
+    assert ck.latest_step() == 1
+    ck.close()
+
+
 def test_checkpoint_with_other_shapes_is_refused_by_restore(tmp_path):
     path = str(tmp_path / "ck")
     _tiny_checkpoint(path, {})

@@ -30,7 +30,7 @@ def _store(path, patients, genes, fmt, seed):
     tiles = rng.integers(0, 255, size=(n, 16, 16, 3), dtype=np.uint8)
     expr = rng.normal(size=(n, len(genes))).astype(np.float32)
     obs = {"section": np.array([f"{p}1" for p in patients]), "patient": np.array(patients),
-           "array_x": np.arange(n) % 6, "array_y": np.arange(n) // 6, "pixel_x": np.zeros(n), "pixel_y": np.zeros(n)}
+           "array_x": np.arange(n) % 6, "array_y": np.arange(n) // 6, "pixel_x": np.arange(n) % 6 * 10.0, "pixel_y": np.arange(n) // 6 * 10.0}
     return store_lib.write_store(str(path), tiles, expr, list(genes), obs,
                                  manifest={"source_format": fmt, "microns_per_pixel": 1.0, "tile_size": 16,
                                            "colour_cast": {"enabled": False},
@@ -135,6 +135,28 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
     assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder"}
+
+
+def test_loo_and_external_modes_with_neighbourhood_context(stores, tmp_path):
+    """model.context=neighbours end to end: LOO records the neighbourhoods; the external mode trains on one
+    store and predicts the other with each store's own neighbours, and exports a model that says so."""
+    root, a, b = stores
+    w = tmp_path / "loo"
+    run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}",
+        "--config.model.context=neighbours", "--config.loo.random_encoder_control=off", *TINY)
+    res = json.load(open(w / "results.json"))
+    ctx = res["training"]["context"]
+    # 24 spots per section on a 6 x 4 grid, 10 px apart: 8 neighbours inside, 3 in the corners.
+    assert ctx["neighbours_max"] == 8 and ctx["n_without_neighbours"] == 0 and ctx["radius_spacings"] == 1.5
+    assert all(np.isfinite(f["mse"]) and not f["failed"] for f in res["folds"])
+    assert "neighbourhood context" in open(w / "report.md").read()
+    w = tmp_path / "ext"
+    run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
+        f"--config.external.store={b}", "--config.model.context=neighbours", "--config.loo.random_encoder_control=off",
+        *TINY)
+    e = json.load(open(w / "results.json"))["external"]
+    assert np.isfinite(e["model"]["mse"]) and e["context"]["test"]["neighbours_max"] == 8
+    assert json.load(open(w / "model" / "model.json"))["model"]["context"] == "neighbours"
 
 
 def test_pretrain_ae_and_ae_study_modes(stores, tmp_path):

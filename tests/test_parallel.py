@@ -333,7 +333,7 @@ def test_member_step_matches_each_member_alone(tmp_path):
     def run(members):
         stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[states[i] for i in members])
         fold_of = np.array(members, np.int32)
-        new, m = step(steps.replicate(stacked), rep(feats), rep(expr), rep(mu), rep(sd),
+        new, m = step(steps.replicate(stacked), rep(feats), None, rep(expr), rep(mu), rep(sd),
                       rep(np.zeros(len(members), np.int32)), rep(fold_of), idx[members][None],
                       np.zeros((1, len(members), 8), np.int32))
         return jax.tree_util.tree_map(lambda x: np.asarray(x)[0], new), np.asarray(m["loss"])[0]

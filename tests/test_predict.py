@@ -110,3 +110,53 @@ def test_predict_averages_members_and_views_and_maps_back(tmp_path):
     z = np.mean([np.asarray(model.apply(v, models.to_unit_range(features.dihedral(tiles, view)), False))
                  for v in members for view in range(8)], 0)
     np.testing.assert_allclose(fn(tiles), np.asarray(mean) + np.asarray(sd) * z, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_with_neighbourhood_context_pools_the_adjacent_spots_per_view(tmp_path):
+    """A model with neighbourhood context: each spot's prediction is computed here from its tile and the mean
+    pooled encoder features of the spots within 1.5 spacings (brute-force distances), per dihedral view."""
+    from PIL import Image
+
+    from histospace_jax import features
+
+    model = models.HistoSpace(n_genes=2, variant="relu_bn", encoder_features=(4, 4, 8), conv_features=(8,),
+                              fc_features=(16,), use_context=True)
+    variables = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(3), jnp.zeros((1, 16, 16, 3)),
+                                                                   context=model.sample_context())))
+    (tmp_path / "model").mkdir()
+    ck = checkpointing.Checkpointer(str(tmp_path / "model" / "checkpoint"), max_to_keep=1)
+    ck.save(0, jax.tree_util.tree_map(lambda x: x[None], variables))
+    ck.close()
+    info = {"format": "histospace-model", "version": 2, "genes": ["A", "B"],
+            "model": {"variant": "relu_bn", "encoder_features": [4, 4, 8], "head_conv_features": [8],
+                      "head_fc_features": [16], "dropout_rate": 0.0, "context": "neighbours", "context_radius": 1.5},
+            "ensemble": 1, "views": 2, "target_mean": [0.0, 0.0], "target_sd": [1.0, 1.0], "tile_size": 16,
+            "microns_per_pixel": 1.0, "colour_cast": {"enabled": False}, "stain_normalisation": {"method": "none"}}
+    with open(tmp_path / "model" / "model.json", "w") as f:
+        json.dump(info, f)
+    rng = np.random.default_rng(0)
+    slide = np.full((120, 160, 3), 235, np.uint8)
+    centres = np.array([(20 + 30 * i, 20 + 25 * j) for j in range(4) for i in range(5)], float)
+    for x, y in centres.astype(int):
+        slide[y - 8:y + 8, x - 8:x + 8] = rng.integers(30, 220, size=(16, 16, 3))
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    with open(tmp_path / "spots.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["spot_id", "pixel_x", "pixel_y"])
+        w.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
+    out = tmp_path / "out"
+    predict.predict_slide(str(tmp_path / "model"), str(tmp_path / "slide.png"), str(out),
+                          spots_csv=str(tmp_path / "spots.csv"), source_mpp=1.0, batch_size=8, log=lambda m: None)
+    with open(out / "predictions.csv") as f:
+        got = np.array([[float(r[g]) for g in ("A", "B")] for r in csv.DictReader(f)])
+    tiles = np.stack([slide[int(y) - 8:int(y) + 8, int(x) - 8:int(x) + 8] for x, y in centres])
+    dist = np.hypot(*(centres[:, None] - centres[None]).transpose(2, 0, 1))
+    near = (dist <= 1.5 * 25.0) & (dist > 0)  # spacing: 25 px between rows (30 between columns)
+    assert near.sum(1).max() == 4 and near.sum(1).min() == 2
+    expected = 0.0
+    for view in range(2):
+        x = models.to_unit_range(features.dihedral(tiles, view))
+        pooled = np.asarray(model.apply(variables, x, method="encode")).mean(axis=(1, 2))
+        ctx = near.astype(np.float64) @ pooled / near.sum(1, keepdims=True)
+        expected = expected + np.asarray(model.apply(variables, x, False, None, jnp.asarray(ctx, jnp.float32))) / 2
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

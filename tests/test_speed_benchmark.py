@@ -180,7 +180,7 @@ def test_default_recipes_resolve_as_a_run_does():
         config_lib.DEMO_HEAD_EPOCHS, 1, "none", "on")
     real = speed.loo_config("s", "standard", on_demo=False, **quiet)
     assert (real.train.epochs, real.train.ensemble, real.train.augment, real.model.output_init) == (
-        config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"][3], "dihedral", "zeros")
+        config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"].ensemble, "dihedral", "zeros")
     assert real.model.dropout_rate == demo.model.dropout_rate == 0.5
     paper = speed.loo_config("s", "paper", on_demo=False, **quiet)
     assert (paper.train.ensemble, paper.train.augment, paper.train.select_epoch, paper.train.standardise_targets,

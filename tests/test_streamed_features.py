@@ -7,8 +7,10 @@ import pytest
 from histospace_jax import features
 from tests.test_smoke import run_main
 
-# Several members per fold, several views, several checkpoints: every path the streamed reader feeds.
-RECIPE = ["--config.train.augment=dihedral", "--config.train.ensemble=2", "--config.loo.random_encoder_control=off"]
+# Several members per fold, several views, several checkpoints, neighbourhood context (kept in memory beside
+# the streamed features): every path the streamed reader feeds.
+RECIPE = ["--config.train.augment=dihedral", "--config.train.ensemble=2", "--config.loo.random_encoder_control=off",
+          "--config.model.context=neighbours"]
 
 
 @pytest.mark.slow

@@ -111,24 +111,35 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     def feats_of(store, variables):
         return features.for_config(config, workdir, store, variables)
 
+    def inputs_of(variables):
+        """Features and neighbourhood context (None without) of the training and the test rows. Neighbours come
+        from every spot of each store: a spot left out of the evaluation is still tissue beside the others."""
+        full_a, full_b = feats_of(store_a, variables), feats_of(store_b, variables)
+        ctx_a, ctx_b = (folds.store_context(config, [f], s.obs) for f, s in ((full_a, store_a), (full_b, store_b)))
+        return (full_a[:, rows_a], full_b[:, rows_b], None if ctx_a is None else ctx_a[:, :, rows_a],
+                None if ctx_b is None else ctx_b[0][:, rows_b])
+
     fdr = config.loo.fdr
-    fa, fb = feats_of(store_a, ae["variables"])[:, rows_a], feats_of(store_b, ae["variables"])[:, rows_b]
+    fa, fb, ca, cb = inputs_of(ae["variables"])
     obs_a = {k: v[rows_a] for k, v in store_a.obs.items()}
-    heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external")
+    heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external",
+                                        context=ca)
     curve = heads["curve"]
-    pred = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"])
+    pred = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb)
     results = {"model": metrics.full_regression_metrics(truth, pred, fdr)}
     controls = {"mean_predictor": metrics.full_regression_metrics(
         truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr)}
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
         controls["untrained_head"] = metrics.full_regression_metrics(
-            truth, folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"]), fdr)
+            truth, folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
+                                                   context=cb), fdr)
     control_r = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
-        ra, rb = feats_of(store_a, rv)[:, rows_a], feats_of(store_b, rv)[:, rows_b]
-        rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder")
-        rpred = folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"])
+        ra, rb, rca, rcb = inputs_of(rv)
+        rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
+                                             context=rca)
+        rpred = folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"], context=rcb)
         controls["random_encoder"] = metrics.full_regression_metrics(truth, rpred, fdr)
         control_r["random_encoder"] = metrics.pearson_per_gene(truth, rpred)
     results["controls"] = controls
@@ -184,6 +195,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "bottom_genes": evaluation.top_genes(genes, gene_r, False),
         "map_genes": {g: float(gene_r[genes.index(g)]) for g in present},
         "clustering": cluster_result, "figures": figures, "model_export": model_info,
+        "context": (None if not builders.uses_context(config) else
+                    {"train": folds.context_summary(config, store_a.obs),
+                     "test": folds.context_summary(config, store_b.obs)}),
         "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"},
     }
     return ({"mode": "external", "dataset": {**inputs.dataset, "store": store_a_path}, "external": external},

@@ -88,6 +88,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     expression = np.asarray(store.expression, np.float32)
     if feats is None:
         feats = encoder_features(config, workdir, store, encoders)
+    ctx = folds.store_context(config, list(feats), store.obs)
     splits = {}
     train_rows, val_rows = [], []
     for f in range(len(plan.folds)):
@@ -104,7 +105,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
                               encoder_of_fold=[encoder_of_fold[f] for f in group], features=feats,
-                              expression=expression, encoder_variables=encoders)
+                              expression=expression, encoder_variables=encoders, context=ctx)
         res = folds.train_heads(config, workdir, data, tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}",
                                 writer=writer)
         held = [plan.held_out_rows(f) for f in group]
@@ -232,7 +233,8 @@ def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, enco
                                 tiles=_shown_tiles(store, rows))
         figures["spatial_maps"] = "figures/loo_spatial_maps.png"
     t = config.data.tile_size
-    hv = builders.histospace(config, len(store.genes)).init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)))
+    model = builders.histospace(config, len(store.genes))
+    hv = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)), context=model.sample_context())
     ckpt_dir = os.path.join(workdir, "checkpoints", "loo_main")
     extra["model"] = {"encoder_params": builders.count_params(encoder_variables["params"]),
                       "head_params": builders.count_params(hv["params"]["head"]),
@@ -285,7 +287,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
         "training": {"recipe": config.recipe, "best_epoch": loo["best_epoch"],
                      "inner_validation": loo["inner_validation"],
-                     "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas},
+                     "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
+                     "context": folds.context_summary(config, store.obs)},
         "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
         "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),
         **extra,

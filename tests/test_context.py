@@ -1,0 +1,144 @@
+"""Neighbourhood context (histospace_jax/context.py): who neighbours whom on the grids of the field's platforms,
+the context vectors against brute-force sums, and heads that use what only the context carries."""
+
+import numpy as np
+import pytest
+
+from histospace_jax import context
+from histospace_jax.errors import BadInputError
+
+
+def _brute_neighbours(x, y, groups, radius):
+    """Independent reference: all pairwise distances, spacing = median nearest-neighbour distance per group."""
+    out = []
+    for i in range(len(x)):
+        same = np.flatnonzero(groups == groups[i])
+        d_all = np.hypot(x[same][:, None] - x[same][None], y[same][:, None] - y[same][None])
+        np.fill_diagonal(d_all, np.inf)
+        spacing = np.median(d_all.min(1))
+        d = np.hypot(x[same] - x[i], y[same] - y[i])
+        out.append(sorted(int(j) for j in same[(d <= radius * spacing + 1e-9) & (same != i)]))
+    return out
+
+
+def _as_lists(table):
+    return [sorted(int(j) for j in row if j >= 0) for row in table]
+
+
+def test_square_st_grid_has_8_neighbours_inside_5_on_edges_3_in_corners():
+    ax, ay = np.meshgrid(np.arange(5), np.arange(4))
+    x, y = ax.ravel() * 200.0 + 31, ay.ravel() * 200.0 + 7  # ST: spots 200 um apart
+    table = context.neighbour_table(x, y)
+    count = (table >= 0).sum(1).reshape(4, 5)
+    assert count[1, 1] == count[2, 3] == 8 and count[0, 2] == count[3, 2] == count[1, 0] == 5
+    assert count[0, 0] == count[3, 4] == 3
+    assert table.shape == (20, 8)
+    assert _as_lists(table) == _brute_neighbours(x, y, np.zeros(20), 1.5)
+    # Two rings: the 5 x 5 block around a spot (x^2 + y^2 <= 8 < 2.9^2), cut by the edge of the 4 x 5 array.
+    far = context.neighbour_table(x, y, radius=2.9)
+    assert (far[7] >= 0).sum() == 4 * 5 - 1  # row 1, column 2: rows 0-3, columns 0-4
+    assert _as_lists(far) == _brute_neighbours(x, y, np.zeros(20), 2.9)
+
+
+def test_hexagonal_visium_grid_has_6_neighbours_and_sections_never_mix():
+    rows, cols = np.meshgrid(np.arange(6), np.arange(6), indexing="ij")
+    x = (cols * 100.0 + (rows % 2) * 50.0).ravel()  # Visium: centres 100 um apart on a hexagonal lattice
+    y = (rows * 100.0 * np.sqrt(3) / 2).ravel()
+    # A second section at the very same pixel positions (its own slide).
+    x2, y2 = np.concatenate([x, x]), np.concatenate([y, y])
+    sections = np.repeat(np.array(["s1", "s2"]), 36)
+    table = context.neighbour_table(x2, y2, sections)
+    count = (table >= 0).sum(1)
+    interior = [r * 6 + c for r in range(1, 5) for c in range(1, 5)]
+    assert set(count[interior]) == {6}
+    assert all(np.all(row[row >= 0] < 36) for row in table[:36]) and all(np.all(row[row >= 0] >= 36)
+                                                                         for row in table[36:])
+    assert _as_lists(table) == _brute_neighbours(x2, y2, sections, 1.5)
+
+
+def test_context_is_the_mean_of_the_neighbours_pooled_features_and_a_lone_spot_keeps_its_own():
+    rng = np.random.default_rng(0)
+    x = np.array([0.0, 1.0, 2.0, 0.0, 50.0])
+    y = np.array([0.0, 0.0, 0.0, 1.0, 50.0])
+    sections = np.array(["a", "a", "a", "a", "b"])  # the spot of section b is alone
+    feats = rng.normal(size=(2, 5, 3, 3, 4)).astype(np.float32)  # [V, N, h, w, C]
+    ctx = context.store_context([feats], {"pixel_x": x, "pixel_y": y, "section": sections})
+    assert ctx.shape == (1, 2, 5, 4)
+    pooled = feats.mean(axis=(2, 3))
+    # spacing 1, radius 1.5: 0 ~ 1, 3 (and not 2); 1 ~ 0, 2, 3 (sqrt 2); 2 ~ 1; 3 ~ 0, 1
+    expected = np.stack([(pooled[:, 1] + pooled[:, 3]) / 2, (pooled[:, 0] + pooled[:, 2] + pooled[:, 3]) / 3,
+                         pooled[:, 1], (pooled[:, 0] + pooled[:, 1]) / 2, pooled[:, 4]], 1)
+    np.testing.assert_allclose(ctx[0], expected, rtol=1e-5, atol=1e-6)
+    d = context.describe(context.neighbour_table(x, y, sections), 1.5)
+    assert d["n_without_neighbours"] == 1 and d["neighbours_max"] == 3
+
+
+def test_bad_positions_are_named():
+    with pytest.raises(BadInputError, match="position 2"):
+        context.neighbour_table(np.array([0.0, 1.0, np.nan]), np.zeros(3))
+    with pytest.raises(BadInputError, match="section s1.*distinct spot positions"):
+        context.neighbour_table(np.zeros(4), np.zeros(4), np.array(["s1"] * 4))
+
+
+def test_head_requires_its_context_and_uses_it():
+    import jax
+    import jax.numpy as jnp
+
+    from histospace_jax import models
+
+    m = models.HistoSpace(n_genes=3, encoder_features=(4, 4, 8), conv_features=(8,), fc_features=(16,),
+                          use_context=True)
+    v = m.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), context=m.sample_context())
+    # The flattened conv output (2 x 2 x 8 encoder features pooled to 1 x 1 x 8) and the context (8) feed the
+    # first FC layer.
+    assert v["params"]["head"]["fc0"]["kernel"].shape == (8 + 8, 16)
+    tiles = jax.random.uniform(jax.random.PRNGKey(1), (2, 16, 16, 3))
+    a = m.apply(v, tiles, context=jnp.zeros((2, 8)))
+    b = m.apply(v, tiles, context=jnp.ones((2, 8)))
+    assert not np.allclose(a, b)  # (the output layer is LeCun-initialised here, so the context reaches it)
+    with pytest.raises(ValueError, match="neighbourhood context"):
+        m.apply(v, tiles)
+    plain = models.HistoSpace(n_genes=3, encoder_features=(4, 4, 8), conv_features=(8,), fc_features=(16,))
+    pv = plain.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))
+    with pytest.raises(ValueError, match="no neighbourhood context input"):
+        plain.apply(pv, tiles, context=jnp.zeros((2, 8)))
+
+
+def test_heads_learn_what_only_the_context_carries(tmp_path):
+    """Features are noise; the expression of gene 0 is a function of the context alone. Heads with context
+    predict it on a held-out patient; heads without context cannot."""
+    from histospace_jax import builders, folds, metric_log
+    from tests.test_experiments import tiny_config
+
+    rng = np.random.default_rng(0)
+    n_per, g = 40, 3
+    n = 3 * n_per
+    feats = rng.normal(size=(1, 1, n, 2, 2, 8)).astype(np.float32)
+    ctx = rng.normal(size=(1, 1, n, 8)).astype(np.float32)
+    expr = rng.normal(size=(n, g)).astype(np.float32) * 0.1
+    expr[:, 0] += 2.0 * ctx[0, 0, :, 0] - ctx[0, 0, :, 1]
+    patient = np.repeat(np.arange(3), n_per)
+    plan = folds.FoldPlan(patients=["P0", "P1", "P2"], spot_patient=patient, folds=[0])
+    r = {}
+    for setting in ("neighbours", "none"):
+        config = tiny_config()
+        config.model.context = setting
+        config.model.dropout_rate = 0.0
+        config.train.select_epoch, config.train.standardise_targets, config.model.output_init = "off", "on", "zeros"
+        config.train.epochs, config.train.learning_rate = 40, 3e-3
+        config.train.ensemble = 1
+        enc = builders.random_encoder_variables(config, 0)
+        data = folds.HeadData(names=["P0"], train_rows=[plan.training_rows(0)], val_rows=[np.zeros(0, np.int64)],
+                              encoder_of_fold=[0], features=feats, expression=expr, encoder_variables=[enc],
+                              context=ctx if setting == "neighbours" else None)
+        writer = metric_log.MetricWriter(str(tmp_path / setting / "metrics.jsonl"))
+        res = folds.train_heads(config, str(tmp_path / setting), data, tag="loo_c", writer=writer)
+        pred = res["predict"]([plan.held_out_rows(0)])[0]
+        r[setting] = np.corrcoef(pred[:, 0], expr[plan.held_out_rows(0), 0])[0, 1]
+    assert r["neighbours"] > 0.8 and abs(r["none"]) < 0.4, r
+    config = tiny_config()
+    config.model.context = "neighbours"
+    with pytest.raises(ValueError, match="has no neighbourhood context"):
+        folds.train_heads(config, str(tmp_path / "x"), folds.HeadData(
+            names=["P0"], train_rows=[plan.training_rows(0)], val_rows=[np.zeros(0, np.int64)], encoder_of_fold=[0],
+            features=feats, expression=expr, encoder_variables=[enc]), tag="loo_x", writer=writer)
