@@ -4,9 +4,13 @@ standard recipe switched off in turn (dropout included), the paper's recipe, and
 inner-validation score (training patients only) and which variant that score prefers, and writes
 ablation.json / ablation.csv under --root.
 
-    python benchmarks/ablation.py --store=STORE --root=DIR [--variants=standard,paper,...] [-- --config.KEY=V ...]
+    python benchmarks/ablation.py --store=STORE --root=DIR [--variants=standard,paper,...] [--head_seeds=0,1,2]
+        [-- --config.KEY=V ...]
 
-Every variant runs `python -m histospace_jax.main --config=configs/loo.py` in DIR/<variant>. The autoencoders
+Every variant runs `python -m histospace_jax.main --config=configs/loo.py` in DIR/<variant>. With --head_seeds
+each variant runs once per head seed (train.head_seed: the heads' initialisation, batches, views and dropout; the
+autoencoders and the inner-validation split stay), in DIR/<variant>/seed<S>: the table then gives the mean over
+seeds and the spread of the inner-validation score between seeds, the noise a preference must exceed. The autoencoders
 and the feature caches of the first variant are linked into the others (same settings, same weights: the
 checkpoints resume as finished and the caches hit), so a variant costs its heads and its evaluation only.
 The random-encoder control is off here (it doubles the time); the other controls are computed in every run.
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -78,6 +83,37 @@ def run_variant(name: str, store: str, workdir: str, extra: list[str], seed_from
         "inner_validation": res.get("training", {}).get("inner_validation_score", {})}
 
 
+def average_over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per variant from its runs under several head seeds: every number the mean over the seeds, and per
+    fold the inner-validation MSE's standard deviation between seeds (`mse_sd_units_seed_sd`; 0 for one seed)."""
+    out = []
+    for variant in dict.fromkeys(r["variant"] for r in rows):
+        runs = [r for r in rows if r["variant"] == variant]
+        folds = {fold: {k: (float(np.mean([r["folds"][fold][k] for r in runs]))
+                            if not isinstance(runs[0]["folds"][fold][k], (bool, type(None)))
+                            else any(r["folds"][fold][k] for r in runs))
+                        for k in runs[0]["folds"][fold]}
+                 for fold in runs[0]["folds"]}
+        inner = {}
+        for fold in runs[0]["inner_validation"]:
+            scores = [r["inner_validation"][fold] for r in runs if fold in r["inner_validation"]]
+            inner[fold] = {k: float(np.mean([s[k] for s in scores])) for k in scores[0]
+                           if isinstance(scores[0][k], (int, float))}
+            inner[fold]["mse_sd_units_seed_sd"] = float(np.std([s["mse_sd_units"] for s in scores], ddof=1)
+                                                        if len(scores) > 1 else 0.0)
+        # Each seed's mean over the folds (runs scored in every fold), and its spread between seeds.
+        per_seed = [np.mean([r["inner_validation"][f]["mse_sd_units"] for f in inner]) for r in runs
+                    if inner and set(r["inner_validation"]) >= set(inner)]
+        out.append({"variant": variant, "head_seeds": [r.get("head_seed") for r in runs],
+                    "seconds": float(np.mean([r["seconds"] for r in runs])), "folds": folds,
+                    "summary": runs[0].get("summary", {}) if len(runs) == 1 else {},
+                    "inner_validation": inner,
+                    "inner_validation_over_folds": ({"mse_sd_units": float(np.mean(per_seed)),
+                                                     "mse_sd_units_seed_sd": float(np.std(per_seed, ddof=1))
+                                                     if len(per_seed) > 1 else 0.0} if per_seed else None)})
+    return out
+
+
 def preferred_by_inner_validation(rows: list[dict]) -> dict:
     """Per fold, the variant with the lowest inner-validation MSE (training patients only) among those that
     have one (select_epoch=off variants train on every training spot and have none); under "(all folds)", the
@@ -104,42 +140,64 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--reuse", default="", help="a finished LOO workdir of the same store and settings whose "
                                                "autoencoders and feature caches every variant starts from")
+    p.add_argument("--head_seeds", default="", help="comma-separated train.head_seed values: each variant runs "
+                                                    "once per seed (default: once, at the config's seed)")
     args = p.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     names = [v for v in args.variants.split(",") if v]
     unknown = [v for v in names if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     os.makedirs(args.root, exist_ok=True)
-    rows, first = [], (os.path.abspath(args.reuse) if args.reuse else None)
-    for name in names:
-        workdir = os.path.join(os.path.abspath(args.root), name)
-        print(f"[ablation] {name} ...", flush=True)
-        r = run_variant(name, args.store, workdir, extra, first)
+    seeds = [int(s) for s in args.head_seeds.split(",") if s] or [None]
+    runs, first = [], (os.path.abspath(args.reuse) if args.reuse else None)
+    for name, seed in itertools.product(names, seeds):
+        workdir = os.path.join(os.path.abspath(args.root), name, *([f"seed{seed}"] if seed is not None else []))
+        label = name if seed is None else f"{name} seed {seed}"
+        print(f"[ablation] {label} ...", flush=True)
+        r = run_variant(name, args.store, workdir,
+                        extra + ([f"--config.train.head_seed={seed}"] if seed is not None else []), first)
+        r["head_seed"] = seed
         first = first or workdir
-        rows.append(r)
+        runs.append(r)
         for fold, m in r["folds"].items():
             inner = r["inner_validation"].get(fold)
             inner_text = (f"inner-val MSE {inner['mse_sd_units']:.4f} "
                           f"(mean {inner['mean_profile_mse_sd_units']:.4f}) r {inner['per_gene_pearson']:.4f}"
                           if inner else "no inner validation")
-            print(f"[ablation] {name:20s} {fold}: {inner_text} | held out: per-gene r {m['per_gene_pearson']:.4f}  "
+            print(f"[ablation] {label:20s} {fold}: {inner_text} | held out: per-gene r {m['per_gene_pearson']:.4f}  "
                   f"depth-adjusted {m['depth_adjusted_per_gene_pearson']:.4f}  per-spot r "
                   f"{m['per_spot_pearson']:.4f}  MSE {m['mse']:.4f} (mean profile {m['mean_profile_mse']:.4f})"
                   f"{'  FAILED' if m['failed'] else ''}  [{r['seconds']} s]", flush=True)
+    rows = average_over_seeds(runs)
+    if len(seeds) > 1:
+        for r in rows:
+            for fold, m in r["folds"].items():
+                inner = r["inner_validation"].get(fold)
+                inner_text = (f"inner-val MSE {inner['mse_sd_units']:.4f} +- {inner['mse_sd_units_seed_sd']:.4f} "
+                              "(SD over seeds)" if inner else "no inner validation")
+                print(f"[ablation] mean of {len(seeds)} seeds {r['variant']:20s} {fold}: {inner_text} | held out: "
+                      f"per-gene r {m['per_gene_pearson']:.4f}  depth-adjusted "
+                      f"{m['depth_adjusted_per_gene_pearson']:.4f}  MSE {m['mse']:.4f}", flush=True)
+        for r in rows:
+            o = r["inner_validation_over_folds"]
+            if o:
+                print(f"[ablation] mean of {len(seeds)} seeds {r['variant']:20s} over folds: inner-val MSE "
+                      f"{o['mse_sd_units']:.4f} +- {o['mse_sd_units_seed_sd']:.4f} (SD over seeds)", flush=True)
     preferred = preferred_by_inner_validation(rows)
     for fold, variant in preferred.items():
         where = "over all folds" if fold == "(all folds)" else f"holding out {fold}"
         print(f"[ablation] {where}: inner validation prefers {variant}", flush=True)
     with open(os.path.join(args.root, "ablation.json"), "w") as f:
-        json.dump({"variants": rows, "preferred_by_inner_validation": preferred}, f, indent=1)
+        json.dump({"variants": rows, "runs": runs, "preferred_by_inner_validation": preferred}, f, indent=1)
     with open(os.path.join(args.root, "ablation.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["variant", "held_out", "inner_val_mse_sd_units", "inner_val_per_gene_pearson", *KEYS,
+        w.writerow(["variant", "head_seed", "held_out", "inner_val_mse_sd_units", "inner_val_per_gene_pearson", *KEYS,
                     "linear_probe_r", "trivial_image_r", "depth_oracle_r", "image_depth_r"])
-        for r in rows:
+        for r in runs:
             for fold, m in r["folds"].items():
                 inner = r["inner_validation"].get(fold, {})
-                w.writerow([r["variant"], fold, inner.get("mse_sd_units"), inner.get("per_gene_pearson"),
+                w.writerow([r["variant"], r["head_seed"], fold, inner.get("mse_sd_units"),
+                            inner.get("per_gene_pearson"),
                             *(m[k] for k in KEYS), m.get("linear_probe_per_gene_pearson"),
                             m.get("trivial_image_per_gene_pearson"), m.get("depth_oracle_per_gene_pearson"),
                             m.get("image_depth_per_gene_pearson")])

@@ -58,6 +58,12 @@ def dropout_rate(config) -> float:
     return config_lib.RECIPES[config.recipe].dropout_rate if value is None else float(value)
 
 
+def head_seed(config) -> int:
+    """train.head_seed, or `seed` when unset."""
+    value = config.train.get("head_seed")
+    return int(config.seed if value is None else value)
+
+
 def architecture(config) -> dict:
     """The model's architecture as model.json records it (histospace_from_architecture reads it back)."""
     m = config.model
@@ -87,12 +93,12 @@ def autoencoder_state(config) -> steps.TrainState:
 
 def head_states(config, n_genes: int, encoder_variables: list[dict], seed_offsets,
                 conv_impl: str = "fast") -> list[steps.TrainState]:
-    """HistoSpace states with fresh heads (seeded by config.seed and each of `seed_offsets`) on the frozen
+    """HistoSpace states with fresh heads (seeded by head_seed(config) and each of `seed_offsets`) on the frozen
     encoders (one per state). They share one module and optimizer, so they stack (vmap over heads)."""
     c = config.train
     model = histospace(config, n_genes, conv_impl=conv_impl)
     tx = steps.make_regression_optimizer(c.learning_rate, c.weight_decay)
-    return [steps.create_regression_state(model, jax.random.PRNGKey(config.seed * 100003 + int(k)), enc, tx,
+    return [steps.create_regression_state(model, jax.random.PRNGKey(head_seed(config) * 100003 + int(k)), enc, tx,
                                           config.data.tile_size) for enc, k in zip(encoder_variables, seed_offsets)]
 
 

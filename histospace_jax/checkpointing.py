@@ -36,7 +36,7 @@ HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
 _NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory")
 # Settings added after checkpoints were already being written, with the value that reproduces the old behaviour:
 # a checkpoint that does not record one was written with that value, so it resumes under it.
-ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5}
+ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5, "train.head_seed": None}
 
 
 class Checkpointer:

@@ -83,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.standardise_targets = "auto"  # "on" | "off" | "auto" (recipe): per gene, on each fold's training rows
     c.train.augment = "auto"  # "dihedral" (8 flips/rotations; cached features of each) | "none" | "auto"
     c.train.ensemble = 0  # heads per fold, trained together from different seeds; 0 = auto (recipe, demo: 1)
+    # Seeds the heads' initialisation, batch order, views and dropout; unset = `seed`. The autoencoders and the
+    # inner-validation split keep `seed`, so replicates over head_seed measure the heads' own run-to-run spread
+    # (benchmarks/ablation.py --head_seeds).
+    c.train.head_seed = config_dict.placeholder(int)
     c.train.select_epoch = "auto"  # "on": keep each head's best epoch on inner validation | "off" | "auto"
     c.train.inner_val_fraction = 0.2  # share of spatial blocks held out for inner validation (one-section patients)
     # LOO heads read their features from memory ("on") or stream each batch from the on-disk feature cache
@@ -165,6 +169,7 @@ NUMERIC_RANGES = {
     "train.weight_decay": (0, _INF, True, True, False),
     "train.huber_delta": (0, _INF, False, True, False),
     "train.ensemble": (0, _INF, True, True, True),
+    "train.head_seed": (0, _INF, True, True, True),
     "train.inner_val_fraction": (0, 1, False, False, False),
     "loo.folds_per_program": (0, _INF, True, True, True),
     "loo.random_encoder_seed": (-_INF, _INF, True, True, True),
@@ -231,7 +236,7 @@ def validate(config) -> None:
         if key not in values:
             continue
         v = values[key]
-        if v is None and key in RECIPE_NUMBERS:
+        if v is None and key in UNSET_ALLOWED:
             continue
         elems = tuple(v) if isinstance(v, (tuple, list)) else (v,)
         if isinstance(v, (tuple, list)) and not elems:
@@ -277,6 +282,7 @@ RECIPES = {
 }
 # Keys whose unset value (None) means the recipe's choice.
 RECIPE_NUMBERS = ("model.dropout_rate",)
+UNSET_ALLOWED = RECIPE_NUMBERS + ("train.head_seed",)
 
 
 def resolve_auto(config, log=print) -> None:

@@ -498,7 +498,8 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
     mean_rows = float(np.mean([len(r) for r in data.train_rows]))
     steps_per_epoch = max(1, int(mean_rows // c.batch_size))
     total = c.epochs * steps_per_epoch
-    sampler = MemberBatches(rows_per_member, c.batch_size, total, program.n_views, config.seed + 1)
+    sampler = MemberBatches(rows_per_member, c.batch_size, total, program.n_views,
+                            builders.head_seed(config) + 1)
     dataset = grain.MapDataset.source(sampler)
     if program.streamed:
         # Disk reads of a step's features run in Grain's reader threads, a few steps ahead of the device.

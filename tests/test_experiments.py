@@ -201,4 +201,48 @@ def test_ablation_prefers_the_lowest_inner_validation_mse_per_fold():
     # over both folds: standard (mean 0.995) before dropout_0.5 (1.0); the third is not scored in C
     assert ablation.preferred_by_inner_validation(rows) == {"B": "dropout_0.5", "C": "standard",
                                                             "(all folds)": "standard"}
-    assert set(ablation.VARIANTS) >= {"standard", "paper", "no_dropout", "ensemble_10"}
+    assert set(ablation.VARIANTS) >= {"standard", "paper", "no_dropout", "ensemble_10", "context"}
+    # Replicates over head seeds: the mean of each number, and the inner-validation spread between seeds
+    # (sample SD: 0.97 and 1.01 -> 0.02 * sqrt(2)).
+    seed1 = {**rows[0], "folds": {"B": {"per_gene_pearson": 0.5, "failed": False},
+                                  "C": {"per_gene_pearson": 0.4, "failed": True}},
+             "inner_validation": {"B": {"mse_sd_units": 0.98}, "C": {"mse_sd_units": 1.01}}}
+    seed0 = {**rows[0], "folds": {"B": {"per_gene_pearson": 0.3, "failed": False},
+                                  "C": {"per_gene_pearson": 0.2, "failed": False}},
+             "seconds": 10.0}
+    seed1["seconds"] = 20.0
+    avg = ablation.average_over_seeds([seed0, seed1, {**rows[1], "seconds": 5.0}])
+    assert [a["variant"] for a in avg] == ["standard", "dropout_0.5"]
+    s = avg[0]
+    assert s["folds"]["B"]["per_gene_pearson"] == pytest.approx(0.4) and s["folds"]["C"]["failed"] is True
+    assert s["inner_validation"]["C"]["mse_sd_units"] == pytest.approx(0.99)
+    assert s["inner_validation"]["C"]["mse_sd_units_seed_sd"] == pytest.approx(0.02 * np.sqrt(2))
+    assert s["inner_validation"]["B"]["mse_sd_units_seed_sd"] == pytest.approx(0.04 / np.sqrt(2))
+    # per-seed means over folds 0.995 and 0.995: no spread
+    assert s["inner_validation_over_folds"] == pytest.approx({"mse_sd_units": 0.995, "mse_sd_units_seed_sd": 0.0})
+    assert avg[1]["inner_validation"]["B"]["mse_sd_units_seed_sd"] == 0.0 and s["seconds"] == 15.0
+
+
+def test_head_seed_moves_the_heads_and_nothing_else():
+    """train.head_seed unset = seed (runs before it existed are unchanged); set, it changes the heads'
+    initialisation but not the inner-validation split, which stays on `seed`."""
+    import jax
+
+    c = tiny_config()
+    enc = builders.random_encoder_variables(c, 0)
+    leaves = lambda cfg: jax.tree_util.tree_leaves(builders.head_states(cfg, 5, [enc], [1])[0].params)  # noqa: E731
+    base = leaves(c)
+    c2 = tiny_config()
+    c2.train.head_seed = c.seed
+    assert all(np.array_equal(a, b) for a, b in zip(base, leaves(c2)))
+    c2.train.head_seed = c.seed + 1
+    assert not all(np.array_equal(a, b) for a, b in zip(base, leaves(c2)))
+    n = 64
+    obs = {"patient": np.array(["P"] * n), "section": np.array(["S"] * n), "array_x": np.arange(n) % 8,
+           "array_y": np.arange(n) // 8}
+    c.train.select_epoch = c2.train.select_epoch = "on"
+    split = lambda cfg: folds.training_split(cfg, obs, np.arange(n))[1]  # noqa: E731
+    assert 0 < len(split(c)) < n and np.array_equal(split(c), split(c2))
+    c2.train.head_seed = -1
+    with pytest.raises(config_lib.ConfigError, match="train.head_seed"):
+        config_lib.validate(c2)
