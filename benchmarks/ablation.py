@@ -114,6 +114,20 @@ def average_over_seeds(rows: list[dict]) -> list[dict]:
     return out
 
 
+def margin_over_standard(rows: list[dict], variant: str | None) -> dict | None:
+    """How far `variant` is below the standard recipe in inner-validation MSE over folds (rows from
+    average_over_seeds), against the larger of the two seed spreads: a margin under twice that spread is called
+    noise, and such a preference changes no default."""
+    by_name = {r["variant"]: r.get("inner_validation_over_folds") for r in rows}
+    if not variant or variant == "standard" or not by_name.get(variant) or not by_name.get("standard"):
+        return None
+    a, b = by_name[variant], by_name["standard"]
+    margin = b["mse_sd_units"] - a["mse_sd_units"]
+    sd = max(a["mse_sd_units_seed_sd"], b["mse_sd_units_seed_sd"])
+    return {"variant": variant, "margin": float(margin), "seed_sd": float(sd),
+            "verdict": ("beyond twice the seed spread" if margin > 2 * sd else "within twice the seed spread: noise")}
+
+
 def preferred_by_inner_validation(rows: list[dict]) -> dict:
     """Per fold, the variant with the lowest inner-validation MSE (training patients only) among those that
     have one (select_epoch=off variants train on every training spot and have none); under "(all folds)", the
@@ -187,8 +201,13 @@ def main() -> None:
     for fold, variant in preferred.items():
         where = "over all folds" if fold == "(all folds)" else f"holding out {fold}"
         print(f"[ablation] {where}: inner validation prefers {variant}", flush=True)
+    verdict = margin_over_standard(rows, preferred.get("(all folds)"))
+    if verdict and len(seeds) > 1:
+        print(f"[ablation] {verdict['variant']} against standard over all folds: inner-val MSE lower by "
+              f"{verdict['margin']:.4f}; seed SD {verdict['seed_sd']:.4f}: {verdict['verdict']}", flush=True)
     with open(os.path.join(args.root, "ablation.json"), "w") as f:
-        json.dump({"variants": rows, "runs": runs, "preferred_by_inner_validation": preferred}, f, indent=1)
+        json.dump({"variants": rows, "runs": runs, "preferred_by_inner_validation": preferred,
+                   "preferred_against_standard": verdict}, f, indent=1)
     with open(os.path.join(args.root, "ablation.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["variant", "head_seed", "held_out", "inner_val_mse_sd_units", "inner_val_per_gene_pearson", *KEYS,

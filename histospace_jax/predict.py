@@ -298,10 +298,14 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
             f"(neighbours within {radius:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
             f"{np.median((table >= 0).sum(1)):g})")
         pooled_fn = make_pooled_fn(model, variables, info)
-        parts = []
-        for a in range(0, n, batch_size):
+        parts, n_batches, last_report = [], -(-n // batch_size), time.time()
+        progress = console.Progress("context", n_batches, batch_size, counts="batch ", unit="tiles")
+        for b, a in enumerate(range(0, n, batch_size)):
             batch, n_real = tiles_of(np.arange(a, min(n, a + batch_size)))
             parts.append(pooled_fn(batch)[:, :n_real])
+            if time.time() - last_report >= PROGRESS_EVERY_S or b + 1 == n_batches:
+                last_report = time.time()
+                log(progress.line(b + 1, pooled=a + n_real))
         ctx = context_lib.neighbour_mean(np.concatenate(parts, 1), table)
 
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"

@@ -221,6 +221,19 @@ def test_ablation_prefers_the_lowest_inner_validation_mse_per_fold():
     # per-seed means over folds 0.995 and 0.995: no spread
     assert s["inner_validation_over_folds"] == pytest.approx({"mse_sd_units": 0.995, "mse_sd_units_seed_sd": 0.0})
     assert avg[1]["inner_validation"]["B"]["mse_sd_units_seed_sd"] == 0.0 and s["seconds"] == 15.0
+    # A preference is reported against twice the larger seed spread (measured: dropout beyond it, context within).
+    over = lambda m, sd: {"mse_sd_units": m, "mse_sd_units_seed_sd": sd}  # noqa: E731
+    table = [{"variant": "standard", "inner_validation_over_folds": over(0.9981, 0.0016)},
+             {"variant": "no_dropout", "inner_validation_over_folds": over(1.0033, 0.0005)},
+             {"variant": "context", "inner_validation_over_folds": over(0.9977, 0.0015)}]
+    v = ablation.margin_over_standard(table, "context")
+    assert v["margin"] == pytest.approx(0.0004) and v["seed_sd"] == 0.0016 and v["verdict"].endswith("noise")
+    # Dropout's case: the recipe without it (1.0033) as the reference, with it 0.0052 lower, seed SD 0.0016.
+    with_dropout = [{"variant": "standard", "inner_validation_over_folds": over(1.0033, 0.0005)},
+                    {"variant": "dropout_0.5", "inner_validation_over_folds": over(0.9981, 0.0016)}]
+    v = ablation.margin_over_standard(with_dropout, "dropout_0.5")
+    assert v["margin"] == pytest.approx(0.0052) and v["verdict"] == "beyond twice the seed spread"
+    assert ablation.margin_over_standard(table, "standard") is None
 
 
 def test_head_seed_moves_the_heads_and_nothing_else():

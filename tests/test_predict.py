@@ -145,8 +145,10 @@ def test_predict_with_neighbourhood_context_pools_the_adjacent_spots_per_view(tm
         w.writerow(["spot_id", "pixel_x", "pixel_y"])
         w.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
     out = tmp_path / "out"
+    lines = []
     predict.predict_slide(str(tmp_path / "model"), str(tmp_path / "slide.png"), str(out),
-                          spots_csv=str(tmp_path / "spots.csv"), source_mpp=1.0, batch_size=8, log=lambda m: None)
+                          spots_csv=str(tmp_path / "spots.csv"), source_mpp=1.0, batch_size=8, log=lines.append)
+    assert any(x.startswith("[context] batch 3/3 pooled=20") for x in lines), lines
     with open(out / "predictions.csv") as f:
         got = np.array([[float(r[g]) for g in ("A", "B")] for r in csv.DictReader(f)])
     tiles = np.stack([slide[int(y) - 8:int(y) + 8, int(x) - 8:int(x) + 8] for x, y in centres])
