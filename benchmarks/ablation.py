@@ -47,6 +47,7 @@ VARIANTS = {
     "epochs_20": ["--config.train.epochs=20"],
     "ensemble_10": ["--config.train.ensemble=10"],
     "context": ["--config.model.context=neighbours"],
+    "stain_jitter": ["--config.train.stain_jitter=0.2"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 

@@ -82,6 +82,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.huber_delta = 1.0  # in standard deviations of each gene when targets are standardised
     c.train.standardise_targets = "auto"  # "on" | "off" | "auto" (recipe): per gene, on each fold's training rows
     c.train.augment = "auto"  # "dihedral" (8 flips/rotations; cached features of each) | "none" | "auto"
+    # HED stain jitter of dihedral views 1-7 (features.augmented_view): each stain's concentration scaled by
+    # U(1 - s, 1 + s) and shifted by U(-s, s), drawn per tile and view. 0 = off; Tellez et al.'s "strong" is 0.2.
+    c.train.stain_jitter = 0.0
     c.train.ensemble = 0  # heads per fold, trained together from different seeds; 0 = auto (recipe, demo: 1)
     # Seeds the heads' initialisation, batch order, views and dropout; unset = `seed`. The autoencoders and the
     # inner-validation split keep `seed`, so replicates over head_seed measure the heads' own run-to-run spread
@@ -168,6 +171,7 @@ NUMERIC_RANGES = {
     "train.learning_rate": (0, _INF, False, True, False),
     "train.weight_decay": (0, _INF, True, True, False),
     "train.huber_delta": (0, _INF, False, True, False),
+    "train.stain_jitter": (0, 1, True, False, False),
     "train.ensemble": (0, _INF, True, True, True),
     "train.head_seed": (0, _INF, True, True, True),
     "train.inner_val_fraction": (0, 1, False, False, False),
@@ -257,6 +261,16 @@ def validate(config) -> None:
     if values["data.tile_size"] % 8:
         raise ConfigError(f"config key data.tile_size={values['data.tile_size']}: must be a multiple of 8 (the "
                           "encoder halves it three times)")
+    check_stain_jitter(config)
+
+
+def check_stain_jitter(config, where: str = "") -> None:
+    """Stain jitter acts on the dihedral views 1-7, so it needs them (checked again once "auto" is resolved)."""
+    jitter, augment = config.train.get("stain_jitter", 0.0), str(config.train.augment).lower()
+    if jitter > 0 and augment == "none":
+        raise ConfigError(f"config key train.stain_jitter={jitter:g} jitters the dihedral views 1-7, but "
+                          f"train.augment=none{where}. Fix: set --config.train.augment=dihedral, or leave "
+                          "train.stain_jitter at 0.")
 
 
 # ------------------------------------------------------------------------------------------------ "auto" values
@@ -295,6 +309,7 @@ def resolve_auto(config, log=print) -> None:
         log(f"train.epochs=auto -> {config.train.epochs} ({'synthetic demo' if on_demo else 'real store'}); "
             "set --config.train.epochs=N to choose")
     recipe = RECIPES[config.recipe]
+    augment_was_auto = config.train.augment == "auto"
     chosen = []
     for node, key, value in ((config.train, "standardise_targets", recipe.standardise_targets),
                              (config.model, "output_init", recipe.output_init),
@@ -309,6 +324,8 @@ def resolve_auto(config, log=print) -> None:
     if config.train.ensemble == 0:
         config.train.ensemble = 1 if on_demo else recipe.ensemble
         chosen.append(f"ensemble={config.train.ensemble}")
+    check_stain_jitter(config, " (train.augment=auto's choice" + (" on the synthetic demo)" if on_demo else ")")
+                       if augment_was_auto else "")
     if chosen:
         log(f"recipe={config.recipe}: " + ", ".join(chosen) + (" (synthetic demo)" if on_demo else ""))
 

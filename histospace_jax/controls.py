@@ -41,15 +41,6 @@ DEFAULT_ALPHAS = np.logspace(-2, 4, 13)
 
 # ------------------------------------------------------------------------------------------- colour features
 
-# Ruifrok & Johnston (2001), "Quantification of histochemical staining by color deconvolution": optical-density
-# colours (R, G, B) of haematoxylin, eosin and DAB, one stain per row.
-RUIFROK_HED = np.array([[0.65, 0.70, 0.29],
-                        [0.07, 0.99, 0.11],
-                        [0.27, 0.57, 0.78]])
-_STAIN_ROWS = RUIFROK_HED / np.linalg.norm(RUIFROK_HED, axis=1, keepdims=True)
-# od = conc @ _STAIN_ROWS, so conc = od @ inv(_STAIN_ROWS): the three stains span OD space, so the inverse exists.
-HED_FROM_OD = np.linalg.inv(_STAIN_ROWS)
-
 _CHANNELS = ("R", "G", "B", "H", "E", "D")
 _SUMMARIES = ("mean", "std", "p10", "p50", "p90")
 COLOUR_FEATURE_NAMES = tuple(f"{c}_{s}" for c in _CHANNELS for s in _SUMMARIES) + ("background_fraction",)
@@ -71,7 +62,7 @@ def tile_colour_features(tiles_uint8: np.ndarray, chunk: int = 256) -> np.ndarra
         raise ValueError(f"tile_colour_features expects [N, T, T, 3] tiles, got shape {tiles.shape}")
     n = tiles.shape[0]
     out = np.empty((n, len(COLOUR_FEATURE_NAMES)), np.float64)
-    hed_from_od = HED_FROM_OD.astype(np.float32)
+    hed_from_od = stain.HED_FROM_OD.astype(np.float32)
     for start in range(0, n, max(1, int(chunk))):
         part = tiles[start:start + chunk]
         block = part.reshape(part.shape[0], tiles.shape[1] * tiles.shape[2], 3)

@@ -23,6 +23,7 @@ import tensorstore as ts
 from histospace_jax import console, models, steps, xla_tuning
 from histospace_jax import workdir as workdir_lib
 from histospace_jax.data import pipeline
+from histospace_jax.ingest import stain
 
 
 def dihedral(tiles: np.ndarray, view: int) -> np.ndarray:
@@ -32,8 +33,34 @@ def dihedral(tiles: np.ndarray, view: int) -> np.ndarray:
     return np.ascontiguousarray(out[:, :, ::-1] if view >= 4 else out)
 
 
-def cache_key(store, encoder_variables: dict, variant: str, views: int = 1, dtype: str = "float32") -> str:
+def stain_jitter_draws(strength: float, seed: int, view: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scale, shift) [len(ids), 3] of `stain.hed_jitter` for view `view` of the tiles `ids` (spot indices of a
+    store, or tile indices of a slide): scale ~ U(1 - s, 1 + s), shift ~ U(-s, s) per stain. Each tile's draw
+    depends on (seed, view, id) alone, so it does not depend on the batch the tile arrives in."""
+    ids = np.asarray(ids, np.int64)
+    draws = np.stack([np.random.default_rng([int(seed), int(view), int(i)]).uniform(-1.0, 1.0, 6) for i in ids]
+                     ) if len(ids) else np.zeros((0, 6))
+    return 1.0 + strength * draws[:, :3], strength * draws[:, 3:]
+
+
+def augmented_view(tiles: np.ndarray, view: int, *, stain_jitter: float = 0.0, ids=None, seed: int = 0
+                   ) -> np.ndarray:
+    """View `view` of uint8 tiles: `dihedral`, and with stain_jitter > 0 a HED stain jitter of that strength for
+    views 1-7 (view 0 stays the tile itself). `ids` (one per tile) fix each tile's jitter."""
+    out = dihedral(tiles, view)
+    if stain_jitter <= 0 or view == 0:
+        return out
+    if ids is None or len(ids) != len(tiles):
+        raise ValueError(f"augmented_view with stain jitter needs one id per tile ({len(tiles)} tiles)")
+    scale, shift = stain_jitter_draws(stain_jitter, seed, view, ids)
+    return stain.hed_jitter(out, scale, shift)
+
+
+def cache_key(store, encoder_variables: dict, variant: str, views: int = 1, dtype: str = "float32",
+              stain_jitter: float = 0.0, jitter_seed: int = 0) -> str:
     h = hashlib.sha256()
+    if stain_jitter > 0:
+        h.update(f"stain_jitter={float(stain_jitter)!r},seed={int(jitter_seed)}".encode())
     if views != 1:
         h.update(f"views={views}".encode())
     if dtype != "float32":
@@ -65,9 +92,10 @@ SHARD_ROWS = 256
 
 
 def write_features(path: str, store, encoder_variables: dict, *, variant: str, encoder_features=(32, 64, 128),
-                   batch_size: int = 128, views: int = 1, dtype: str = "float32", log=None) -> None:
+                   batch_size: int = 128, views: int = 1, dtype: str = "float32", stain_jitter: float = 0.0,
+                   jitter_seed: int = 0, log=None) -> None:
     """Writes the encoder features of every spot, [V, N, h, w, C] in store order (float32, or bfloat16 computed
-    in bfloat16; V = 1 (the tiles) or 8 (their dihedral views)), to a new zarr array at `path`, one batch at a
+    in bfloat16; V = 1 (the tiles) or 8 (their `augmented_view`s)), to a new zarr array at `path`, one batch at a
     time: memory holds one batch, whatever the store's size."""
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
@@ -84,7 +112,8 @@ def write_features(path: str, store, encoder_variables: dict, *, variant: str, e
     for batch in pipeline.ordered_batches(source, batch_size, pad_to_multiple=n_dev):
         n_real = int(batch["mask"].sum())
         for v in range(views):
-            tiles = dihedral(batch["image"], v)
+            tiles = augmented_view(batch["image"], v, stain_jitter=stain_jitter, seed=jitter_seed,
+                                   ids=np.arange(done, done + len(batch["image"])))
             feats = encode(variables, tiles.reshape((n_dev, -1) + tiles.shape[1:]))
             feats = np.asarray(feats).reshape((-1,) + feats.shape[2:])
             if out is None:
@@ -155,10 +184,11 @@ def resident_bytes_budget() -> int:
 
 def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: str,
                     encoder_features=(32, 64, 128), batch_size: int = 128, views: int = 1, dtype: str = "float32",
-                    resident: bool = True, log=None) -> tuple["np.ndarray | FeatureStream", str]:
+                    stain_jitter: float = 0.0, jitter_seed: int = 0, resident: bool = True, log=None
+                    ) -> tuple["np.ndarray | FeatureStream", str]:
     """Features [V, N, h, w, C] from the on-disk cache, computing and storing them on a miss. Returns (features in
     memory, or a FeatureStream on the cache when not `resident`; path)."""
-    key = cache_key(store, encoder_variables, variant, views, dtype)
+    key = cache_key(store, encoder_variables, variant, views, dtype, stain_jitter, jitter_seed)
     path = os.path.join(os.path.abspath(cache_dir), f"features-{key}")
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     arr = None
@@ -178,7 +208,8 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
                                       "the feature cache")
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         write_features(tmp, store, encoder_variables, variant=variant, encoder_features=encoder_features,
-                       batch_size=batch_size, views=views, dtype=dtype, log=log)
+                       batch_size=batch_size, views=views, dtype=dtype, stain_jitter=stain_jitter,
+                       jitter_seed=jitter_seed, log=log)
         if os.path.exists(path):
             shutil.rmtree(path, ignore_errors=True)
         try:
@@ -198,16 +229,23 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
 def for_config(config, workdir: str, store, encoder_variables: dict, *, resident: bool = True
                ) -> "np.ndarray | FeatureStream":
     """The features [V, N, h, w, C] of every spot of `store` under `encoder_variables`, from WORKDIR/cache; V = 8
-    dihedral views with train.augment=dihedral, else 1. In memory, or a FeatureStream when not `resident`."""
+    dihedral views with train.augment=dihedral (stain-jittered with train.stain_jitter), else 1. In memory, or a
+    FeatureStream when not `resident`."""
     feats, _ = cached_features(os.path.join(workdir, "cache"), store, encoder_variables, variant=config.model.variant,
                                encoder_features=tuple(config.model.encoder_features),
                                batch_size=config.eval_batch_size, views=n_views(config),
-                               dtype=config.model.get("compute_dtype", "float32"), resident=resident, log=console.log)
+                               dtype=config.model.get("compute_dtype", "float32"),
+                               stain_jitter=stain_jitter(config), jitter_seed=int(config.seed), resident=resident,
+                               log=console.log)
     return feats
 
 
 def n_views(config) -> int:
     return 8 if config.train.augment == "dihedral" else 1
+
+
+def stain_jitter(config) -> float:
+    return float(config.train.get("stain_jitter", 0.0))
 
 
 def feature_bytes(config, store) -> int:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import atomic, builders, checkpointing
+from histospace_jax import atomic, builders, checkpointing, features
 from histospace_jax.errors import BadInputError
 
 MODEL_JSON = "model.json"
@@ -51,6 +51,8 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
         "format": "histospace-model", "version": 2, "genes": list(genes),
         "model": builders.architecture(config),
         "ensemble": k, "views": int(views),
+        # predict jitters views 1-7 as training did, so its view average is the one the heads were validated on
+        "stain_jitter": features.stain_jitter(config), "jitter_seed": int(config.seed),
         "target_mean": np.asarray(mean, np.float64).round(6).tolist(),
         "target_sd": np.asarray(sd, np.float64).round(6).tolist(),
         "tile_size": int(m.get("tile_size", config.data.tile_size)),

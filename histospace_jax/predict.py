@@ -63,17 +63,18 @@ class PredictError(BadInputError):
 
 
 def make_predict_fn(model, variables, info: dict):
-    """(uint8 tiles, their neighbourhood context [V, B, C] or None) -> expression: the mean over the ensemble's
-    members and the model's dihedral views of the heads' standardised outputs, mapped back with the training
-    store's per-gene mean and sd."""
+    """(uint8 tiles, their neighbourhood context [V, B, C] or None, their ids) -> expression: the mean over the
+    ensemble's members and the model's views (`_view_fn`: dihedral, stain-jittered as in training) of the heads'
+    standardised outputs, mapped back with the training store's per-gene mean and sd."""
     mean = np.asarray(info["target_mean"], np.float32)
     sd = np.asarray(info["target_sd"], np.float32)
+    view_of = _view_fn(info)
     views = int(info["views"])
     fn = jax.jit(jax.vmap(lambda v, x, c: model.apply(v, models.to_unit_range(x), False, None, c),
                           in_axes=(0, None, None)))
 
-    def predict(tiles, context=None):
-        z = sum(np.asarray(fn(variables, features.dihedral(tiles, v), None if context is None else context[v]))
+    def predict(tiles, context=None, ids=None):
+        z = sum(np.asarray(fn(variables, view_of(tiles, v, ids), None if context is None else context[v]))
                 for v in range(views)) / views
         return mean + sd * z.mean(0)
 
@@ -87,12 +88,25 @@ def make_pooled_fn(model, variables, info: dict):
                if "encoder" in v}
     fn = jax.jit(lambda v, x: model.apply({k: {"encoder": w} for k, w in v.items()}, models.to_unit_range(x),
                                           method="encode").mean(axis=(1, 2)))
+    view_of = _view_fn(info)
     views = int(info["views"])
 
-    def pooled(tiles):
-        return np.stack([np.asarray(fn(encoder, features.dihedral(tiles, v)), np.float32) for v in range(views)])
+    def pooled(tiles, ids=None):
+        return np.stack([np.asarray(fn(encoder, view_of(tiles, v, ids)), np.float32) for v in range(views)])
 
     return pooled
+
+
+def _view_fn(info: dict):
+    """(tiles, view, ids) -> the view the model was trained on: dihedral, stain-jittered as in training
+    (`features.augmented_view`; ids are the tiles' positions in the slide, None = their positions in the batch)."""
+    jitter, seed = float(info.get("stain_jitter", 0.0)), int(info.get("jitter_seed", 0))
+
+    def view_of(tiles, v, ids):
+        return features.augmented_view(tiles, v, stain_jitter=jitter, seed=seed,
+                                       ids=np.arange(len(tiles)) if ids is None else ids)
+
+    return view_of
 
 
 # ------------------------------------------------------------------------------------------------ preprocessing
@@ -302,7 +316,7 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
         progress = console.Progress("context", n_batches, batch_size, counts="batch ", unit="tiles")
         for b, a in enumerate(range(0, n, batch_size)):
             batch, n_real = tiles_of(np.arange(a, min(n, a + batch_size)))
-            parts.append(pooled_fn(batch)[:, :n_real])
+            parts.append(pooled_fn(batch, ids=a + np.arange(len(batch)))[:, :n_real])
             if time.time() - last_report >= PROGRESS_EVERY_S or b + 1 == n_batches:
                 last_report = time.time()
                 log(progress.line(b + 1, pooled=a + n_real))
@@ -338,7 +352,7 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                 if ctx is not None:
                     batch_ctx = np.zeros((ctx.shape[0], len(batch), ctx.shape[2]), np.float32)
                     batch_ctx[:, :n_real] = ctx[:, idx]
-                pred = predict(batch, batch_ctx)[:n_real].astype(np.float32)
+                pred = predict(batch, batch_ctx, ids=a + np.arange(len(batch)))[:n_real].astype(np.float32)
                 arr = arr.resize(exclusive_max=[a + len(idx), g]).result()
                 arr[a:a + len(idx)].write(pred).result()
                 ax = pos.get("array_x")

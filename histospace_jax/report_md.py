@@ -260,6 +260,12 @@ def _fold_details(results: dict) -> list[str]:
     t = results.get("training", {})
     if t:
         lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]
+        aug = t.get("augmentation")
+        if aug:
+            jitter = (f"; HED stain jitter {aug['stain_jitter']:g} on views 1-7 (view 0 is the tile itself)"
+                      if aug.get("stain_jitter") else "")
+            lines.append(f"- augmentation: {aug['views']} view(s) cached per spot, one sampled per example and all "
+                         f"averaged at prediction{jitter}")
         ctx = t.get("context")
         if ctx:
             lines.append(f"- neighbourhood context: {ctx['input']}, within {ctx['radius_spacings']:g} spot spacings "

@@ -137,14 +137,18 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder"}
 
 
-def test_loo_and_external_modes_with_neighbourhood_context(stores, tmp_path):
-    """model.context=neighbours end to end: LOO records the neighbourhoods; the external mode trains on one
-    store and predicts the other with each store's own neighbours, and exports a model that says so."""
+def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stores, tmp_path):
+    """model.context=neighbours and train.stain_jitter end to end: LOO records the neighbourhoods and the
+    jitter; the external mode trains on one store and predicts the other with each store's own neighbours, and
+    exports a model that says so (predict then jitters its views the same way)."""
     root, a, b = stores
     w = tmp_path / "loo"
     run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}",
-        "--config.model.context=neighbours", "--config.loo.random_encoder_control=off", *TINY)
+        "--config.model.context=neighbours", "--config.loo.random_encoder_control=off",
+        "--config.train.stain_jitter=0.2", *TINY)
     res = json.load(open(w / "results.json"))
+    assert res["training"]["augmentation"] == {"views": 8, "stain_jitter": 0.2}
+    assert "HED stain jitter 0.2 on views 1-7" in open(w / "report.md").read()
     ctx = res["training"]["context"]
     # 24 spots per section on a 6 x 4 grid, 10 px apart: 8 neighbours inside, 3 in the corners.
     assert ctx["neighbours_max"] == 8 and ctx["n_without_neighbours"] == 0 and ctx["radius_spacings"] == 1.5
@@ -153,10 +157,12 @@ def test_loo_and_external_modes_with_neighbourhood_context(stores, tmp_path):
     w = tmp_path / "ext"
     run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
         f"--config.external.store={b}", "--config.model.context=neighbours", "--config.loo.random_encoder_control=off",
-        *TINY)
+        "--config.train.stain_jitter=0.2", "--config.seed=5", *TINY)
     e = json.load(open(w / "results.json"))["external"]
     assert np.isfinite(e["model"]["mse"]) and e["context"]["test"]["neighbours_max"] == 8
-    assert json.load(open(w / "model" / "model.json"))["model"]["context"] == "neighbours"
+    info = json.load(open(w / "model" / "model.json"))
+    assert info["model"]["context"] == "neighbours"
+    assert (info["stain_jitter"], info["jitter_seed"], info["views"]) == (0.2, 5, 8)
 
 
 def test_pretrain_ae_and_ae_study_modes(stores, tmp_path):

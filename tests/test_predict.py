@@ -110,6 +110,17 @@ def test_predict_averages_members_and_views_and_maps_back(tmp_path):
     z = np.mean([np.asarray(model.apply(v, models.to_unit_range(features.dihedral(tiles, view)), False))
                  for v in members for view in range(8)], 0)
     np.testing.assert_allclose(fn(tiles), np.asarray(mean) + np.asarray(sd) * z, rtol=1e-4, atol=1e-5)
+    # A model trained on stain-jittered views: predict averages the same jittered views of each tile (by its id).
+    with open(tmp_path / "model" / "model.json", "w") as f:
+        json.dump({**info, "stain_jitter": 0.3, "jitter_seed": 4}, f)
+    info3, m3, variables3 = model_export.load(str(tmp_path / "model"))
+    fn3 = predict.make_predict_fn(m3, variables3, info3)
+    ids = np.arange(10, 15)
+    zj = np.mean([np.asarray(model.apply(v, models.to_unit_range(
+        features.augmented_view(tiles, view, stain_jitter=0.3, seed=4, ids=ids)), False))
+        for v in members for view in range(8)], 0)
+    np.testing.assert_allclose(fn3(tiles, ids=ids), np.asarray(mean) + np.asarray(sd) * zj, rtol=1e-4, atol=1e-5)
+    assert np.abs(zj - z).max() > 1e-4  # the jitter reached the views
 
 
 def test_predict_with_neighbourhood_context_pools_the_adjacent_spots_per_view(tmp_path):

@@ -80,6 +80,31 @@ def od_to_rgb(od: np.ndarray) -> np.ndarray:
     return np.clip(256.0 * np.exp(-od) - 1.0, 0.0, 255.0)
 
 
+# Ruifrok & Johnston (2001), "Quantification of histochemical staining by color deconvolution": optical-density
+# colours (R, G, B) of haematoxylin, eosin and DAB, one stain per row.
+RUIFROK_HED = np.array([[0.65, 0.70, 0.29],
+                        [0.07, 0.99, 0.11],
+                        [0.27, 0.57, 0.78]])
+HED_STAIN_ROWS = RUIFROK_HED / np.linalg.norm(RUIFROK_HED, axis=1, keepdims=True)
+# od = conc @ HED_STAIN_ROWS, so conc = od @ inv(HED_STAIN_ROWS): the three stains span OD space.
+HED_FROM_OD = np.linalg.inv(HED_STAIN_ROWS)
+
+
+def hed_jitter(tiles_uint8: np.ndarray, scale: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """HED stain jitter (Tellez et al. 2018): each tile's haematoxylin, eosin and DAB concentrations (Ruifrok-
+    Johnston deconvolution of the optical density) become scale * c + shift, then back to RGB. [N, T, T, 3]
+    uint8 tiles, `scale` and `shift` [N, 3] -> uint8 tiles. Concentrations are not floored, so scale 1 and
+    shift 0 give the tiles back (to rounding)."""
+    tiles = np.asarray(tiles_uint8)
+    if tiles.dtype != np.uint8 or tiles.ndim != 4 or tiles.shape[-1] != 3:
+        raise ValueError(f"hed_jitter expects [N, T, T, 3] uint8 tiles, got {tiles.dtype} {tiles.shape}")
+    scale = np.asarray(scale, np.float32).reshape(len(tiles), 1, 1, 3)
+    shift = np.asarray(shift, np.float32).reshape(len(tiles), 1, 1, 3)
+    conc = rgb_to_od(tiles) @ HED_FROM_OD.astype(np.float32)
+    od = (conc * scale + shift) @ HED_STAIN_ROWS.astype(np.float32)
+    return np.round(od_to_rgb(od)).astype(np.uint8)
+
+
 def tissue_od(pixels: np.ndarray) -> np.ndarray:
     """OD [n, 3] of the pixels dense enough in every channel to carry stain (Macenko's beta threshold)."""
     od = rgb_to_od(np.asarray(pixels).reshape(-1, 3))
