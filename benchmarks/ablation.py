@@ -48,6 +48,8 @@ VARIANTS = {
     "ensemble_10": ["--config.train.ensemble=10"],
     "context": ["--config.model.context=neighbours"],
     "stain_jitter": ["--config.train.stain_jitter=0.2"],
+    "huber_delta_1": ["--config.train.huber_delta=1.0"],
+    "huber_delta_10": ["--config.train.huber_delta=10.0"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 

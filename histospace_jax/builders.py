@@ -58,6 +58,12 @@ def dropout_rate(config) -> float:
     return config_lib.RECIPES[config.recipe].dropout_rate if value is None else float(value)
 
 
+def huber_delta(config) -> float:
+    # Before resolve_auto, unset means the recipe's choice.
+    value = config.train.huber_delta
+    return config_lib.RECIPES[config.recipe].huber_delta if value is None else float(value)
+
+
 def head_seed(config) -> int:
     """train.head_seed, or `seed` when unset."""
     value = config.train.get("head_seed")

@@ -295,12 +295,12 @@ class MemberProgram:
             self.streams = list(data.features)
             self.n_views = self.streams[0].shape[0]
             self.feats = None
-            self.train_step = make_member_train_step_on_features(config.train.huber_delta, self.compiler_options)
+            self.train_step = make_member_train_step_on_features(builders.huber_delta(config), self.compiler_options)
             self.predict = make_member_predict_on_features(self.compiler_options)
         else:
             self.n_views = data.features.shape[1]
             self.feats = _replicated(data.features)
-            self.train_step = make_member_train_step(config.train.huber_delta, self.compiler_options)
+            self.train_step = make_member_train_step(builders.huber_delta(config), self.compiler_options)
             self._predict_views = {}
         self.chunk = max(jax.local_device_count(), config.eval_batch_size // jax.local_device_count()
                          * jax.local_device_count())

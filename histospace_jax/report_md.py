@@ -116,8 +116,10 @@ def _figures(workdir: str) -> list[str]:
 
 def _genes_section(genes, per_gene, k: int = 10) -> list[str]:
     """Top and bottom genes by r (mean over folds)."""
-    r = np.nanmean(np.stack([np.asarray(x, np.float64) for _, x in per_gene]), axis=0) if len(per_gene) > 1 \
-        else np.asarray(per_gene[0][1], np.float64)
+    stacked = np.stack([np.asarray(x, np.float64) for _, x in per_gene])
+    # A gene constant in every fold has no r anywhere: it stays NaN (and is left out of the ranking).
+    defined = np.isfinite(stacked).sum(0)
+    r = np.where(defined > 0, np.nansum(stacked, axis=0) / np.maximum(defined, 1), np.nan)
     ok = np.flatnonzero(np.isfinite(r))
     order = ok[np.argsort(-r[ok], kind="stable")]
     folds = [name for name, _ in per_gene]
@@ -260,6 +262,9 @@ def _fold_details(results: dict) -> list[str]:
     t = results.get("training", {})
     if t:
         lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]
+        loss = t.get("loss")
+        if loss:
+            lines.append(f"- loss: Huber, delta {loss['delta']:g} ({loss['units']})")
         aug = t.get("augmentation")
         if aug:
             jitter = (f"; HED stain jitter {aug['stain_jitter']:g} on views 1-7 (view 0 is the tile itself)"

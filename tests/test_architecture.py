@@ -148,6 +148,24 @@ def test_unset_dropout_is_the_recipes_and_a_given_value_is_kept():
     assert set(config_lib.RECIPE_NUMBERS) <= set(config_lib.NUMERIC_RANGES)
 
 
+def test_unset_huber_delta_is_the_recipes_and_a_given_value_is_kept():
+    logs = []
+    for recipe, expected in (("standard", 3.0), ("paper", 1.0)):
+        c = config_lib.get_config()
+        c.recipe = recipe
+        config_lib.validate(c)
+        assert builders.huber_delta(c) == expected  # before resolve_auto too
+        config_lib.resolve_auto(c, log=logs.append)
+        assert c.train.huber_delta == expected and f"huber_delta={expected:g}" in logs[-1]
+    c = config_lib.get_config()
+    c.train.huber_delta = 0.5
+    config_lib.resolve_auto(c, log=logs.append)
+    assert c.train.huber_delta == 0.5 and "huber_delta" not in logs[-1]
+    c.train.huber_delta = -1.0
+    with pytest.raises(ConfigError, match="train.huber_delta=-1.0"):
+        config_lib.validate(c)
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("train.batch_size", 0, "train.batch_size=0: must be an integer >= 1"),
     ("train.epochs", -3, "train.epochs=-3: must be an integer >= 0"),

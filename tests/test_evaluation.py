@@ -91,3 +91,20 @@ def test_reviewer_controls_never_see_the_held_out_patient():
     preds2, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0])
     for name in preds:
         np.testing.assert_array_equal(preds[name][0], preds2[name][0])
+
+
+def test_gene_ranking_averages_defined_folds_and_leaves_out_genes_without_r():
+    """report.md's top/bottom genes: a gene's mean r is over the folds where it is defined (hand computation),
+    and a gene constant in every fold is left out of the ranking without a warning."""
+    import warnings
+
+    from histospace_jax import report_md
+    per_gene = [("B", [0.5, np.nan, 0.1, -0.2]), ("C", [0.3, np.nan, np.nan, -0.4])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lines = report_md._genes_section(["G0", "G1", "G2", "G3"], per_gene, k=2)
+    text = "\n".join(lines)
+    top = text.split("Top 2:")[1].split("Bottom 2:")[0]
+    bottom = text.split("Bottom 2:")[1]
+    assert "G0" in top and "0.4" in top and "G2" in top and "0.1" in top
+    assert "G3" in bottom and "-0.3" in bottom and "G1" not in text

@@ -132,6 +132,10 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     assert set(inner) == {"E", "F"} and all(0 < v["n_spots"] < 24 for v in inner.values())
     assert all(np.isfinite(v["mse_sd_units"]) and v["mean_profile_mse_sd_units"] > 0 for v in inner.values())
     assert "the score settings are compared on" in open(w / "report.md").read()
+    # The standard recipe's loss, in the per-gene SDs of the standardised targets, is recorded and reported.
+    assert res["training"]["loss"] == {"name": "huber", "delta": 3.0,
+                                       "units": "standard deviations of each gene on the fold's training rows"}
+    assert "- loss: Huber, delta 3 (standard deviations" in open(w / "report.md").read()
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
     assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder"}

@@ -182,9 +182,11 @@ def test_default_recipes_resolve_as_a_run_does():
     assert (real.train.epochs, real.train.ensemble, real.train.augment, real.model.output_init) == (
         config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"].ensemble, "dihedral", "zeros")
     assert real.model.dropout_rate == demo.model.dropout_rate == 0.5
+    assert real.train.huber_delta == demo.train.huber_delta == 3.0
     paper = speed.loo_config("s", "paper", on_demo=False, **quiet)
     assert (paper.train.ensemble, paper.train.augment, paper.train.select_epoch, paper.train.standardise_targets,
             paper.model.output_init, paper.model.dropout_rate) == (1, "none", "off", "off", "lecun", 0.0)
+    assert paper.train.huber_delta == 1.0
     assert speed.loo_config("s", "paper", on_demo=True, epochs=1, **quiet).train.epochs == 1
 
 

@@ -53,6 +53,14 @@ METRIC_NOTES = {
 }
 
 
+def _loss_summary(config) -> dict:
+    """The heads' loss and the scale its delta is in (per-gene SDs of the fold's training rows when standardised)."""
+    standardised = config.train.standardise_targets == "on"
+    return {"name": "huber", "delta": builders.huber_delta(config),
+            "units": "standard deviations of each gene on the fold's training rows" if standardised
+            else "log-normalised expression"}
+
+
 def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict], list[int], dict]:
     """The frozen encoder(s) the folds' heads learn from: (encoder variables, encoder index per fold, what
     each autoencoder saw). One shared encoder from ae.checkpoint, ae.store (the demo's separate pretraining
@@ -285,7 +293,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                   for f in fold_metrics],
         "summary": evaluation.summarise(fold_metrics),
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
-        "training": {"recipe": config.recipe, "best_epoch": loo["best_epoch"],
+        "training": {"recipe": config.recipe, "loss": _loss_summary(config), "best_epoch": loo["best_epoch"],
                      "inner_validation": loo["inner_validation"],
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
                      "context": folds.context_summary(config, store.obs),
