@@ -53,15 +53,11 @@ def _output_init(config) -> str:
 
 
 def dropout_rate(config) -> float:
-    # Before resolve_auto, unset means the recipe's choice.
-    value = config.model.dropout_rate
-    return config_lib.RECIPES[config.recipe].dropout_rate if value is None else float(value)
+    return config_lib.recipe_number(config, "model.dropout_rate")
 
 
 def huber_delta(config) -> float:
-    # Before resolve_auto, unset means the recipe's choice.
-    value = config.train.huber_delta
-    return config_lib.RECIPES[config.recipe].huber_delta if value is None else float(value)
+    return config_lib.recipe_number(config, "train.huber_delta")
 
 
 def head_seed(config) -> int:

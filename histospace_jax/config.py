@@ -298,9 +298,16 @@ RECIPES = {
     "standard": Recipe("on", "zeros", "dihedral", 5, "on", 0.5, 3.0),
     "paper": Recipe("off", "lecun", "none", 1, "off", 0.0, 1.0),
 }
-# Keys whose unset value (None) means the recipe's choice.
+# Keys whose unset value (None) means the recipe's choice: the Recipe field of the key's own name.
 RECIPE_NUMBERS = ("model.dropout_rate", "train.huber_delta")
 UNSET_ALLOWED = RECIPE_NUMBERS + ("train.head_seed",)
+
+
+def recipe_number(config, key: str) -> float:
+    """A RECIPE_NUMBERS key's value, or the recipe's when it is unset (before resolve_auto)."""
+    section, name = key.split(".")
+    value = config[section][name]
+    return float(getattr(RECIPES[config.recipe], name) if value is None else value)
 
 
 def resolve_auto(config, log=print) -> None:
@@ -322,12 +329,11 @@ def resolve_auto(config, log=print) -> None:
         if node[key] == "auto":
             node[key] = value
             chosen.append(f"{key}={value}")
-    if config.model.dropout_rate is None:
-        config.model.dropout_rate = recipe.dropout_rate
-        chosen.append(f"dropout_rate={recipe.dropout_rate:g}")
-    if config.train.huber_delta is None:
-        config.train.huber_delta = recipe.huber_delta
-        chosen.append(f"huber_delta={recipe.huber_delta:g}")
+    for key in RECIPE_NUMBERS:
+        section, name = key.split(".")
+        if config[section][name] is None:
+            config[section][name] = getattr(recipe, name)
+            chosen.append(f"{name}={getattr(recipe, name):g}")
     if config.train.ensemble == 0:
         config.train.ensemble = 1 if on_demo else recipe.ensemble
         chosen.append(f"ensemble={config.train.ensemble}")

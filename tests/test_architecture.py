@@ -132,38 +132,30 @@ def test_every_numeric_key_has_a_range():
     assert numeric - set(config_lib.NUMERIC_RANGES) == set()
 
 
-def test_unset_dropout_is_the_recipes_and_a_given_value_is_kept():
+@pytest.mark.parametrize("key,builder,standard,paper,given,bad", [
+    ("model.dropout_rate", builders.dropout_rate, 0.5, 0.0, 0.0, 1.5),
+    ("train.huber_delta", builders.huber_delta, 3.0, 1.0, 0.5, -1.0),
+])
+def test_unset_recipe_number_is_the_recipes_and_a_given_value_is_kept(key, builder, standard, paper, given, bad):
+    section, name = key.split(".")
     logs = []
-    for recipe, expected in (("standard", 0.5), ("paper", 0.0)):
+    for recipe, expected in (("standard", standard), ("paper", paper)):
         c = config_lib.get_config()
         c.recipe = recipe
         config_lib.validate(c)  # unset passes validation
-        assert builders.dropout_rate(c) == expected  # before resolve_auto too
+        assert builder(c) == expected  # before resolve_auto too
         config_lib.resolve_auto(c, log=logs.append)
-        assert c.model.dropout_rate == expected and f"dropout_rate={expected:g}" in logs[-1]
+        assert c[section][name] == expected and f"{name}={expected:g}" in logs[-1]
     c = config_lib.get_config()
-    c.model.dropout_rate = 0.0
+    c[section][name] = given
     config_lib.resolve_auto(c, log=logs.append)
-    assert c.model.dropout_rate == 0.0 and builders.architecture(c)["dropout_rate"] == 0.0
+    assert c[section][name] == given and builder(c) == given and name not in logs[-1]
+    if key == "model.dropout_rate":
+        assert builders.architecture(c)["dropout_rate"] == given
+    c[section][name] = bad
+    with pytest.raises(ConfigError, match=f"{key}={bad}"):
+        config_lib.validate(c)
     assert set(config_lib.RECIPE_NUMBERS) <= set(config_lib.NUMERIC_RANGES)
-
-
-def test_unset_huber_delta_is_the_recipes_and_a_given_value_is_kept():
-    logs = []
-    for recipe, expected in (("standard", 3.0), ("paper", 1.0)):
-        c = config_lib.get_config()
-        c.recipe = recipe
-        config_lib.validate(c)
-        assert builders.huber_delta(c) == expected  # before resolve_auto too
-        config_lib.resolve_auto(c, log=logs.append)
-        assert c.train.huber_delta == expected and f"huber_delta={expected:g}" in logs[-1]
-    c = config_lib.get_config()
-    c.train.huber_delta = 0.5
-    config_lib.resolve_auto(c, log=logs.append)
-    assert c.train.huber_delta == 0.5 and "huber_delta" not in logs[-1]
-    c.train.huber_delta = -1.0
-    with pytest.raises(ConfigError, match="train.huber_delta=-1.0"):
-        config_lib.validate(c)
 
 
 @pytest.mark.parametrize("key,value,message", [
