@@ -35,9 +35,11 @@ ROOT = os.path.dirname(HERE)
 VARIANTS = {
     "standard": [],
     "no_standardise": ["--config.train.standardise_targets=off", "--config.model.output_init=lecun"],
+    "centre_targets": ["--config.train.standardise_targets=centre"],
     "no_augment": ["--config.train.augment=none"],
     "one_head": ["--config.train.ensemble=1"],
     "no_inner_validation": ["--config.train.select_epoch=off"],
+    "refit": ["--config.train.refit=on"],
     "no_dropout": ["--config.model.dropout_rate=0"],
     "paper": ["--config.recipe=paper"],
     # The standard recipe's settings, each moved once: the defaults stay where inner validation (training

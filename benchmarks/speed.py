@@ -253,11 +253,14 @@ def write_protocol(path: str, config, rows: list[tuple], encoder_variables: dict
     import numpy as np
 
     t = config.train
+    if t.standardise_targets not in ("on", "off"):
+        raise SystemExit(f"train.standardise_targets={t.standardise_targets}: the PyTorch reference protocol "
+                         "standardises targets or leaves them raw; choose on or off")
     arrays = {"n_folds": len(rows), "epochs": t.epochs, "batch_size": t.batch_size, "ensemble": t.ensemble,
               "views": 8 if t.augment == "dihedral" else 1, "standardise": int(t.standardise_targets == "on"),
               "zero_output": int(config.model.output_init == "zeros"), "select_epoch": int(t.select_epoch == "on"),
-              "learning_rate": t.learning_rate, "weight_decay": t.weight_decay, "huber_delta": t.huber_delta,
-              "dropout_rate": float(config.model.dropout_rate),
+              "refit": int(t.refit == "on" and t.select_epoch == "on"), "learning_rate": t.learning_rate,
+              "weight_decay": t.weight_decay, "huber_delta": t.huber_delta, "dropout_rate": float(config.model.dropout_rate),
               "eval_batch_size": config.eval_batch_size, "seed": config.seed}
     for f, (held, train, val) in enumerate(rows):
         arrays.update({f"held_out_{f}": held, f"train_{f}": train, f"val_{f}": val})

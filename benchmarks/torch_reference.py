@@ -17,8 +17,9 @@ prediction alike. It follows one `Recipe` (the JAX side's resolved config, see b
 * "standard": targets standardised per gene on each fold's training rows; output layer initialised to zero;
   dropout 0.5 on the hidden FC layer;
   one of the 8 flips/rotations drawn per example; `ensemble` heads per fold from different seeds; after each
-  epoch the inner-validation MSE (untransformed view, standardised units) and each head keeps its best epoch;
-  held-out predictions averaged over the 8 views and the heads.
+  epoch the inner-validation MSE (untransformed view, standardised units) and each head keeps its best epoch
+  (with `refit`, the head is then trained again from its initialisation on the training and inner-validation
+  rows up to that epoch); held-out predictions averaged over the 8 views and the heads.
 * "paper": raw targets, default initialisation, no augmentation, one head, the final epoch, no dropout.
 
 Both use AdamW (Adam when weight_decay is 0), Huber loss and full batches (drop_last) from the fold's own
@@ -202,6 +203,7 @@ class Recipe:
     standardise: bool           # targets per gene on each fold's training rows
     zero_output: bool           # output layer starts at zero
     select_epoch: bool          # each head keeps its best epoch on the fold's inner-validation rows
+    refit: bool = False         # then trains again from its initialisation on training + inner-validation rows
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     huber_delta: float = 1.0
@@ -395,8 +397,18 @@ def torch_loo_protocol(tiles_uint8: np.ndarray, expression: np.ndarray, folds: l
                                    dropout_rate=recipe.dropout_rate)
             init_like_flax(model.head, zero_output=model.head.fc2 if recipe.zero_output else None)
             model, best = _train_head(model, tiles_uint8, targets, fold, recipe)
+            head_mean, head_sd = mean, sd
+            if recipe.refit and recipe.select_epoch and len(fold.val):
+                every = np.union1d(fold.train, fold.val)
+                head_mean, head_sd = standardisation(expression_t, every, recipe.standardise)
+                torch.manual_seed(recipe.seed * 100003 + f * 1000 + k + 1)  # the same initialisation
+                model = TorchRegressor(n_genes, encoder, image_size=tiles_uint8.shape[1],
+                                       dropout_rate=recipe.dropout_rate)
+                init_like_flax(model.head, zero_output=model.head.fc2 if recipe.zero_output else None)
+                model, _ = _train_head(model, tiles_uint8, (expression_t - head_mean) / head_sd,
+                                       Fold(fold.held_out, every, every[:0]), dataclasses.replace(recipe, epochs=best))
             z = _predict_rows(model, tiles_uint8, fold.held_out, recipe.eval_batch_size, recipe.views)
-            fold_pred += mean + sd * z
+            fold_pred += head_mean + head_sd * z
             fold_best.append(best)
             if log:
                 log(f"[torch] fold {f + 1}/{len(folds)} head {k + 1}/{recipe.ensemble}: epoch {best} "
@@ -423,7 +435,7 @@ def read_protocol(path: str) -> tuple[list[Fold], Recipe, dict]:
     with np.load(path) as z:
         folds = [Fold(z[f"held_out_{f}"], z[f"train_{f}"], z[f"val_{f}"]) for f in range(int(z["n_folds"]))]
         values = {f.name: z[f.name].item() for f in dataclasses.fields(Recipe)}
-        recipe = Recipe(**{k: bool(v) if k in ("standardise", "zero_output", "select_epoch") else v
+        recipe = Recipe(**{k: bool(v) if k in ("standardise", "zero_output", "select_epoch", "refit") else v
                            for k, v in values.items()})
         encoder = {k[len(ENCODER_PREFIX):]: z[k] for k in z.files if k.startswith(ENCODER_PREFIX)}
     return folds, recipe, encoder

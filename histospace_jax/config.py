@@ -83,7 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
     # (chosen on inner validation, benchmarks/ablation.py: nearer least squares, which per-gene r and MSE reward,
     # while a single outlying count still pulls linearly, not quadratically), 1 paper (its loss on raw log values).
     c.train.huber_delta = config_dict.placeholder(float)
-    c.train.standardise_targets = "auto"  # "on" | "off" | "auto" (recipe): per gene, on each fold's training rows
+    # "on" | "centre" (mean only: the loss weighs genes by variance) | "off" | "auto" (recipe); per gene, on each
+    # fold's training rows
+    c.train.standardise_targets = "auto"
     c.train.augment = "auto"  # "dihedral" (8 flips/rotations; cached features of each) | "none" | "auto"
     # HED stain jitter of dihedral views 1-7 (features.augmented_view): each stain's concentration scaled by
     # U(1 - s, 1 + s) and shifted by U(-s, s), drawn per tile and view. 0 = off; Tellez et al.'s "strong" is 0.2.
@@ -95,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.head_seed = config_dict.placeholder(int)
     c.train.select_epoch = "auto"  # "on": keep each head's best epoch on inner validation | "off" | "auto"
     c.train.inner_val_fraction = 0.2  # share of spatial blocks held out for inner validation (one-section patients)
+    # "on": after each head's epoch is chosen on inner validation, train it again from the same initialisation on
+    # every training row (inner-validation rows included) and keep it at that epoch, so no training spot is
+    # left out of the final heads | "off" | "auto" (recipe). Needs select_epoch=on; doubles the heads' training.
+    c.train.refit = "auto"
     # LOO heads read their features from memory ("on") or stream each batch from the on-disk feature cache
     # ("off": STNet scale with 8 views is ~31 GB in float32); "auto": in memory when they fit in a quarter of RAM.
     c.train.features_in_memory = "auto"
@@ -109,6 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.loo.random_encoder_control = "auto"
     c.loo.random_encoder_seed = 12345  # init seed of that untrained encoder
     c.loo.fdr = 0.05  # per-gene significance: genes with r > 0 at this Benjamini-Hochberg FDR
+    # "held_out": each fold is scored on its held-out patient. "inner_validation": each fold is scored on its
+    # inner-validation spots instead (training patients only; the held-out patient is never read), its heads
+    # learning from the rest of its training rows, with a nested inner split of those: how to compare recipe
+    # changes that inner validation itself cannot score (train.refit) without looking at a held-out patient.
+    c.loo.evaluate_on = "held_out"
 
     c.external = ml_collections.ConfigDict()  # mode "external": train on data.store, test on external.store
     c.external.store = ""  # test store; "" = data.store itself (then set disjoint train/test_patients)
@@ -192,9 +203,11 @@ CHOICES = {
     "mode": MODES,
     "recipe": ("standard", "paper"),
     "model.output_init": ("zeros", "lecun", "auto"),
-    "train.standardise_targets": ("on", "off", "auto"),
+    "train.standardise_targets": ("on", "centre", "off", "auto"),
     "train.augment": ("dihedral", "none", "auto"),
     "train.select_epoch": ("on", "off", "auto"),
+    "train.refit": ("on", "off", "auto"),
+    "loo.evaluate_on": ("held_out", "inner_validation"),
     "train.features_in_memory": ("on", "off", "auto"),
     "model.variant": ("pool", "relu", "relu_bn"),
     "model.upconv_impl": ("subpixel", "transpose"),
@@ -290,13 +303,14 @@ class Recipe(NamedTuple):
     augment: str
     ensemble: int  # heads per fold on a real store (1 on the demo)
     select_epoch: str
+    refit: str
     dropout_rate: float
     huber_delta: float
 
 
 RECIPES = {
-    "standard": Recipe("on", "zeros", "dihedral", 5, "on", 0.5, 3.0),
-    "paper": Recipe("off", "lecun", "none", 1, "off", 0.0, 1.0),
+    "standard": Recipe("on", "zeros", "dihedral", 5, "on", "on", 0.5, 3.0),
+    "paper": Recipe("off", "lecun", "none", 1, "off", "off", 0.0, 1.0),
 }
 # Keys whose unset value (None) means the recipe's choice: the Recipe field of the key's own name.
 RECIPE_NUMBERS = ("model.dropout_rate", "train.huber_delta")
@@ -312,8 +326,8 @@ def recipe_number(config, key: str) -> float:
 
 def resolve_auto(config, log=print) -> None:
     """Resolves the "auto" values: train.epochs = 0 (REAL_HEAD_EPOCHS on a user's store, DEMO_HEAD_EPOCHS on
-    the demo) and the recipe's elements. The demo keeps one head without augmentation (its 10-minute budget
-    on a 2-core CPU); both are logged."""
+    the demo) and the recipe's elements. The demo keeps one head without augmentation or refit (its 10-minute
+    budget on a 2-core CPU); all are logged."""
     on_demo = not config.data.store
     if config.train.epochs == 0:
         config.train.epochs = DEMO_HEAD_EPOCHS if on_demo else REAL_HEAD_EPOCHS
@@ -325,7 +339,8 @@ def resolve_auto(config, log=print) -> None:
     for node, key, value in ((config.train, "standardise_targets", recipe.standardise_targets),
                              (config.model, "output_init", recipe.output_init),
                              (config.train, "augment", "none" if on_demo else recipe.augment),
-                             (config.train, "select_epoch", recipe.select_epoch)):
+                             (config.train, "select_epoch", recipe.select_epoch),
+                             (config.train, "refit", "off" if on_demo else recipe.refit)):
         if node[key] == "auto":
             node[key] = value
             chosen.append(f"{key}={value}")

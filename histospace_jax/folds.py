@@ -53,6 +53,31 @@ class FoldPlan:
         return self.patients[self.folds[fold]]
 
 
+@dataclasses.dataclass
+class InnerValidationPlan(FoldPlan):
+    """Folds scored on their inner-validation spots (training patients only), trained on the rest of their
+    training rows: loo.evaluate_on=inner_validation. The held-out patient's rows are in neither."""
+    held: list = dataclasses.field(default_factory=list)    # per fold: its inner-validation rows
+    train: list = dataclasses.field(default_factory=list)   # per fold: the rest of its training rows
+
+    def held_out_rows(self, fold: int) -> np.ndarray:
+        return self.held[fold]
+
+    def training_rows(self, fold: int) -> np.ndarray:
+        return self.train[fold]
+
+    def name(self, fold: int) -> str:
+        return f"{self.patients[self.folds[fold]]} inner"
+
+
+def inner_validation_plan(config, obs: dict, plan: FoldPlan) -> InnerValidationPlan:
+    """`plan`'s folds, each scored on its inner split's validation spots instead of its held-out patient."""
+    splits = [inner_split(obs, plan.training_rows(f), config.train.inner_val_fraction, config.seed)
+              for f in range(len(plan.folds))]
+    return InnerValidationPlan(plan.patients, plan.spot_patient, plan.folds, held=[v for _, v, _ in splits],
+                               train=[t for t, _, _ in splits])
+
+
 def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
     patients, pidx = pipeline.patient_indices(store)
     if len(patients) < 2:
@@ -126,13 +151,17 @@ class HeadData:
         return [checkpointing.tree_digest(v) for v in self.encoder_variables]
 
 
-def standardisation(expression: np.ndarray, rows: np.ndarray, on: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(mean, sd) per gene on `rows`; (0, 1) when off. A gene constant on the rows gets sd 1 (predicted at its
-    mean), never a division by zero."""
+def standardisation(expression: np.ndarray, rows: np.ndarray, on: bool | str) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, scale) per gene on `rows`: (mean, sd) when on; (mean, 1) for "centre", where the loss on
+    the log values weighs each gene by its variance, as raw targets do, while the output still starts at
+    the mean; (0, 1) when off. A gene constant on the rows gets sd 1 (predicted at its mean), never a
+    division by zero."""
     g = expression.shape[1]
-    if not on:
+    if on in (False, "off"):
         return np.zeros(g, np.float32), np.ones(g, np.float32)
     mean, sd = metrics.gene_mean_and_sd(expression[rows])
+    if on == "centre":
+        sd = np.ones(g)
     return mean.astype(np.float32), sd.astype(np.float32)
 
 
@@ -277,10 +306,12 @@ class MemberProgram:
         n_folds = len(data.names)
         self.fold_of = np.repeat(np.arange(n_folds, dtype=np.int32), self.k)
         self.enc_of = np.asarray(data.encoder_of_fold, np.int32)[self.fold_of]
-        standardise = config.train.standardise_targets == "on"
-        stats = [standardisation(data.expression, r, standardise) for r in data.train_rows]
+        stats = [standardisation(data.expression, r, config.train.standardise_targets) for r in data.train_rows]
         self.mu = np.stack([s[0] for s in stats])
         self.sd = np.stack([s[1] for s in stats])
+        # Inner validation scores every recipe in the same units, each gene's SD on the fold's training rows,
+        # so recipes that scale their targets differently are compared on one scale.
+        self.score_sd = np.stack([standardisation(data.expression, r, "on")[1] for r in data.train_rows])
         self.streamed = not isinstance(data.features, np.ndarray)
         # Every program of the heads is compiled with these options, and the heads' convolutions take the
         # formulation that is fast under them (xla_tuning.conv_impl_for: the states must be built with it).
@@ -356,9 +387,11 @@ class _EpochEnd(loop.Hook):
     """Per epoch: each fold's training loss (mean over its members) and inner-validation MSE; with
     select_epoch, every member keeps the state of its best validation epoch."""
 
-    def __init__(self, program: MemberProgram, data: HeadData, select: bool, writer):
+    def __init__(self, program: MemberProgram, data: HeadData, select: bool, writer,
+                 keep_epoch: np.ndarray | None = None):
         self.program, self.data, self.select, self.writer = program, data, select, writer
         self.val_rows = [data.val_rows[f] for f in program.fold_of]
+        self.keep_epoch = keep_epoch  # per member: the epoch whose state it keeps (a refit), instead of the best
 
     def on_epoch_end(self, lp, epoch, step, mean_loss):
         rows, p = [], self.program
@@ -368,9 +401,15 @@ class _EpochEnd(loop.Hook):
             z = p.predict_standardised(lp.rstate["train"], self.val_rows, views=1)
             for m, r in enumerate(self.val_rows):
                 if len(r):
-                    truth = (self.data.expression[r] - p.mu[p.fold_of[m]]) / p.sd[p.fold_of[m]]
-                    val[m] = float(np.mean((z[m] - truth) ** 2))
-        if self.select and np.isfinite(val).any():
+                    f = p.fold_of[m]
+                    error = (p.to_expression(m, z[m]) - self.data.expression[r]) / p.score_sd[f]
+                    val[m] = float(np.mean(error ** 2))
+        if self.keep_epoch is not None:
+            keep = self.keep_epoch == epoch
+            if keep.any():
+                lp.rstate = {**lp.rstate, "best": _where_member(keep, lp.rstate["train"], lp.rstate["best"]),
+                             "best_epoch": _replicated(np.where(keep, epoch, np.asarray(lp.rstate["best_epoch"][0])))}
+        elif self.select and np.isfinite(val).any():
             score = np.where(np.isfinite(val), val, _NO_SCORE)
             best = np.asarray(lp.rstate["best_score"][0])
             better = score < best
@@ -467,12 +506,33 @@ def _stacked_head_states(config, n_genes: int, encoder_variables: list[dict], se
 
 
 def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> dict:
-    """Trains train.ensemble heads per fold of `data` in one program, resuming from WORKDIR/checkpoints/<tag>.
+    """Trains train.ensemble heads per fold of `data` in one program, resuming from WORKDIR/checkpoints/<tag>;
+    with train.refit on (and inner validation), trains them again on every training row of their fold up to
+    the epoch each chose (WORKDIR/checkpoints/<tag>_refit), and those are the heads it returns.
 
     Returns {'predict': fn(rows per fold) -> expression predictions per fold [len(rows), G] (mean over the
     fold's heads and the views), 'untrained': the same for the heads at initialisation, 'curve', 'best_epoch'
     per fold, 'states': the final member states (host, stacked), 'initial_states': the same at
-    initialisation, 'program'}."""
+    initialisation, 'program', 'refit': whether the returned heads were refitted, 'selected_predict': 'predict'
+    of the heads before any refit (what inner validation can score)}."""
+    first = _train_members(config, workdir, data, tag=tag, writer=writer)
+    if not (first["select"] and config.train.refit == "on"):
+        return {**first, "refit": False, "selected_predict": first["predict"]}
+    every = dataclasses.replace(data, train_rows=[np.union1d(t, v) for t, v in zip(data.train_rows, data.val_rows)],
+                                val_rows=[r[:0] for r in data.val_rows])
+    keep = np.concatenate([first["best_epoch"][n] for n in data.names])
+    console.log(f"[{tag.replace('_', ' ', 1)}] refit: the same heads again on every training row of their fold, "
+                "each kept at the epoch it chose on inner validation")
+    refit = _train_members(config, workdir, every, tag=f"{tag}_refit", writer=writer, keep_epoch=keep,
+                           epochs=int(keep.max()))
+    return {**refit, "curve": first["curve"] + [{**r, "fold": f"{r['fold']} (refit)"} for r in refit["curve"]],
+            "best_epoch": first["best_epoch"], "refit": True, "selected_predict": first["predict"]}
+
+
+def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, keep_epoch: np.ndarray | None = None,
+                   epochs: int | None = None) -> dict:
+    """train_heads' one pass: with `keep_epoch` (per member), each member keeps its state at that epoch of
+    `epochs` rather than its best on inner validation."""
     c = config.train
     k = int(c.ensemble)
     n_folds = len(data.names)
@@ -497,7 +557,7 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
     rows_per_member = [data.train_rows[f] for f in program.fold_of]
     mean_rows = float(np.mean([len(r) for r in data.train_rows]))
     steps_per_epoch = max(1, int(mean_rows // c.batch_size))
-    total = c.epochs * steps_per_epoch
+    total = (c.epochs if epochs is None else epochs) * steps_per_epoch
     sampler = MemberBatches(rows_per_member, c.batch_size, total, program.n_views,
                             builders.head_seed(config) + 1)
     dataset = grain.MapDataset.source(sampler)
@@ -507,6 +567,7 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=2 if program.streamed else 1,
                                                               prefetch_buffer_size=4)))
     select = c.select_epoch == "on" and any(len(r) for r in data.val_rows)
+    keeps = keep_epoch is not None
     compat = checkpointing.compat_signature(
         config, checkpointing.HEAD_KEYS, n_rows=int(len(data.expression)), n_genes=int(g), folds=data.names,
         train_rows=[int(len(r)) for r in data.train_rows], encoders=data.encoder_digests(),
@@ -528,11 +589,11 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
                          labels=[f"{data.names[f]}#{s}" for f in range(n_folds) for s in range(k)],
                          fix_hint=f"train.learning_rate={c.learning_rate}")
     final, curve = loop.run(state, step_fn, iterator, spec=spec, checkpointer=ckpt, compat=compat, writer=writer,
-                            hooks=[_EpochEnd(program, data, select, writer)])
-    chosen = final["best"] if select else final["train"]
+                            hooks=[_EpochEnd(program, data, select, writer, keep_epoch)])
+    chosen = final["best"] if select or keeps else final["train"]
     chosen_r = steps.replicate(chosen)
     init_r = steps.replicate(stacked)
-    best_epoch = np.asarray(final["best_epoch"]) if select else np.full(members, c.epochs)
+    best_epoch = np.asarray(final["best_epoch"]) if select or keeps else np.full(members, c.epochs)
     if select:
         console.log(f"[{name}] best epoch on inner validation per head: "
                     + ", ".join(f"{spec.labels[m]}={int(best_epoch[m])}" for m in range(members)))
@@ -548,15 +609,17 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
 
     return {"predict": predictor(chosen_r), "untrained": predictor(init_r), "curve": curve,
             "best_epoch": {data.names[f]: [int(x) for x in best_epoch[program.fold_of == f]] for f in range(n_folds)},
-            "states": jax.tree_util.tree_map(np.asarray, chosen), "initial_states": stacked, "program": program}
+            "states": jax.tree_util.tree_map(np.asarray, chosen), "initial_states": stacked, "program": program,
+            "select": select}
 
 
 def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
                           encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None) -> dict:
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
-    these rows). Returns {'states': member states stacked [K], 'mean', 'sd' (target standardisation), 'curve',
-    'best_epoch', 'untrained_states'}. `context` ([1, V, N, C]): the rows' neighbourhood context when it was
-    computed on more spots than these (default: from `feats` and `obs`)."""
+    these rows; with train.refit, the heads are then refitted on every row). Returns {'states': member states
+    stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'untrained_states'}.
+    `context` ([1, V, N, C]): the rows' neighbourhood context when it was computed on more spots than these
+    (default: from `feats` and `obs`)."""
     tr, va, how = training_split(config, obs, np.arange(len(expression)))
     ctx = context if context is not None else store_context(config, [feats], obs)
     data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
@@ -564,7 +627,7 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
-            "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how,
+            "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how, "refit": res["refit"],
             "untrained_states": res["initial_states"]}
 
 

@@ -87,8 +87,9 @@ def load(model_dir: str):
                             "version 2. Export the model again with `--config=configs/train.py`.")
     model = builders.histospace_from_architecture(info["model"], len(info["genes"]))
     t, k = int(info["tile_size"]), int(info["ensemble"])
-    one = dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)), context=model.sample_context()))
-    template = jax.tree_util.tree_map(lambda x: np.zeros((k,) + np.shape(x), np.asarray(x).dtype), one)
+    one = dict(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)),
+                                                 context=model.sample_context())))
+    template = jax.tree_util.tree_map(lambda x: np.zeros((k,) + x.shape, x.dtype), one)
     ckpt = checkpointing.Checkpointer(os.path.join(model_dir, "checkpoint"), read_only=True)
     variables, _ = ckpt.restore(None, template)
     ckpt.close()

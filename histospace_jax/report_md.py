@@ -60,6 +60,10 @@ def _provenance(results: dict) -> list[str]:
     if synthetic:
         lines.append("> **SYNTHETIC DATA** (the built-in demo): these numbers say nothing about real tissue.")
         lines.append("")
+    if results.get("evaluated_on") == "inner_validation":
+        lines.append("> **Scored on inner validation** (loo.evaluate_on=inner_validation): each fold is scored on "
+                     "spots of its training patients held out from its heads, not on its held-out patient.")
+        lines.append("")
     store = d.get("store")
     lines.append(f"- dataset: {d.get('name', '?')} ({'synthetic' if synthetic else 'real'})")
     if store:
@@ -265,6 +269,11 @@ def _fold_details(results: dict) -> list[str]:
         loss = t.get("loss")
         if loss:
             lines.append(f"- loss: Huber, delta {loss['delta']:g} ({loss['units']})")
+        if t.get("refit"):
+            lines.append("- refit: after inner validation chose each head's epoch, the head was trained again from "
+                         "the same initialisation on every training spot of its fold (inner-validation spots "
+                         "included) and kept at that epoch; the inner-validation scores below are of the heads "
+                         "before the refit")
         aug = t.get("augmentation")
         if aug:
             jitter = (f"; HED stain jitter {aug['stain_jitter']:g} on views 1-7 (view 0 is the tile itself)"

@@ -1,7 +1,22 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
+
+# One cache folder for the test session, shared by the pytest-xdist workers (they inherit this process's
+# environment) and every subprocess they start, and never the user's own: the persistent XLA compilation cache
+# of in-process tests is the one `main` picks by default (compilation_cache_dir=auto, under XDG_CACHE_HOME). The
+# tests compile the same tiny programs again and again, and on a 2-core CI machine compiling is most of the
+# suite's time. Set before JAX is imported.
+if "HISTOSPACE_TEST_CACHE" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="histospace_jax_test_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ.update(HISTOSPACE_TEST_CACHE=_cache, XDG_CACHE_HOME=_cache,
+                      JAX_COMPILATION_CACHE_DIR=os.path.join(_cache, "histospace_jax", "xla"),
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
 # Grain's worker processes and some absl-based code read absl flags; parse them once for the test process.
 from absl import flags

@@ -35,13 +35,16 @@ def _data(n_per=(16, 16, 16), g=5, seed=0):
     return feats, expr, patient
 
 
-def _run(tmp_path, name, feats, expr, patient, fold_ids=(0, 1, 2), select="on"):
+def _run(tmp_path, name, feats, expr, patient, fold_ids=(0, 1, 2), select="on", targets="on", ensemble=2,
+         refit="off", epochs=3):
     """Trains every fold of `fold_ids` (held-out patient = fold id) with inner validation on a fixed third of
     each fold's training rows; returns (config, train_heads result, plan)."""
     config = tiny_config()
     config.train.select_epoch = select
-    config.train.standardise_targets = "on"
-    config.train.ensemble = 2
+    config.train.refit = refit
+    config.train.epochs = epochs
+    config.train.standardise_targets = targets
+    config.train.ensemble = ensemble
     plan = folds.FoldPlan(patients=[f"P{i}" for i in range(patient.max() + 1)], spot_patient=patient,
                           folds=list(fold_ids))
     enc = builders.random_encoder_variables(config, 0)
@@ -107,6 +110,74 @@ def test_ensemble_members_and_standardised_targets(tmp_path):
     assert [len(v) for v in res["best_epoch"].values()] == [2, 2]  # two members per fold
     lines = [json.loads(x) for x in open(tmp_path / "a" / "metrics.jsonl")]
     assert {(x["fold"], x["epoch"]) for x in lines} == {(p, e) for p in ("P0", "P1") for e in (1, 2, 3)}
+
+
+@pytest.mark.parametrize("targets", ["on", "centre"])
+def test_inner_validation_scores_every_target_scaling_in_training_sds(tmp_path, targets):
+    """The inner-validation MSE that picks each head's epoch, and that ablations compare recipes on, is in SDs
+    of each gene on the fold's training rows whatever the targets' scaling: centred targets (whose loss weighs
+    genes by their variance) are scored on the same scale as standardised ones. Both start at the mean."""
+    feats, expr, patient = _data()
+    expr = expr * np.array([0.1, 0.5, 1.0, 2.0, 10.0], np.float32) + 3.0  # genes of very different variance
+    _, res, plan = _run(tmp_path, targets, feats, expr, patient, fold_ids=(0,), targets=targets, ensemble=1)
+    rows = plan.training_rows(0)
+    tr, va = rows[rows % 3 != 0], rows[rows % 3 == 0]
+    mean, sd = expr[tr].astype(np.float64).mean(0), expr[tr].astype(np.float64).std(0)
+    mu, scale = folds.standardisation(expr, tr, targets)
+    np.testing.assert_allclose(mu, mean, rtol=1e-5)
+    np.testing.assert_allclose(scale, sd if targets == "on" else np.ones(5), rtol=1e-5)
+    np.testing.assert_allclose(res["untrained"]([va])[0], np.broadcast_to(mean, (len(va), 5)), rtol=1e-5)
+    best = min(r["val_mse"] for r in res["curve"] if r["fold"] == "P0")  # the chosen epoch's score
+    pred = res["predict"]([va])[0]
+    assert np.mean(((pred - expr[va]) / sd) ** 2) == pytest.approx(best, rel=1e-4)
+
+
+def test_refit_keeps_each_head_at_its_chosen_epoch_trained_on_every_training_row(tmp_path):
+    """train.refit: a head kept at epoch 2 of a 3-epoch pass over its rows is, bit for bit, the head trained
+    2 epochs on those rows and taken at its final epoch (same initialisation, same batches); and train_heads
+    refits each head up to the epoch inner validation chose for it, on its inner-validation rows too."""
+    feats, expr, patient = _data()
+    config, plain, plan = _run(tmp_path, "two_epochs", feats, expr, patient, fold_ids=(0, 1), select="off",
+                               epochs=2)
+    every = [plan.training_rows(f)[plan.training_rows(f) % 3 != 0] for f in range(2)]  # what _run trains on
+    data = folds.HeadData(names=["P0", "P1"], train_rows=every, val_rows=[r[:0] for r in every],
+                          encoder_of_fold=[0, 0], features=feats[None, None], expression=expr,
+                          encoder_variables=[builders.random_encoder_variables(config, 0)])
+    config.train.epochs = 3
+    writer = metric_log.MetricWriter(str(tmp_path / "kept" / "metrics.jsonl"))
+    kept = folds._train_members(config, str(tmp_path / "kept"), data, tag="loo_kept", writer=writer,
+                                keep_epoch=np.full(4, 2), epochs=3)
+    held = [plan.held_out_rows(f) for f in range(2)]
+    for a, b in zip(kept["predict"](held), plain["predict"](held)):
+        np.testing.assert_array_equal(a, b)
+
+    _, refit, _ = _run(tmp_path, "refit", feats, expr, patient, fold_ids=(0, 1), refit="on")
+    assert refit["refit"]
+    for fold, epochs in refit["best_epoch"].items():
+        refit_epochs = [r["epoch"] for r in refit["curve"] if r["fold"] == f"{fold} (refit)"]
+        assert refit_epochs == list(range(1, max(epochs) + 1))
+    # Each kept head took 4 steps of 8 rows per chosen epoch: its fold's 32 training rows, the inner-validation
+    # third back in (2 steps per epoch before the refit).
+    chosen = np.concatenate([refit["best_epoch"][f] for f in ("P0", "P1")])
+    np.testing.assert_array_equal(np.asarray(refit["states"].step), 4 * chosen)
+    assert not np.array_equal(refit["predict"](held)[0], refit["selected_predict"](held)[0])
+
+
+def test_inner_validation_plan_scores_folds_on_training_patients_only():
+    """loo.evaluate_on=inner_validation: each fold's scored rows are its inner-validation spots and its
+    training rows the rest of its training patients' spots; the held-out patient is in neither."""
+    config = tiny_config()
+    obs = {"patient": np.array(["A"] * 32 + ["B"] * 32), "section": np.array(["A1"] * 32 + ["B1"] * 32),
+           "array_x": np.r_[np.arange(32) % 8, np.arange(32) % 8],
+           "array_y": np.r_[np.arange(32) // 8, np.arange(32) // 8]}
+    plan = folds.FoldPlan(patients=["A", "B"], spot_patient=np.repeat([0, 1], 32), folds=[0, 1])
+    inner = folds.inner_validation_plan(config, obs, plan)
+    for f in range(2):
+        tr, va, _ = folds.inner_split(obs, plan.training_rows(f), config.train.inner_val_fraction, config.seed)
+        np.testing.assert_array_equal(inner.held_out_rows(f), va)
+        np.testing.assert_array_equal(inner.training_rows(f), tr)
+        assert not set(va) & set(plan.held_out_rows(f)) and not set(tr) & set(plan.held_out_rows(f))
+        assert len(va) and len(tr) and inner.name(f) == f"{plan.name(f)} inner"
 
 
 def test_inner_split_uses_sections_or_blocks_of_training_patients():

@@ -64,6 +64,11 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
     run(tmp_path, "histospace_jax.main", config("train.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY)
     res = json.load(open(w / "results.json"))
     assert res["mode"] == "train" and res["train"]["n_spots"] == 48 and res["train"]["patients"] == ["E", "F"]
+    # The exported heads are refitted on every spot; train.csv is their own training, epochs 1 to the latest chosen.
+    assert res["train"]["refit"] is True
+    with open(w / "curves" / "train.csv") as f:
+        epochs = [int(line.split(",")[0]) for line in f.read().splitlines()[1:]]
+    assert epochs == list(range(1, max(res["train"]["best_epoch"]) + 1))
     info = json.load(open(w / "model" / "model.json"))
     assert info["genes"] == ["G1", "G2", "G3", "G4"] and info["tile_size"] == 16
     assert "Trained model" in open(w / "report.md").read()
@@ -133,12 +138,15 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     assert all(np.isfinite(v["mse_sd_units"]) and v["mean_profile_mse_sd_units"] > 0 for v in inner.values())
     assert "the score settings are compared on" in open(w / "report.md").read()
     # The standard recipe's loss, in the per-gene SDs of the standardised targets, is recorded and reported.
-    assert res["training"]["loss"] == {"name": "huber", "delta": 3.0,
+    assert res["training"]["loss"] == {"name": "huber", "delta": 3.0, "targets": "on",
                                        "units": "standard deviations of each gene on the fold's training rows"}
+    assert res["evaluated_on"] == "held_out" and res["training"]["refit"] is True
+    assert "- refit: after inner validation chose each head's epoch" in open(w / "report.md").read()
     assert "- loss: Huber, delta 3 (standard deviations" in open(w / "report.md").read()
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
-    assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder"}
+    assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder", "loo main_refit",
+                                          "loo random_encoder_refit"}
 
 
 def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stores, tmp_path):

@@ -51,6 +51,9 @@ def tiny_config(demo_root: str, **overrides):
     c.eval_batch_size = 16
     c.log_every_steps = 1000
     c.checkpoint.every_steps = 5
+    # What these tests compare is the parallel execution of one training of the heads; the random-encoder
+    # control and the refit would only train them again the same way (test_resume covers the refit's loop).
+    c.loo.random_encoder_control, c.train.refit = "off", "off"
     return with_changes(c, **overrides)
 
 
@@ -157,8 +160,12 @@ def _run(demo_root, workdir, *extra, n_devices=1, expect_rc=0, timeout=300):
 
 def _run_procs(demo_root, workdir, n, *extra, expect_rc=0, timeout=300):
     port = _free_port()
+    env = _env(1)
+    # No shared compilation cache here: a process that finds a program cached would reach the first collective
+    # while its peer still compiles, and gloo gives up waiting after 30 s on a loaded 2-core machine.
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)
     procs = [subprocess.Popen([sys.executable, __file__, "run", demo_root, workdir, "--proc", str(i), str(n),
-                               str(port), *extra], env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               str(port), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(n)]
     outs = []
     deadline = time.time() + timeout

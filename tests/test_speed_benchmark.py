@@ -170,6 +170,7 @@ def test_protocol_carries_our_folds_recipe_and_encoder(tr, tmp_path, recipe):
     expected = {"standard": (8, True, True, True, 0.5), "paper": (1, False, False, False, 0.0)}[recipe]
     assert (t_recipe.views, t_recipe.standardise, t_recipe.zero_output, t_recipe.select_epoch,
             t_recipe.dropout_rate) == expected
+    assert t_recipe.refit == (config.train.refit == "on" and recipe == "standard")
     assert set(arrays) == {k for k in tr.TorchEncoder().state_dict() if not k.endswith("num_batches_tracked")}
 
 
@@ -183,10 +184,11 @@ def test_default_recipes_resolve_as_a_run_does():
         config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"].ensemble, "dihedral", "zeros")
     assert real.model.dropout_rate == demo.model.dropout_rate == 0.5
     assert real.train.huber_delta == demo.train.huber_delta == 3.0
+    assert (real.train.refit, demo.train.refit) == ("on", "off")  # the demo's 10-minute budget
     paper = speed.loo_config("s", "paper", on_demo=False, **quiet)
     assert (paper.train.ensemble, paper.train.augment, paper.train.select_epoch, paper.train.standardise_targets,
             paper.model.output_init, paper.model.dropout_rate) == (1, "none", "off", "off", "lecun", 0.0)
-    assert paper.train.huber_delta == 1.0
+    assert paper.train.huber_delta == 1.0 and paper.train.refit == "off"
     assert speed.loo_config("s", "paper", on_demo=True, epochs=1, **quiet).train.epochs == 1
 
 
@@ -204,6 +206,28 @@ def test_reference_protocol_runs_the_standard_recipe_on_a_tiny_input(tr):
     assert not out["predictions"][2:8].any()  # rows no fold holds out stay unpredicted
     assert out["best_epoch"].shape == (2, 2) and set(out["best_epoch"].ravel()) <= {1, 2}
     assert len(out["fold_wall_s"]) == 2
+
+
+@needs_torch
+def test_reference_refit_is_the_head_trained_again_on_every_training_row(tr):
+    """With refit, the reference's head is the one a run without inner validation gets from the training and
+    inner-validation rows together, trained up to the epoch the first pass chose (same seeds, same batches)."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    tiles = np.random.default_rng(1).integers(0, 256, (10, 32, 32, 3), dtype=np.uint8)
+    expression = rng.standard_normal((10, 3)).astype(np.float32)
+    fold = tr.Fold(np.arange(0, 2), np.arange(2, 8), np.arange(8, 10))
+    recipe = tr.Recipe(epochs=3, batch_size=3, ensemble=1, views=1, standardise=True, zero_output=True,
+                       select_epoch=True, refit=True, eval_batch_size=8)
+    out = tr.torch_loo_protocol(tiles, expression, [fold], recipe, num_threads=1)
+    best = int(out["best_epoch"][0, 0])
+    again = tr.torch_loo_protocol(tiles, expression, [tr.Fold(fold.held_out, np.arange(2, 10), np.arange(0))],
+                                  dataclasses.replace(recipe, epochs=best, select_epoch=False, refit=False),
+                                  num_threads=1)
+    np.testing.assert_allclose(out["predictions"], again["predictions"], rtol=1e-6, atol=1e-7)
+    plain = tr.torch_loo_protocol(tiles, expression, [fold], dataclasses.replace(recipe, refit=False), num_threads=1)
+    assert not np.allclose(out["predictions"][:2], plain["predictions"][:2])
 
 
 def test_benchmark_stops_when_pytorch_is_missing(tmp_path):

@@ -58,7 +58,7 @@ def _loss_summary(config) -> dict:
     standardised = config.train.standardise_targets == "on"
     return {"name": "huber", "delta": builders.huber_delta(config),
             "units": "standard deviations of each gene on the fold's training rows" if standardised
-            else "log-normalised expression"}
+            else "log-normalised expression", "targets": config.train.standardise_targets}
 
 
 def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict], list[int], dict]:
@@ -108,7 +108,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         config, len(plan.folds), expression.shape[1], encoders[0], log=console.log)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
     out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits,
-           "inner_validation_score": {}}
+           "inner_validation_score": {}, "refit": False}
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
@@ -119,8 +119,10 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         held = [plan.held_out_rows(f) for f in group]
         for f, p in zip(group, res["predict"](held)):
             out["preds"][f] = p
+        out["refit"] = res["refit"]
+        # Scored before any refit: refitted heads have learnt from the inner-validation rows.
         if any(len(val_rows[f]) for f in group):
-            for f, p in zip(group, res["predict"]([val_rows[f] for f in group])):
+            for f, p in zip(group, res["selected_predict"]([val_rows[f] for f in group])):
                 if len(p):
                     out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
                         expression, train_rows[f], val_rows[f], p)
@@ -242,7 +244,8 @@ def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, enco
         figures["spatial_maps"] = "figures/loo_spatial_maps.png"
     t = config.data.tile_size
     model = builders.histospace(config, len(store.genes))
-    hv = model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)), context=model.sample_context())
+    hv = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, t, t, 3)),
+                                           context=model.sample_context()))
     ckpt_dir = os.path.join(workdir, "checkpoints", "loo_main")
     extra["model"] = {"encoder_params": builders.count_params(encoder_variables["params"]),
                       "head_params": builders.count_params(hv["params"]["head"]),
@@ -261,6 +264,12 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                             "spot store from `python -m histospace_jax.prepare` with --format=stnet|her2st|visium")
     plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
     encoders, encoder_of_fold, ae_summaries = fold_encoders(config, workdir, store, inputs, plan)
+    if config.loo.evaluate_on == "inner_validation":
+        # Each fold's encoder stays the one of its patient split (it saw the training patients' tiles, as in
+        # a held-out run); everything else learns from and is scored on the inner split only.
+        plan = folds.inner_validation_plan(config, store.obs, plan)
+        console.log("[loo] loo.evaluate_on=inner_validation: every fold is scored on its inner-validation spots "
+                    "(training patients only); no held-out patient is read")
     feats = encoder_features(config, workdir, store, encoders)
     loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats)
     expression = np.asarray(store.expression, np.float32)
@@ -293,7 +302,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                   for f in fold_metrics],
         "summary": evaluation.summarise(fold_metrics),
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
+        "evaluated_on": config.loo.evaluate_on,
         "training": {"recipe": config.recipe, "loss": _loss_summary(config), "best_epoch": loo["best_epoch"],
+                     "refit": loo["refit"],
                      "inner_validation": loo["inner_validation"],
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
                      "context": folds.context_summary(config, store.obs),

@@ -23,7 +23,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     expression = np.asarray(store.expression, np.float32)
     heads = folds.train_one_fold_on_all(config, workdir, store.obs, feats, expression, ae["variables"], inputs.writer,
                                         "train_all")
-    curve = heads["curve"]
+    # The exported heads' own training: the refit's pass when there was one (its rows say "(refit)").
+    curve = [r for r in heads["curve"] if r["fold"].endswith("(refit)") == heads["refit"]]
     encoder_source = ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae")
     info = {}
     if jax.process_index() == 0:
@@ -40,6 +41,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                "train": {"store": store.path, "patients": store.patients, "n_spots": store.n_spots,
                          "n_genes": len(store.genes), "epochs": config.train.epochs,
                          "best_epoch": heads["best_epoch"], "inner_validation": heads["inner_validation"],
+                         "refit": heads["refit"],
                          "final_train_huber": curve[-1]["train_huber"] if curve else None},
                "model_export": info,
                "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"}}
