@@ -33,6 +33,21 @@ SHARED_DATA = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
 @pytest.fixture
+def optimised_xla():
+    """XLA's full optimisation, for a test that compares two formulations of one computation to float rounding
+    (the suite compiles without it, above): the optimised programs are what users run. Caches are cleared on the
+    way in and out, so no program compiled the other way is reused."""
+    import jax
+
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    jax.clear_caches()
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+    jax.clear_caches()
+
+
+@pytest.fixture
 def shared_data():
     """Path of ../shared/data; skips the test with a reason when it is absent."""
     if not os.path.isdir(SHARED_DATA):

@@ -80,7 +80,7 @@ def test_weight_decay_alone_would_move_the_encoder():
     assert not np.array_equal(k0, k1)
 
 
-def test_regression_step_on_features_equals_step_on_images():
+def test_regression_step_on_features_equals_step_on_images(optimised_xla):
     hs, enc, enc_vars, state = _regression_setup()
     rng = np.random.default_rng(0)
     images = _tiles(4, size=128)
