@@ -392,20 +392,20 @@ def torch_loo_protocol(tiles_uint8: np.ndarray, expression: np.ndarray, folds: l
         targets = (expression_t - mean) / sd
         fold_pred, fold_best = torch.zeros(len(fold.held_out), n_genes), []
         for k in range(recipe.ensemble):
-            torch.manual_seed(recipe.seed * 100003 + f * 1000 + k + 1)
-            model = TorchRegressor(n_genes, encoder, image_size=tiles_uint8.shape[1],
-                                   dropout_rate=recipe.dropout_rate)
-            init_like_flax(model.head, zero_output=model.head.fc2 if recipe.zero_output else None)
-            model, best = _train_head(model, tiles_uint8, targets, fold, recipe)
+            def new_head() -> TorchRegressor:
+                """Head k of fold f, freshly initialised (the same weights on every call)."""
+                torch.manual_seed(recipe.seed * 100003 + f * 1000 + k + 1)
+                model = TorchRegressor(n_genes, encoder, image_size=tiles_uint8.shape[1],
+                                       dropout_rate=recipe.dropout_rate)
+                init_like_flax(model.head, zero_output=model.head.fc2 if recipe.zero_output else None)
+                return model
+
+            model, best = _train_head(new_head(), tiles_uint8, targets, fold, recipe)
             head_mean, head_sd = mean, sd
             if recipe.refit and recipe.select_epoch and len(fold.val):
                 every = np.union1d(fold.train, fold.val)
                 head_mean, head_sd = standardisation(expression_t, every, recipe.standardise)
-                torch.manual_seed(recipe.seed * 100003 + f * 1000 + k + 1)  # the same initialisation
-                model = TorchRegressor(n_genes, encoder, image_size=tiles_uint8.shape[1],
-                                       dropout_rate=recipe.dropout_rate)
-                init_like_flax(model.head, zero_output=model.head.fc2 if recipe.zero_output else None)
-                model, _ = _train_head(model, tiles_uint8, (expression_t - head_mean) / head_sd,
+                model, _ = _train_head(new_head(), tiles_uint8, (expression_t - head_mean) / head_sd,
                                        Fold(fold.held_out, every, every[:0]), dataclasses.replace(recipe, epochs=best))
             z = _predict_rows(model, tiles_uint8, fold.held_out, recipe.eval_batch_size, recipe.views)
             fold_pred += head_mean + head_sd * z

@@ -404,21 +404,18 @@ class _EpochEnd(loop.Hook):
                     f = p.fold_of[m]
                     error = (p.to_expression(m, z[m]) - self.data.expression[r]) / p.score_sd[f]
                     val[m] = float(np.mean(error ** 2))
+        # Members whose state at this epoch is the one they keep: a refit's chosen epoch, or a better score.
+        take = None
         if self.keep_epoch is not None:
-            keep = self.keep_epoch == epoch
-            if keep.any():
-                lp.rstate = {**lp.rstate, "best": _where_member(keep, lp.rstate["train"], lp.rstate["best"]),
-                             "best_epoch": _replicated(np.where(keep, epoch, np.asarray(lp.rstate["best_epoch"][0])))}
+            take = self.keep_epoch == epoch
         elif self.select and np.isfinite(val).any():
             score = np.where(np.isfinite(val), val, _NO_SCORE)
             best = np.asarray(lp.rstate["best_score"][0])
-            better = score < best
-            if better.any():
-                lp.rstate = {**lp.rstate,
-                             "best": _where_member(better, lp.rstate["train"], lp.rstate["best"]),
-                             "best_score": _replicated(np.where(better, score, best)),
-                             "best_epoch": _replicated(np.where(better, epoch,
-                                                                np.asarray(lp.rstate["best_epoch"][0])))}
+            take = score < best
+            lp.rstate = {**lp.rstate, "best_score": _replicated(np.where(take, score, best))}
+        if take is not None and take.any():
+            lp.rstate = {**lp.rstate, "best": _where_member(take, lp.rstate["train"], lp.rstate["best"]),
+                         "best_epoch": _replicated(np.where(take, epoch, np.asarray(lp.rstate["best_epoch"][0])))}
         for f, name in enumerate(self.data.names):
             mine = p.fold_of == f
             row = {"epoch": epoch, "fold": name, "train_huber": float(np.mean(mean_loss[mine])),
