@@ -46,6 +46,7 @@ VARIANTS = {
     # patients only) puts them, never where the held-out patient does.
     "weight_decay_1": ["--config.train.weight_decay=1.0"],
     "learning_rate_3e-4": ["--config.train.learning_rate=3e-4"],
+    "learning_rate_1e-4": ["--config.train.learning_rate=1e-4"],
     "epochs_20": ["--config.train.epochs=20"],
     "ensemble_10": ["--config.train.ensemble=10"],
     "context": ["--config.model.context=neighbours"],

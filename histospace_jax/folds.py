@@ -35,6 +35,12 @@ from histospace_jax.errors import BadInputError
 
 BLOCK_CELLS = 4  # inner-validation blocks: 4 x 4 spots of the array grid
 _NO_SCORE = 1e30  # "not evaluated yet" (checkpoints refuse non-finite arrays)
+# Live hidden units are counted on a fold's inner-validation spots, or on this many of its training spots
+# (evenly spread) when it has none.
+LIVE_UNIT_ROWS = 256
+# At or below this share of live hidden units a fold's heads have all but collapsed (console warning): their
+# predictions vary along a handful of directions at most, and along none once every unit is dead.
+LOW_LIVE_UNITS = 0.02
 
 
 @dataclasses.dataclass
@@ -266,20 +272,24 @@ def make_member_train_step_on_features(huber_delta: float, compiler_options: dic
                                        compiler_options)
 
 
-def make_member_predict_on_features(compiler_options: dict | None = None):
-    """`ctx`: each member's context rows [M, B, C], or None."""
+def make_member_predict_on_features(compiler_options: dict | None = None, with_hidden: bool = False):
+    """`ctx`: each member's context rows [M, B, C], or None. With `with_hidden`, each member's
+    (prediction, last hidden FC layer before its ReLU) (steps.predict_with_hidden_step)."""
+    step_fn = steps.predict_with_hidden_step if with_hidden else steps.predict_step
+
     def predict(states, feats, ctx):
         def one(state, x, c):
-            return steps.predict_step(state, {"features": x} if c is None else {"features": x, "context": c})
+            return step_fn(state, {"features": x} if c is None else {"features": x, "context": c})
 
         return jax.vmap(one)(states, feats, ctx)
 
     return steps.with_compiler_options(jax.pmap(predict, axis_name=builders.AXIS), compiler_options)
 
 
-def make_member_predict(n_views: int, compiler_options: dict | None = None):
+def make_member_predict(n_views: int, compiler_options: dict | None = None, with_hidden: bool = False):
     """Each member's prediction on its rows, averaged over the first `n_views` dihedral views inside one program
-    (one transfer per chunk)."""
+    (one transfer per chunk). With `with_hidden`, (prediction, the last hidden FC layer before its ReLU on view
+    0)."""
     def predict(states, feats, ctx, enc_of, idx):
         def one(state, e, i):
             def view_batch(v):
@@ -290,6 +300,9 @@ def make_member_predict(n_views: int, compiler_options: dict | None = None):
             def add_view(v, total):
                 return total + steps.predict_step(state, view_batch(v))
 
+            if with_hidden:
+                first, hidden = steps.predict_with_hidden_step(state, view_batch(0))
+                return jax.lax.fori_loop(1, n_views, add_view, first) / n_views, hidden
             first = steps.predict_step(state, view_batch(0))
             return jax.lax.fori_loop(1, n_views, add_view, first) / n_views
 
@@ -328,6 +341,7 @@ class MemberProgram:
             self.feats = None
             self.train_step = make_member_train_step_on_features(builders.huber_delta(config), self.compiler_options)
             self.predict = make_member_predict_on_features(self.compiler_options)
+            self._predict_hidden = None
         else:
             self.n_views = data.features.shape[1]
             self.feats = _replicated(data.features)
@@ -344,66 +358,101 @@ class MemberProgram:
         return self.train_step(rstates, self.feats, self.ctx_r, self.expr, self.mu_r, self.sd_r, self.enc_r,
                                self.fold_r, index, view)
 
-    def _predict_chunk(self, rstates, idx: np.ndarray, n_views: int) -> np.ndarray:
-        """[M, chunk, G]: each member's prediction on its chunk of rows, mean over the first n_views views."""
+    def _predict_chunk(self, rstates, idx: np.ndarray, n_views: int, hidden: bool = False):
+        """[M, chunk, G]: each member's prediction on its chunk of rows, mean over the first n_views views; with
+        `hidden`, also [M, chunk, U]: its last hidden FC layer before the ReLU on view 0."""
+        def members_first(a):
+            a = np.asarray(a)
+            return a.transpose(1, 0, 2, 3).reshape(idx.shape[0], idx.shape[1], -1)
+
         if not self.streamed:
             part = _split_devices(idx, by_process=False)
-            if n_views not in self._predict_views:
-                self._predict_views[n_views] = make_member_predict(n_views, self.compiler_options)
-            acc = np.asarray(self._predict_views[n_views](rstates, self.feats, self.ctx_r, self.enc_r, part))
-        else:
-            acc = 0.0
-            for v in range(n_views):
-                feats = member_features(self.streams, self.enc_of, np.full(idx.shape, v), idx)
-                ctx = None if self.context is None else np.stack(
-                    [self.context[e, v, i] for e, i in zip(self.enc_of, idx)])
-                acc = acc + np.asarray(self.predict(rstates, _split_devices(feats, by_process=False),
-                                                    None if ctx is None else _split_devices(ctx, by_process=False)))
-            acc = acc / n_views
-        return acc.transpose(1, 0, 2, 3).reshape(idx.shape[0], idx.shape[1], -1)
+            if (n_views, hidden) not in self._predict_views:
+                self._predict_views[n_views, hidden] = make_member_predict(n_views, self.compiler_options, hidden)
+            out = self._predict_views[n_views, hidden](rstates, self.feats, self.ctx_r, self.enc_r, part)
+            return (members_first(out[0]), members_first(out[1])) if hidden else members_first(out)
+        acc, first_hidden = 0.0, None
+        for v in range(n_views):
+            feats = member_features(self.streams, self.enc_of, np.full(idx.shape, v), idx)
+            ctx = None if self.context is None else np.stack(
+                [self.context[e, v, i] for e, i in zip(self.enc_of, idx)])
+            args = (rstates, _split_devices(feats, by_process=False),
+                    None if ctx is None else _split_devices(ctx, by_process=False))
+            if hidden and v == 0:
+                if self._predict_hidden is None:
+                    self._predict_hidden = make_member_predict_on_features(self.compiler_options, with_hidden=True)
+                pred, first_hidden = self._predict_hidden(*args)
+                acc = acc + np.asarray(pred)
+            else:
+                acc = acc + np.asarray(self.predict(*args))
+        acc = members_first(acc / n_views)
+        return (acc, members_first(first_hidden)) if hidden else acc
 
-    def predict_standardised(self, rstates, rows_per_member: list[np.ndarray], views: int | None = None
-                             ) -> list[np.ndarray]:
+    def predict_standardised(self, rstates, rows_per_member: list[np.ndarray], views: int | None = None,
+                             hidden: bool = False):
         """Each member's predictions (standardised units, mean over the first `views` dihedral views, default
-        all) on its rows."""
+        all) on its rows; with `hidden`, (those, each member's last hidden FC layer before the ReLU on its rows,
+        view 0)."""
         n_views = self.n_views if views is None else views
         length = max([len(r) for r in rows_per_member] + [1])
         length = -(-length // self.chunk) * self.chunk
         idx = np.zeros((len(rows_per_member), length), np.int32)
         for m, r in enumerate(rows_per_member):
             idx[m, :len(r)] = r
-        out = None
-        for a in range(0, length, self.chunk):
-            acc = self._predict_chunk(rstates, idx[:, a:a + self.chunk], n_views)
-            out = acc if out is None else np.concatenate([out, acc], 1)
+        parts = [self._predict_chunk(rstates, idx[:, a:a + self.chunk], n_views, hidden)
+                 for a in range(0, length, self.chunk)]
+        if hidden:
+            out, act = (np.concatenate([p[i] for p in parts], 1) for i in (0, 1))
+            return ([out[m, :len(r)] for m, r in enumerate(rows_per_member)],
+                    [act[m, :len(r)] for m, r in enumerate(rows_per_member)])
+        out = np.concatenate(parts, 1)
         return [out[m, :len(r)] for m, r in enumerate(rows_per_member)]
+
+    def live_units(self, rstates, rows_per_member: list[np.ndarray]) -> np.ndarray:
+        """Per member, the share of its last hidden FC layer's units that are live: above zero before the ReLU
+        on at least one of its rows (view 0). NaN for a member without rows."""
+        _, act = self.predict_standardised(rstates, rows_per_member, views=1, hidden=True)
+        return np.array([float(np.mean(np.any(a > 0, axis=0))) if len(a) else np.nan for a in act])
 
     def to_expression(self, member: int, z: np.ndarray) -> np.ndarray:
         f = self.fold_of[member]
         return self.mu[f] + self.sd[f] * z
 
 
+def live_unit_rows(data: HeadData, fold: int) -> np.ndarray:
+    """The rows a fold's live hidden units are counted on: its inner-validation rows, else LIVE_UNIT_ROWS of its
+    training rows, evenly spread."""
+    if len(data.val_rows[fold]):
+        return data.val_rows[fold]
+    rows = data.train_rows[fold]
+    return rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), LIVE_UNIT_ROWS)).astype(int))]
+
+
 class _EpochEnd(loop.Hook):
-    """Per epoch: each fold's training loss (mean over its members) and inner-validation MSE; with
+    """Per epoch: each fold's training loss (mean over its members), inner-validation MSE and share of live
+    hidden units (MemberProgram.live_units: a head whose units die predicts one profile for every spot); with
     select_epoch, every member keeps the state of its best validation epoch."""
 
     def __init__(self, program: MemberProgram, data: HeadData, select: bool, writer,
                  keep_epoch: np.ndarray | None = None):
         self.program, self.data, self.select, self.writer = program, data, select, writer
         self.val_rows = [data.val_rows[f] for f in program.fold_of]
+        self.probe_rows = [live_unit_rows(data, f) for f in program.fold_of]
         self.keep_epoch = keep_epoch  # per member: the epoch whose state it keeps (a refit), instead of the best
+        self.warned: set[str] = set()
 
     def on_epoch_end(self, lp, epoch, step, mean_loss):
         rows, p = [], self.program
         val = np.full(len(p.fold_of), np.nan)
-        if any(len(r) for r in self.val_rows):
-            # The untransformed view only: choosing an epoch does not need the 8-view average, at 1/8 the cost.
-            z = p.predict_standardised(lp.rstate["train"], self.val_rows, views=1)
-            for m, r in enumerate(self.val_rows):
-                if len(r):
-                    f = p.fold_of[m]
-                    error = (p.to_expression(m, z[m]) - self.data.expression[r]) / p.score_sd[f]
-                    val[m] = float(np.mean(error ** 2))
+        # The untransformed view only: choosing an epoch does not need the 8-view average, at 1/8 the cost.
+        z, act = p.predict_standardised(lp.rstate["train"], self.probe_rows, views=1, hidden=True)
+        live = np.array([float(np.mean(np.any(a > 0, axis=0))) for a in act])
+        n_units = act[0].shape[-1]
+        for m, r in enumerate(self.val_rows):
+            if len(r):
+                f = p.fold_of[m]
+                error = (p.to_expression(m, z[m]) - self.data.expression[r]) / p.score_sd[f]
+                val[m] = float(np.mean(error ** 2))
         # Members whose state at this epoch is the one they keep: a refit's chosen epoch, or a better score.
         take = None
         if self.keep_epoch is not None:
@@ -419,9 +468,21 @@ class _EpochEnd(loop.Hook):
         for f, name in enumerate(self.data.names):
             mine = p.fold_of == f
             row = {"epoch": epoch, "fold": name, "train_huber": float(np.mean(mean_loss[mine])),
-                   "val_mse": float(np.nanmean(val[mine])) if np.isfinite(val[mine]).any() else float("nan")}
+                   "val_mse": float(np.nanmean(val[mine])) if np.isfinite(val[mine]).any() else float("nan"),
+                   "live_units": float(np.mean(live[mine]))}
             rows.append(row)
             self.writer.write("head_epoch", step, loop=lp.spec.name, **row)
+            if row["live_units"] <= LOW_LIVE_UNITS and name not in self.warned:
+                self.warned.add(name)
+                console.log(f"[{lp.spec.name}] WARNING holding out {name}: at epoch {epoch} only "
+                            f"{row['live_units']:.1%} of the heads' {n_units} last hidden units are active on any of "
+                            f"{len(self.probe_rows[np.flatnonzero(mine)[0]])} probe spots: the heads are collapsing "
+                            "towards one profile for every spot. A unit that dies does not come back (its ReLU "
+                            "passes no gradient); a lower --config.train.learning_rate keeps more of them alive")
+        console.log(f"[{lp.spec.name}] epoch {epoch}: " + "; ".join(
+            f"{r['fold']} huber {r['train_huber']:.4f}"
+            + (f" val {r['val_mse']:.4f}" if np.isfinite(r["val_mse"]) else "") + f" live {r['live_units']:.0%}"
+            for r in rows))
         return rows
 
 
@@ -509,9 +570,10 @@ def train_heads(config, workdir: str, data: HeadData, *, tag: str, writer) -> di
 
     Returns {'predict': fn(rows per fold) -> expression predictions per fold [len(rows), G] (mean over the
     fold's heads and the views), 'untrained': the same for the heads at initialisation, 'curve', 'best_epoch'
-    per fold, 'states': the final member states (host, stacked), 'initial_states': the same at
-    initialisation, 'program', 'refit': whether the returned heads were refitted, 'selected_predict': 'predict'
-    of the heads before any refit (what inner validation can score)}."""
+    per fold, 'live_units' per fold (the returned heads' share of live hidden units, MemberProgram.live_units,
+    mean over the fold's heads), 'states': the final member states (host, stacked), 'initial_states': the
+    same at initialisation, 'program', 'refit': whether the returned heads were refitted, 'selected_predict':
+    'predict' of the heads before any refit (what inner validation can score)}."""
     first = _train_members(config, workdir, data, tag=tag, writer=writer)
     if not (first["select"] and config.train.refit == "on"):
         return {**first, "refit": False, "selected_predict": first["predict"]}
@@ -604,7 +666,9 @@ def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, ke
                             0).astype(np.float32) for f in range(n_folds)]
         return predict
 
+    live = program.live_units(chosen_r, [live_unit_rows(data, f) for f in program.fold_of])
     return {"predict": predictor(chosen_r), "untrained": predictor(init_r), "curve": curve,
+            "live_units": {data.names[f]: float(np.mean(live[program.fold_of == f])) for f in range(n_folds)},
             "best_epoch": {data.names[f]: [int(x) for x in best_epoch[program.fold_of == f]] for f in range(n_folds)},
             "states": jax.tree_util.tree_map(np.asarray, chosen), "initial_states": stacked, "program": program,
             "select": select}
@@ -614,7 +678,8 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
                           encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None) -> dict:
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows; with train.refit, the heads are then refitted on every row). Returns {'states': member states
-    stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'untrained_states'}.
+    stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'live_units',
+    'untrained_states'}.
     `context` ([1, V, N, C]): the rows' neighbourhood context when it was computed on more spots than these
     (default: from `feats` and `obs`)."""
     tr, va, how = training_split(config, obs, np.arange(len(expression)))
@@ -625,7 +690,7 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     program = res["program"]
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
             "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how, "refit": res["refit"],
-            "untrained_states": res["initial_states"]}
+            "live_units": res["live_units"]["(all)"], "untrained_states": res["initial_states"]}
 
 
 def store_context(config, features_per_encoder, obs: dict) -> np.ndarray | None:

@@ -288,6 +288,10 @@ def _fold_details(results: dict) -> list[str]:
         for name, how in t.get("inner_validation", {}).items():
             lines.append(f"- holding out {name}: inner validation {how}; best epoch per head "
                          f"{t.get('best_epoch', {}).get(name)}")
+            live = t.get("live_units", {}).get(name)
+            if live is not None:
+                lines.append(f"  - live hidden units of its heads: {live:.0%} (active on at least one spot; a "
+                             "head whose units all die predicts one profile for every spot)")
             score = t.get("inner_validation_score", {}).get(name)
             if score:
                 lines.append(f"  - on those spots: MSE {score['mse_sd_units']:.4f} training SDs² (training mean "

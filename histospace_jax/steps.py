@@ -156,14 +156,14 @@ def _zero_masked_rows(batch: dict) -> dict:
     return out
 
 
-def _regression_forward(state, params, batch, train: bool, rngs=None, mutable=False):
+def _regression_forward(state, params, batch, train: bool, rngs=None, mutable=False, **apply_kwargs):
     mask = batch.get("mask")
     context = batch.get("context")  # only for models with neighbourhood context
     if "features" in batch:
         return state.apply_fn(_variables(state, params), batch["features"], train, mask, context,
-                              method="from_features", rngs=rngs, mutable=mutable)
+                              method="from_features", rngs=rngs, mutable=mutable, **apply_kwargs)
     return state.apply_fn(_variables(state, params), to_unit_range(batch["image"]), train, mask, context,
-                          rngs=rngs, mutable=mutable)
+                          rngs=rngs, mutable=mutable, **apply_kwargs)
 
 
 def regression_train_step(state: TrainState, batch: dict, *, huber_delta: float = 1.0,
@@ -195,6 +195,27 @@ def regression_train_step(state: TrainState, batch: dict, *, huber_delta: float 
 def predict_step(state: TrainState, batch: dict):
     """Predicted expression [B, G] (inference: BatchNorm on running averages)."""
     return _regression_forward(state, state.params, batch, False)
+
+
+def _is_hidden_fc(module, method_name: str) -> bool:
+    return method_name == "__call__" and isinstance(module, flax.linen.Dense) and (module.name or "").startswith("fc")
+
+
+def predict_with_hidden_step(state: TrainState, batch: dict):
+    """(predicted expression [B, G], the head's last hidden FC layer before its ReLU [B, U]), inference mode.
+
+    A hidden unit whose value is <= 0 on every spot is dead: its ReLU passes nothing forward and no gradient
+    back, so it can never recover. A head whose units all die predicts its output bias for every spot (the
+    collapse standardised targets with a lecun-initialised output layer produced on real patients)."""
+    pred, captured = _regression_forward(state, state.params, batch, False, mutable=["intermediates"],
+                                         capture_intermediates=_is_hidden_fc)
+    layers = {}
+    for path, value in jax.tree_util.tree_flatten_with_path(captured["intermediates"])[0]:
+        names = [getattr(k, "key", None) for k in path]
+        fc = [n for n in names if isinstance(n, str) and n.startswith("fc") and n[2:].isdigit()]
+        if fc:
+            layers[int(fc[-1][2:])] = value
+    return pred, layers[max(layers)]
 
 
 def encode_step(encoder, variables: dict, images_uint8):

@@ -3,11 +3,14 @@ pathology clustering, store overlap checks (the modes end to end: test_modes.py)
 
 import json
 import os
+import types
 
+import flax
+import jax
 import numpy as np
 import pytest
 
-from histospace_jax import builders, clustering, config as config_lib, controls, folds, metric_log
+from histospace_jax import builders, clustering, config as config_lib, controls, folds, metric_log, steps
 from histospace_jax.data import store as store_lib
 from histospace_jax.modes import external
 
@@ -330,3 +333,40 @@ def test_head_seed_moves_the_heads_and_nothing_else():
     c2.train.head_seed = -1
     with pytest.raises(config_lib.ConfigError, match="train.head_seed"):
         config_lib.validate(c2)
+
+
+def _with_hidden_bias(states, bias_of_unit):
+    params = flax.core.unfreeze(jax.tree_util.tree_map(np.array, states.params))
+    params["head"]["fc0"]["bias"][:] = bias_of_unit
+    return states.replace(params=params)
+
+
+def test_live_hidden_units_are_counted_and_a_collapsing_head_is_reported(tmp_path, capsys):
+    """Live units: the share of the last hidden layer's units active on at least one spot. With every unit's
+    bias pushed far below zero none is live (the collapse: one profile for every spot) and the epoch-end hook
+    warns; far above, all are; half and half, exactly half. Training records the share per epoch and fold."""
+    feats, expr, patient = _data()
+    _, res, plan = _run(tmp_path, "a", feats, expr, patient, fold_ids=(0, 1))
+    program, states = res["program"], res["states"]
+    rows = [plan.held_out_rows(f) for f in program.fold_of]
+    units = states.params["head"]["fc0"]["bias"].shape[-1]
+    half = np.where(np.arange(units) < units // 2, 1e4, -1e4)
+    for bias, expected in ((-1e4, 0.0), (1e4, 1.0), (half, 0.5)):
+        live = program.live_units(steps.replicate(_with_hidden_bias(states, bias)), rows)
+        np.testing.assert_array_equal(live, np.full(len(program.fold_of), expected))
+    assert set(res["live_units"]) == {"P0", "P1"} and all(0 < v <= 1 for v in res["live_units"].values())
+    assert all(0 <= r["live_units"] <= 1 for r in res["curve"])
+
+    dead = steps.replicate(_with_hidden_bias(states, -1e4))
+    data = folds.HeadData(names=["P0", "P1"], train_rows=[plan.training_rows(f) for f in range(2)],
+                          val_rows=[np.zeros(0, np.int64)] * 2, encoder_of_fold=[0, 0], features=feats[None, None],
+                          expression=expr, encoder_variables=[builders.random_encoder_variables(tiny_config(), 0)])
+    hook = folds._EpochEnd(program, data, select=False, writer=metric_log.MetricWriter(str(tmp_path / "m.jsonl")))
+    lp = types.SimpleNamespace(rstate={"train": dead}, spec=types.SimpleNamespace(name="loo t"))
+    capsys.readouterr()
+    rows_out = hook.on_epoch_end(lp, 1, 6, np.zeros(len(program.fold_of)))
+    assert [r["live_units"] for r in rows_out] == [0.0, 0.0]
+    warned = capsys.readouterr().out
+    assert "holding out P0: at epoch 1 only 0.0% of the heads' 16 last hidden units" in warned and "P1" in warned
+    hook.on_epoch_end(lp, 2, 12, np.zeros(len(program.fold_of)))
+    assert "WARNING" not in capsys.readouterr().out  # once per fold

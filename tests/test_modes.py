@@ -65,7 +65,7 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
     res = json.load(open(w / "results.json"))
     assert res["mode"] == "train" and res["train"]["n_spots"] == 48 and res["train"]["patients"] == ["E", "F"]
     # The exported heads are refitted on every spot; train.csv is their own training, epochs 1 to the latest chosen.
-    assert res["train"]["refit"] is True
+    assert res["train"]["refit"] is True and 0 < res["train"]["live_units"] <= 1
     with open(w / "curves" / "train.csv") as f:
         epochs = [int(line.split(",")[0]) for line in f.read().splitlines()[1:]]
     assert epochs == list(range(1, max(res["train"]["best_epoch"]) + 1))
@@ -115,6 +115,7 @@ def test_external_mode_on_two_stores(stores, tmp_path):
     assert e["n_shared_genes"] == 3  # G1, G2, G4 in A's order
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
+    assert e["train"]["refit"] is True and 0 < e["train"]["live_units"] <= 1
     assert set(e["controls"]) == {"mean_predictor", "random_encoder"}
     assert e["warnings"] and list(e["map_genes"]) == ["G2"]
     assert (w / "figures" / "external_spatial_maps.png").exists()
@@ -142,6 +143,9 @@ def test_loo_mode_on_a_store(stores, tmp_path):
                                        "units": "standard deviations of each gene on the fold's training rows"}
     assert res["evaluated_on"] == "held_out" and res["training"]["refit"] is True
     assert "- refit: after inner validation chose each head's epoch" in open(w / "report.md").read()
+    live = res["training"]["live_units"]
+    assert set(live) == {"E", "F"} and all(0 < v <= 1 for v in live.values())
+    assert "  - live hidden units of its heads: " in open(w / "report.md").read()
     assert "- loss: Huber, delta 3 (standard deviations" in open(w / "report.md").read()
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]

@@ -117,3 +117,20 @@ def test_predict_uses_running_averages():
     pred_one = steps.predict_step(state, {"image": images[:1]})
     # Inference does not depend on the rest of the batch.
     np.testing.assert_allclose(np.asarray(pred_all[:1]), np.asarray(pred_one), rtol=1e-5, atol=1e-6)
+
+
+def test_predict_with_hidden_returns_the_last_hidden_layer_before_its_relu():
+    """The hidden units it returns are the ones the output layer reads: relu(hidden) @ W_out + b_out, computed
+    here in NumPy from the parameters, is the prediction (two FC layers: the last one is returned)."""
+    hs = models.HistoSpace(n_genes=5, encoder_features=(4, 4, 8), conv_features=(8,), fc_features=(16, 6))
+    enc_vars = models.Encoder("relu_bn", (4, 4, 8)).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+    state = steps.create_regression_state(hs, jax.random.PRNGKey(1), dict(enc_vars),
+                                          steps.make_regression_optimizer(1e-3), tile_size=32)
+    feats = np.random.default_rng(2).normal(size=(7, 4, 4, 8)).astype(np.float32)
+    pred, hidden = jax.jit(steps.predict_with_hidden_step)(state, {"features": feats})
+    assert hidden.shape == (7, 6)
+    out = state.params["head"]["out"]
+    by_hand = np.maximum(np.asarray(hidden, np.float64), 0) @ np.asarray(out["kernel"], np.float64) + \
+        np.asarray(out["bias"], np.float64)
+    np.testing.assert_allclose(np.asarray(pred), by_hand, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(pred), np.asarray(steps.predict_step(state, {"features": feats})))

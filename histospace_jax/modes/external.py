@@ -187,7 +187,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                          mean=heads["mean"], sd=heads["sd"], views=fa.shape[0])
     external = {
         "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
-                  "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic},
+                  "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic, "refit": heads["refit"],
+                  "live_units": heads["live_units"]},
         "test": {"store": store_b.path, "patients": sorted(set(store_b.obs["patient"][rows_b].tolist())),
                  "n_spots": int(len(rows_b)), "synthetic": store_b.synthetic},
         "n_shared_genes": len(genes), "overlap": overlap, "warnings": warnings, **results,

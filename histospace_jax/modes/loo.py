@@ -108,7 +108,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         config, len(plan.folds), expression.shape[1], encoders[0], log=console.log)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
     out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits,
-           "inner_validation_score": {}, "refit": False}
+           "inner_validation_score": {}, "refit": False, "live_units": {}}
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
@@ -132,6 +132,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
             out["untrained"][f] = p
         out["curve"].extend(res["curve"])
         out["best_epoch"].update(res["best_epoch"])
+        out["live_units"].update(res["live_units"])
     return out
 
 
@@ -304,7 +305,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
         "evaluated_on": config.loo.evaluate_on,
         "training": {"recipe": config.recipe, "loss": _loss_summary(config), "best_epoch": loo["best_epoch"],
-                     "refit": loo["refit"],
+                     "refit": loo["refit"], "live_units": loo["live_units"],
                      "inner_validation": loo["inner_validation"],
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
                      "context": folds.context_summary(config, store.obs),

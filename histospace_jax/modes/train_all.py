@@ -41,7 +41,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                "train": {"store": store.path, "patients": store.patients, "n_spots": store.n_spots,
                          "n_genes": len(store.genes), "epochs": config.train.epochs,
                          "best_epoch": heads["best_epoch"], "inner_validation": heads["inner_validation"],
-                         "refit": heads["refit"],
+                         "refit": heads["refit"], "live_units": heads["live_units"],
                          "final_train_huber": curve[-1]["train_huber"] if curve else None},
                "model_export": info,
                "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"}}
