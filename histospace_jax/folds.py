@@ -412,11 +412,17 @@ class MemberProgram:
         """Per member, the share of its last hidden FC layer's units that are live: above zero before the ReLU
         on at least one of its rows (view 0). NaN for a member without rows."""
         _, act = self.predict_standardised(rstates, rows_per_member, views=1, hidden=True)
-        return np.array([float(np.mean(np.any(a > 0, axis=0))) if len(a) else np.nan for a in act])
+        return live_share(act)
 
     def to_expression(self, member: int, z: np.ndarray) -> np.ndarray:
         f = self.fold_of[member]
         return self.mu[f] + self.sd[f] * z
+
+
+def live_share(hidden_per_member: list[np.ndarray]) -> np.ndarray:
+    """Per member, from its hidden layer before the ReLU on its rows [n, U]: the share of units above zero on at
+    least one row (NaN without rows)."""
+    return np.array([float(np.mean(np.any(a > 0, axis=0))) if len(a) else np.nan for a in hidden_per_member])
 
 
 def live_unit_rows(data: HeadData, fold: int) -> np.ndarray:
@@ -446,7 +452,7 @@ class _EpochEnd(loop.Hook):
         val = np.full(len(p.fold_of), np.nan)
         # The untransformed view only: choosing an epoch does not need the 8-view average, at 1/8 the cost.
         z, act = p.predict_standardised(lp.rstate["train"], self.probe_rows, views=1, hidden=True)
-        live = np.array([float(np.mean(np.any(a > 0, axis=0))) for a in act])
+        live = live_share(act)
         n_units = act[0].shape[-1]
         for m, r in enumerate(self.val_rows):
             if len(r):
