@@ -340,15 +340,13 @@ class MemberProgram:
             self.n_views = self.streams[0].shape[0]
             self.feats = None
             self.train_step = make_member_train_step_on_features(builders.huber_delta(config), self.compiler_options)
-            self.predict = make_member_predict_on_features(self.compiler_options)
-            self._predict_hidden = None
         else:
             self.n_views = data.features.shape[1]
             self.feats = _replicated(data.features)
             self.train_step = make_member_train_step(builders.huber_delta(config), self.compiler_options)
-            self._predict_views = {}
         self.chunk = max(jax.local_device_count(), config.eval_batch_size // jax.local_device_count()
                          * jax.local_device_count())
+        self._predict_programs = {}  # (views, with hidden layer) -> compiled prediction program, built on first use
 
     def step(self, rstates, batch):
         index, view = _split_devices(batch["index"]), _split_devices(batch["view"])
@@ -357,6 +355,15 @@ class MemberProgram:
                                    self.sd_r, self.enc_r, self.fold_r, index, view)
         return self.train_step(rstates, self.feats, self.ctx_r, self.expr, self.mu_r, self.sd_r, self.enc_r,
                                self.fold_r, index, view)
+
+    def _predict_program(self, n_views: int, hidden: bool):
+        """The prediction program over n_views views (in memory; streamed features come one view per call)."""
+        key = (n_views, hidden)
+        if key not in self._predict_programs:
+            self._predict_programs[key] = (
+                make_member_predict_on_features(self.compiler_options, hidden) if self.streamed
+                else make_member_predict(n_views, self.compiler_options, hidden))
+        return self._predict_programs[key]
 
     def _predict_chunk(self, rstates, idx: np.ndarray, n_views: int, hidden: bool = False):
         """[M, chunk, G]: each member's prediction on its chunk of rows, mean over the first n_views views; with
@@ -367,9 +374,7 @@ class MemberProgram:
 
         if not self.streamed:
             part = _split_devices(idx, by_process=False)
-            if (n_views, hidden) not in self._predict_views:
-                self._predict_views[n_views, hidden] = make_member_predict(n_views, self.compiler_options, hidden)
-            out = self._predict_views[n_views, hidden](rstates, self.feats, self.ctx_r, self.enc_r, part)
+            out = self._predict_program(n_views, hidden)(rstates, self.feats, self.ctx_r, self.enc_r, part)
             return (members_first(out[0]), members_first(out[1])) if hidden else members_first(out)
         acc, first_hidden = 0.0, None
         for v in range(n_views):
@@ -378,13 +383,10 @@ class MemberProgram:
                 [self.context[e, v, i] for e, i in zip(self.enc_of, idx)])
             args = (rstates, _split_devices(feats, by_process=False),
                     None if ctx is None else _split_devices(ctx, by_process=False))
+            out = self._predict_program(1, hidden and v == 0)(*args)
             if hidden and v == 0:
-                if self._predict_hidden is None:
-                    self._predict_hidden = make_member_predict_on_features(self.compiler_options, with_hidden=True)
-                pred, first_hidden = self._predict_hidden(*args)
-                acc = acc + np.asarray(pred)
-            else:
-                acc = acc + np.asarray(self.predict(*args))
+                out, first_hidden = out
+            acc = acc + np.asarray(out)
         acc = members_first(acc / n_views)
         return (acc, members_first(first_hidden)) if hidden else acc
 

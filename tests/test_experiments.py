@@ -345,6 +345,9 @@ def test_live_hidden_units_are_counted_and_a_collapsing_head_is_reported(tmp_pat
     """Live units: the share of the last hidden layer's units active on at least one spot. With every unit's
     bias pushed far below zero none is live (the collapse: one profile for every spot) and the epoch-end hook
     warns; far above, all are; half and half, exactly half. Training records the share per epoch and fold."""
+    # A unit is live when it is above zero on any row, not on every row; a member without rows has no share.
+    shares = folds.live_share([np.array([[1.0, -1.0, -1.0], [-1.0, 0.0, 2.0]]), np.zeros((0, 3))])
+    np.testing.assert_array_equal(shares, [2 / 3, np.nan])
     feats, expr, patient = _data()
     _, res, plan = _run(tmp_path, "a", feats, expr, patient, fold_ids=(0, 1))
     program, states = res["program"], res["states"]
