@@ -46,6 +46,21 @@ def uses_context(config) -> bool:
     return config.model.get("context", "none") == "neighbours"
 
 
+def smoothing(config) -> dict | None:
+    """How predictions are smoothed over adjacent spots (model.smoothing), or None when they are not:
+    {"radius": spot spacings, "weights": the candidate weights of a spot's own prediction}. One candidate is a
+    fixed weight ("neighbours"); several are chosen between per fold on inner validation ("validated").
+    Before resolve_auto (e.g. a bare config in a test), "auto" means the recipe's choice."""
+    value = config.model.get("smoothing", "none")
+    if value == "auto":
+        value = config_lib.RECIPES[config.recipe].smoothing
+    if value == "none":
+        return None
+    weights = ((float(config.model.smoothing_weight),) if value == "neighbours" else
+               tuple(float(w) for w in config.model.smoothing_weights))
+    return {"radius": float(config.model.smoothing_radius), "weights": weights}
+
+
 def _output_init(config) -> str:
     # Before resolve_auto (e.g. a bare config in a test), "auto" means the recipe's choice.
     value = config.model.output_init

@@ -32,8 +32,10 @@ from histospace_jax.errors import CheckpointError, ConfigMismatchError, NonFinit
 AE_KEYS = ("seed", "data.tile_size", "model.variant", "model.encoder_features", "model.upconv_impl",
            "ae.epochs", "ae.batch_size", "ae.learning_rate", "ae.weight_decay", "ae.val_fraction")
 HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
-# Paths, and where the features are read from (memory or the on-disk cache: the same batches either way).
-_NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory")
+# Paths, where the features are read from (memory or the on-disk cache: the same batches either way), and the
+# smoothing of finished predictions (it never touches what the heads learn).
+_NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory", "model.smoothing", "model.smoothing_weight",
+          "model.smoothing_weights", "model.smoothing_radius")
 # Settings added after checkpoints were already being written, with the value that reproduces the old behaviour:
 # a checkpoint that does not record one was written with that value, so it resumes under it.
 ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5, "train.head_seed": None,

@@ -56,6 +56,15 @@ def get_config() -> ml_collections.ConfigDict:
     # (histospace_jax/context.py); neighbours lie within context_radius x the section's spot spacing.
     c.model.context = "none"
     c.model.context_radius = 1.5
+    # Each spot's prediction blended with the mean prediction of its adjacent spots (within smoothing_radius x
+    # the section's spot spacing), a weight w on its own and 1 - w on theirs, for the model and every image-based
+    # control of a fold alike. "validated": per fold, the w of smoothing_weights with the lowest inner-validation
+    # MSE (1 = none); "neighbours": w = smoothing_weight; "none"; "auto" = the recipe's (standard: validated,
+    # paper: none).
+    c.model.smoothing = "auto"
+    c.model.smoothing_weights = (1.0, 0.75, 0.5, 0.25)
+    c.model.smoothing_weight = 0.5
+    c.model.smoothing_radius = 1.5
     # "bfloat16": convolutions and dense layers compute in bfloat16 (GPU tensor cores, TPU MXU), parameters,
     # BatchNorm statistics, outputs and losses stay float32. "float32" everywhere is the default (and the
     # fast choice on CPUs without bfloat16 units).
@@ -175,6 +184,9 @@ NUMERIC_RANGES = {
     "model.head_fc_features": (1, _INF, True, True, True),
     "model.dropout_rate": (0, 1, True, False, False),
     "model.context_radius": (1, _INF, False, True, False),
+    "model.smoothing_weight": (0, 1, False, True, False),
+    "model.smoothing_weights": (0, 1, False, True, False),
+    "model.smoothing_radius": (1, _INF, False, True, False),
     "ae.epochs": (0, _INF, True, True, True),
     "ae.batch_size": (1, _INF, True, True, True),
     "ae.learning_rate": (0, _INF, False, True, False),
@@ -213,6 +225,7 @@ CHOICES = {
     "model.upconv_impl": ("subpixel", "transpose"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.context": ("none", "neighbours"),
+    "model.smoothing": ("none", "neighbours", "validated", "auto"),
     "loo.random_encoder_control": ("on", "off", "auto"),
     "distributed.mode": ("auto", "on", "off"),
     "ae_study.variants": ("pool", "relu", "relu_bn"),
@@ -306,11 +319,12 @@ class Recipe(NamedTuple):
     refit: str
     dropout_rate: float
     huber_delta: float
+    smoothing: str
 
 
 RECIPES = {
-    "standard": Recipe("on", "zeros", "dihedral", 5, "on", "on", 0.5, 3.0),
-    "paper": Recipe("off", "lecun", "none", 1, "off", "off", 0.0, 1.0),
+    "standard": Recipe("on", "zeros", "dihedral", 5, "on", "on", 0.5, 3.0, "validated"),
+    "paper": Recipe("off", "lecun", "none", 1, "off", "off", 0.0, 1.0, "none"),
 }
 # Keys whose unset value (None) means the recipe's choice: the Recipe field of the key's own name.
 RECIPE_NUMBERS = ("model.dropout_rate", "train.huber_delta")
@@ -340,7 +354,8 @@ def resolve_auto(config, log=print) -> None:
                              (config.model, "output_init", recipe.output_init),
                              (config.train, "augment", "none" if on_demo else recipe.augment),
                              (config.train, "select_epoch", recipe.select_epoch),
-                             (config.train, "refit", "off" if on_demo else recipe.refit)):
+                             (config.train, "refit", "off" if on_demo else recipe.refit),
+                             (config.model, "smoothing", recipe.smoothing)):
         if node[key] == "auto":
             node[key] = value
             chosen.append(f"{key}={value}")

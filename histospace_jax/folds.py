@@ -687,7 +687,7 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows; with train.refit, the heads are then refitted on every row). Returns {'states': member states
     stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'live_units',
-    'untrained_states'}.
+    'untrained_states', 'smoothing' (choose_smoothing's choice on the inner validation)}.
     `context` ([1, V, N, C]): the rows' neighbourhood context when it was computed on more spots than these
     (default: from `feats` and `obs`)."""
     tr, va, how = training_split(config, obs, np.arange(len(expression)))
@@ -696,9 +696,12 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
                     expression=expression, encoder_variables=[encoder_variables], context=ctx)
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
+    smoothing = choose_smoothing(config, obs, expression, tr, va, res["selected_predict"]([va])[0] if len(va) and
+                                 builders.smoothing(config) else None)
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
             "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how, "refit": res["refit"],
-            "live_units": res["live_units"]["(all)"], "untrained_states": res["initial_states"]}
+            "live_units": res["live_units"]["(all)"], "untrained_states": res["initial_states"],
+            "smoothing": smoothing}
 
 
 def store_context(config, features_per_encoder, obs: dict) -> np.ndarray | None:
@@ -716,6 +719,77 @@ def context_summary(config, obs: dict) -> dict | None:
     radius = float(config.model.context_radius)
     return context_lib.describe(context_lib.neighbour_table(obs["pixel_x"], obs["pixel_y"], obs["section"], radius),
                                 radius)
+
+
+# The predictors a run smooths when model.smoothing is on: every one that reads the tiles. The depth oracle
+# (measured library size) and the mean profile (constant) are not predictions from images.
+SMOOTHED_CONTROLS = ("random_encoder", "untrained_head", "trivial_image", "linear_probe", "image_depth")
+
+
+def choose_smoothing(config, obs: dict, expression: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
+                     val_pred: np.ndarray | None) -> dict | None:
+    """A fold's smoothing of predictions (None when model.smoothing is off): {"self_weight": w, "radius",
+    "chosen_by", "inner_validation_mse": {w: MSE in training SDs² of the heads' inner-validation predictions
+    smoothed with w}}. Several candidate weights: the lowest MSE wins (ties go to the lighter smoothing); without
+    inner-validation predictions, w = 1 (no smoothing). Neighbours of a validation spot are validation spots."""
+    how = builders.smoothing(config)
+    if how is None:
+        return None
+    out = {"radius": how["radius"]}
+    if len(how["weights"]) == 1:
+        return {**out, "self_weight": how["weights"][0], "chosen_by": "model.smoothing_weight"}
+    if val_pred is None or not len(val_rows):
+        return {**out, "self_weight": 1.0, "chosen_by": "no inner validation: not smoothed"}
+    _, sd = metrics.gene_mean_and_sd(expression[train_rows])
+    truth = np.asarray(expression[val_rows], np.float64)
+    scores = {}
+    for w in sorted(set(how["weights"]), reverse=True):
+        smoothed = context_lib.smooth_rows(np.asarray(val_pred, np.float64), obs, val_rows, how["radius"], w)
+        scores[w] = float(np.mean(((truth - smoothed) / sd) ** 2))
+    best = min(scores, key=lambda w: (scores[w], -w))
+    return {**out, "self_weight": best, "chosen_by": f"inner validation ({len(val_rows)} spots)",
+            "inner_validation_mse": {f"{w:g}": v for w, v in scores.items()}}
+
+
+def smooth_predictions(obs: dict, rows: np.ndarray, pred, choice: dict | None):
+    """`pred` ([len(rows), G], predictions of store rows `rows`) smoothed as `choice` (choose_smoothing) says,
+    neighbours among `rows` within each section; unchanged when there is nothing to smooth."""
+    if choice is None or pred is None or choice["self_weight"] >= 1.0:
+        return pred
+    return context_lib.smooth_rows(pred, obs, rows, choice["radius"], choice["self_weight"])
+
+
+def exported_smoothing(choice: dict | None) -> dict | None:
+    """What model.json records for `predict` ({"radius", "self_weight"}), or None when nothing is smoothed."""
+    if choice is None or choice["self_weight"] >= 1.0:
+        return None
+    return {"radius": choice["radius"], "self_weight": choice["self_weight"]}
+
+
+def smoothing_summary(choices: dict, obs: dict, rows_by_name: dict, random_encoder: dict | None = None
+                      ) -> dict | None:
+    """What results.json records about the smoothing of predictions (None when off): per evaluated set (held-out
+    patient, test store) its choice and how many neighbours its spots had; the random-encoder control's own
+    choices (`random_encoder`, by set) as its weights."""
+    if not choices or all(c is None for c in choices.values()):
+        return None
+    sets = {}
+    for name, rows in rows_by_name.items():
+        choice, rows = choices[name], np.asarray(rows)
+        count = (context_lib.neighbour_table(np.asarray(obs["pixel_x"])[rows], np.asarray(obs["pixel_y"])[rows],
+                                             np.asarray(obs["section"])[rows], choice["radius"]) >= 0).sum(1) \
+            if len(rows) else np.zeros(0, np.int64)
+        sets[name] = {**choice, "neighbours_median": float(np.median(count)) if len(count) else 0.0,
+                      "n_without_neighbours": int((count == 0).sum())}
+    return {"what": "each spot's prediction x self_weight + the mean prediction of the spots within radius spot "
+                    "spacings of it (same section) x (1 - self_weight); self_weight 1 = not smoothed",
+            "applied_to": ["model", *SMOOTHED_CONTROLS],
+            "not_applied_to": ["mean_predictor", "depth_oracle", "model_unsmoothed"], "sets": sets,
+            "random_encoder_self_weight": {name: c["self_weight"] for name, c in (random_encoder or {}).items()
+                                           if c is not None},
+            "note": "the model chooses each fold's self_weight on its inner validation, and the fold's trivial-image, "
+                    "linear-probe and image-depth controls take the same; the random-encoder control chooses its "
+                    "own on its own inner validation"}
 
 
 def ensemble_predict_features(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray,

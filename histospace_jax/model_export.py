@@ -33,9 +33,10 @@ def dir_bytes(path: str) -> int:
 
 
 def export(model_dir: str, config, states, genes: list[str], store, encoder_source: str, *, mean, sd,
-           views: int) -> dict:
+           views: int, smoothing: dict | None = None) -> dict:
     """Writes `model_dir` from trained HistoSpace train states stacked over ensemble members; returns
-    model.json's content (+ size)."""
+    model.json's content (+ size). `smoothing` ({"radius", "self_weight"}, folds.exported_smoothing): how
+    `predict` blends each position's prediction with its neighbours', as the training run chose."""
     variables = {"params": states.params}
     if states.batch_stats:
         variables["batch_stats"] = states.batch_stats
@@ -49,7 +50,7 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
     m = store.manifest
     info = {
         "format": "histospace-model", "version": 2, "genes": list(genes),
-        "model": builders.architecture(config),
+        "model": {**builders.architecture(config), "smoothing": smoothing},
         "ensemble": k, "views": int(views),
         # predict jitters views 1-7 as training did, so its view average is the one the heads were validated on
         "stain_jitter": features.stain_jitter(config), "jitter_seed": int(config.seed),

@@ -22,7 +22,9 @@ preprocessed as the training store was (colour-cast removal and stain normalisat
 via histospace_jax.ingest). Spots are processed --batch_size at a time; predictions stream to disk as they come,
 with progress lines (rate, ETA). A model trained with neighbourhood context (model.context=neighbours) first
 pools every position's encoder features in one pass over the slide, then gives each position the mean over its
-adjacent spots or grid tiles. Output (written to OUT.tmp-*, renamed to OUT when complete):
+adjacent spots or grid tiles. A model trained with neighbour smoothing of predictions (model.smoothing, the
+standard recipe's default) writes each position's prediction blended with its neighbours' in a second pass that
+reads the first pass's predictions back a window of rows at a time. Output (written to OUT.tmp-*, renamed to OUT when complete):
   predictions.csv    spot_id, pixel_x, pixel_y, array_x, array_y, one column per gene
   predictions.zarr   float32 [n_spots, n_genes] (zarr v3), genes in model.json order
   overlay_<gene>.png predicted expression over the slide thumbnail, per --genes
@@ -322,15 +324,29 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                 log(progress.line(b + 1, pooled=a + n_real))
         ctx = context_lib.neighbour_mean(np.concatenate(parts, 1), table)
 
+    smoothing = info["model"].get("smoothing")
+    smooth_table = None
+    if smoothing:
+        smooth_table = context_lib.neighbour_table(pos["pixel_x"], pos["pixel_y"], None, smoothing["radius"])
+        log(f"[predict] the model smooths its predictions: each position x {smoothing['self_weight']:g} + the mean of "
+            f"its neighbours (within {smoothing['radius']:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
+            f"{np.median((smooth_table >= 0).sum(1)):g}) x {1 - smoothing['self_weight']:g}, in a second pass")
+
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
     try:
         g = len(gene_names)
-        arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(tmp, "predictions.zarr")},
-                       "metadata": {"shape": [0, g], "data_type": "float32",
-                                    "chunk_grid": {"name": "regular",
-                                                   "configuration": {"chunk_shape": [1024, min(g, 1024)]}},
-                                    "attributes": {"genes": gene_names}}}, create=True).result()
+
+        def open_zarr(name):
+            return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": os.path.join(tmp, name)},
+                            "metadata": {"shape": [0, g], "data_type": "float32",
+                                         "chunk_grid": {"name": "regular",
+                                                        "configuration": {"chunk_shape": [1024, min(g, 1024)]}},
+                                         "attributes": {"genes": gene_names}}}, create=True).result()
+
+        arr = open_zarr("predictions.zarr")
+        # With smoothing, the first pass keeps the tiles' own predictions here and the second writes the output.
+        raw = open_zarr("unsmoothed.zarr") if smoothing else None
         shown = [x for x in genes.split(",") if x in gene_names] if genes else []
         if genes and len(shown) < len([x for x in genes.split(",") if x]):
             log(f"[predict] genes not in the model, no overlay: "
@@ -345,14 +361,9 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
         with open(os.path.join(tmp, "predictions.csv"), "w", newline="") as fcsv:
             w = csv.writer(fcsv)
             w.writerow(["spot_id", "pixel_x", "pixel_y", "array_x", "array_y"] + gene_names)
-            for b, a in enumerate(range(0, n, batch_size)):
-                idx = np.arange(a, min(n, a + batch_size))
-                batch, n_real = tiles_of(idx)
-                batch_ctx = None
-                if ctx is not None:
-                    batch_ctx = np.zeros((ctx.shape[0], len(batch), ctx.shape[2]), np.float32)
-                    batch_ctx[:, :n_real] = ctx[:, idx]
-                pred = predict(batch, batch_ctx, ids=a + np.arange(len(batch)))[:n_real].astype(np.float32)
+
+            def write_rows(a, idx, pred):
+                nonlocal arr
                 arr = arr.resize(exclusive_max=[a + len(idx), g]).result()
                 arr[a:a + len(idx)].write(pred).result()
                 ax = pos.get("array_x")
@@ -362,9 +373,36 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                                 "" if ax is None else f"{pos['array_y'][i]:g}"]
                                + [f"{v:.6g}" for v in pred[j]])
                 shown_vals.append(pred[:, shown_idx])
+
+            for b, a in enumerate(range(0, n, batch_size)):
+                idx = np.arange(a, min(n, a + batch_size))
+                batch, n_real = tiles_of(idx)
+                batch_ctx = None
+                if ctx is not None:
+                    batch_ctx = np.zeros((ctx.shape[0], len(batch), ctx.shape[2]), np.float32)
+                    batch_ctx[:, :n_real] = ctx[:, idx]
+                pred = predict(batch, batch_ctx, ids=a + np.arange(len(batch)))[:n_real].astype(np.float32)
+                if raw is None:
+                    write_rows(a, idx, pred)
+                else:
+                    raw = raw.resize(exclusive_max=[a + len(idx), g]).result()
+                    raw[a:a + len(idx)].write(pred).result()
                 if time.time() - last_report >= PROGRESS_EVERY_S or b + 1 == n_batches:
                     last_report = time.time()
                     log(progress.line(b + 1, predicted=a + len(idx)))
+            if raw is not None:
+                # Grid positions run row by row, so a batch's neighbours lie within about one grid row of it:
+                # each batch reads that window of the first pass, never the whole slide.
+                for a in range(0, n, batch_size):
+                    idx = np.arange(a, min(n, a + batch_size))
+                    near = smooth_table[idx]
+                    lo = int(min(idx[0], near[near >= 0].min(initial=n)))
+                    hi = int(max(idx[-1], near.max(initial=-1))) + 1
+                    window = raw[lo:hi].read().result()
+                    write_rows(a, idx, context_lib.blend_with_neighbours(
+                        window, idx - lo, np.where(near >= 0, near - lo, -1), smoothing["self_weight"]))
+                del raw
+                shutil.rmtree(os.path.join(tmp, "unsmoothed.zarr"))
         rows = np.arange(n)
         vals = np.concatenate(shown_vals) if shown_vals else np.zeros((0, len(shown)))
         thumb, (sx, sy) = slide_io.overview(slide, max(width, height) / thumbnail_px, "overlay thumbnail")
@@ -383,7 +421,9 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                    "positions": "spots" if spots_csv else f"grid every {grid_step_um} um",
                    "n_positions": int(n_grid), "n_predicted": int(n), "tile_size": t, "crop_px": int(box),
                    "model_microns_per_pixel": mpp, "preprocessing": pre.description, "genes": len(gene_names),
-                   "tissue_map": tissue_note, "overlays": overlays, "h5ad": h5ad, "trained_on": info.get("trained_on")}
+                   "tissue_map": tissue_note, "overlays": overlays, "h5ad": h5ad, "trained_on": info.get("trained_on"),
+                   "smoothing": smoothing and {**smoothing, "neighbours_median": float(
+                       np.median((smooth_table >= 0).sum(1)))}}
         atomic.write_json(os.path.join(tmp, "prediction.json"), summary)
         if os.path.exists(output):
             shutil.rmtree(output)

@@ -26,7 +26,27 @@ CONTROL_NOTES = {
                     "per-gene r is sequencing depth?)",
     "image_depth": "the depth oracle's lines at the log library size a ridge reads from the frozen features (has "
                    "the model learnt more than how deep the image says the spot is?)",
+    "model_unsmoothed": "the model's own predictions before the neighbour smoothing (model.smoothing; what the "
+                        "smoothing adds). Not a control: the model and every image-based control are smoothed alike",
 }
+
+
+def smoothing_lines(smooth: dict | None) -> list[str]:
+    """report.md's account of the neighbour smoothing of predictions (results.json training.smoothing)."""
+    if not smooth:
+        return []
+    lines = [f"- neighbour smoothing of predictions: {smooth['what']}; applied to {', '.join(smooth['applied_to'])} "
+             "(`model_unsmoothed`: the model without it)"]
+    for name, c in smooth.get("sets", {}).items():
+        scores = c.get("inner_validation_mse")
+        tried = (" (inner-validation MSE " + ", ".join(f"w {w}: {v:.4f}" for w, v in scores.items()) + ")"
+                 if scores else "")
+        lines.append(f"  - {name}: self_weight {c['self_weight']:g}, by {c['chosen_by']}{tried}; radius "
+                     f"{c['radius']:g} spacings, median {c['neighbours_median']:g} neighbours")
+    if smooth.get("random_encoder_self_weight"):
+        lines.append("  - the random-encoder control, on its own inner validation: self_weight " + ", ".join(
+            f"{k} {v:g}" for k, v in smooth["random_encoder_self_weight"].items()))
+    return lines
 
 
 def _f(v, digits: int = 4) -> str:
@@ -207,7 +227,8 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
             lines += [f"> {w}", ""]
         lines += [f"Overlap check: `{json.dumps(e['overlap'])}`", ""]
         lines += [_md_table(METRIC_HEADER, _metric_rows("test set", _ext_block(e), e["test"]["n_spots"])), ""]
-        lines += [f"- {k}: {v}" for k, v in CONTROL_NOTES.items() if k in e.get("controls", {})] + [""]
+        lines += [f"- {k}: {v}" for k, v in CONTROL_NOTES.items() if k in e.get("controls", {})]
+        lines += smoothing_lines(e.get("smoothing")) + [""]
         lines += ["## Genes by per-gene r", "", "Top 10:", "", _md_table(["gene", "r"], e["top_genes"]), "",
                   "Bottom 10:", "", _md_table(["gene", "r"], e["bottom_genes"]), "",
                   f"Mapped genes: {json.dumps(e['map_genes'])}", ""]
@@ -285,6 +306,7 @@ def _fold_details(results: dict) -> list[str]:
             lines.append(f"- neighbourhood context: {ctx['input']}, within {ctx['radius_spacings']:g} spot spacings "
                          f"(median {ctx['neighbours_median']:g} neighbours, {ctx['n_without_neighbours']} spots "
                          "without one use their own)")
+        lines += smoothing_lines(t.get("smoothing"))
         for name, how in t.get("inner_validation", {}).items():
             lines.append(f"- holding out {name}: inner validation {how}; best epoch per head "
                          f"{t.get('best_epoch', {}).get(name)}")

@@ -6,12 +6,13 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from histospace_jax import builders, config as config_lib
+from histospace_jax import builders, checkpointing, config as config_lib
 from histospace_jax.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
@@ -156,6 +157,36 @@ def test_unset_recipe_number_is_the_recipes_and_a_given_value_is_kept(key, build
     with pytest.raises(ConfigError, match=f"{key}={bad}"):
         config_lib.validate(c)
     assert set(config_lib.RECIPE_NUMBERS) <= set(config_lib.NUMERIC_RANGES)
+
+
+def test_smoothing_is_the_recipes_until_set_and_never_part_of_a_head_checkpoints_signature():
+    logs = []
+    for recipe, expected in (("standard", {"radius": 1.5, "weights": (1.0, 0.75, 0.5, 0.25)}), ("paper", None)):
+        c = config_lib.get_config()
+        c.recipe = recipe
+        assert builders.smoothing(c) == expected  # before resolve_auto too
+        config_lib.resolve_auto(c, log=logs.append)
+        assert builders.smoothing(c) == expected
+    recipe_lines = [x for x in logs if x.startswith("recipe=")]
+    assert "smoothing=validated" in recipe_lines[0] and "smoothing=none" in recipe_lines[1]
+    c = config_lib.get_config()
+    c.model.smoothing, c.model.smoothing_weight = "neighbours", 0.8
+    c.recipe = "paper"
+    assert builders.smoothing(c) == {"radius": 1.5, "weights": (0.8,)}
+    c.model.smoothing = "none"
+    assert builders.smoothing(c) is None
+    # Smoothing acts on finished predictions, so changing it reuses the trained heads.
+    sig = checkpointing.compat_signature(c, checkpointing.HEAD_KEYS)
+    assert "model.context" in sig and not any(k.startswith("model.smoothing") for k in sig)
+    for key, value, message in (
+            ("smoothing_weight", 0.0, "model.smoothing_weight=0.0: must be a number in (0, 1]"),
+            ("smoothing_weights", (1.0, 1.5), "model.smoothing_weights=(1.0, 1.5): each value must be a number in "
+                                              "(0, 1]"),
+            ("smoothing", "yes", "model.smoothing='yes': use 'none' | 'neighbours' | 'validated' | 'auto'")):
+        c = config_lib.get_config()
+        c.model[key] = value
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            config_lib.validate(c)
 
 
 @pytest.mark.parametrize("key,value,message", [

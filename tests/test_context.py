@@ -142,3 +142,44 @@ def test_heads_learn_what_only_the_context_carries(tmp_path):
         folds.train_heads(config, str(tmp_path / "x"), folds.HeadData(
             names=["P0"], train_rows=[plan.training_rows(0)], val_rows=[np.zeros(0, np.int64)], encoder_of_fold=[0],
             features=feats, expression=expr, encoder_variables=[enc]), tag="loo_x", writer=writer)
+
+
+def test_smoothing_blends_each_prediction_with_the_mean_of_its_neighbours_by_hand():
+    """Spots 0-3 in a square of side 1 plus a lone spot of another section: with radius 1.5 every spot of the
+    square neighbours the other three (the diagonal is sqrt 2); the lone spot keeps its own prediction."""
+    x = np.array([0.0, 1.0, 0.0, 1.0, 50.0])
+    y = np.array([0.0, 0.0, 1.0, 1.0, 50.0])
+    sections = np.array(["a", "a", "a", "a", "b"])
+    pred = np.array([[1.0, 10.0], [2.0, 20.0], [3.0, 30.0], [6.0, 60.0], [7.0, 70.0]], np.float32)
+    got = context.smooth_rows(pred, {"pixel_x": x, "pixel_y": y, "section": sections}, np.arange(5), 1.5, 0.25)
+    # spot 0: 0.25 * 1 + 0.75 * (2 + 3 + 6) / 3 = 0.25 + 2.75 = 3.0; spot 3: 0.25 * 6 + 0.75 * 2 = 3.0
+    expected = np.array([[3.0, 30.0], [0.5 + 0.75 * 10 / 3, 5.0 + 75.0 / 3], [0.75 + 2.25, 7.5 + 22.5],
+                         [3.0, 30.0], [7.0, 70.0]])
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert got.dtype == np.float32
+    # Only the given rows neighbour each other: rows 0 and 3 alone are 1.41 apart, one spacing, so neighbours.
+    two = context.smooth_rows(pred[[0, 3]], {"pixel_x": x, "pixel_y": y, "section": sections}, np.array([0, 3]),
+                              1.5, 0.25)
+    np.testing.assert_allclose(two, [[0.25 + 4.5, 2.5 + 45.0], [1.5 + 0.75, 15.0 + 7.5]], rtol=1e-6)
+    np.testing.assert_array_equal(context.smooth_rows(pred, {"pixel_x": x, "pixel_y": y, "section": sections},
+                                                      np.arange(5), 1.5, 1.0), pred)
+
+
+def test_smoothing_a_window_of_rows_equals_smoothing_the_whole_slide():
+    """predict smooths a slide a batch at a time from a window of the first pass: the same numbers."""
+    ax, ay = np.meshgrid(np.arange(7), np.arange(5))
+    x, y = ax.ravel() * 100.0, ay.ravel() * 100.0
+    pred = np.random.default_rng(0).normal(size=(35, 3)).astype(np.float32)
+    table = context.neighbour_table(x, y, radius=1.5)
+    whole = context.smooth_predictions(pred, table, 0.4)
+    rows = np.arange(14, 21)  # the third grid row; its neighbours lie in rows 2-4
+    near = table[rows]
+    lo, hi = int(near[near >= 0].min()), int(near.max()) + 1
+    assert (lo, hi) == (7, 28)
+    window = context.blend_with_neighbours(pred[lo:hi], rows - lo, np.where(near >= 0, near - lo, -1), 0.4)
+    np.testing.assert_allclose(window, whole[rows], rtol=1e-6)
+    # Independent reference: brute-force distances.
+    d = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
+    adj = (d <= 150.0) & (d > 0)
+    np.testing.assert_allclose(whole, 0.4 * pred + 0.6 * (adj @ pred) / adj.sum(1, keepdims=True), rtol=1e-5,
+                               atol=1e-6)

@@ -373,3 +373,39 @@ def test_live_hidden_units_are_counted_and_a_collapsing_head_is_reported(tmp_pat
     assert "holding out P0: at epoch 1 only 0.0% of the heads' 16 last hidden units" in warned and "P1" in warned
     hook.on_epoch_end(lp, 2, 12, np.zeros(len(program.fold_of)))
     assert "WARNING" not in capsys.readouterr().out  # once per fold
+
+
+def test_smoothing_weight_is_chosen_on_inner_validation_mse_against_a_numpy_reference():
+    """choose_smoothing scores each candidate weight on the validation spots (neighbours among them only) in
+    training SDs², keeps the lowest, prefers the lighter smoothing on a tie, and without validation smooths
+    nothing. Truth smooth in space and predictions = truth + independent noise: smoothing must win; predictions
+    equal to the truth: it must lose."""
+    ax, ay = np.meshgrid(np.arange(8), np.arange(8))
+    obs = {"pixel_x": ax.ravel() * 100.0, "pixel_y": ay.ravel() * 100.0, "section": np.array(["s"] * 64)}
+    rng = np.random.default_rng(0)
+    truth = (np.sin(ax.ravel() / 3.0)[:, None] * np.array([1.0, 2.0, -1.0])).astype(np.float32)
+    expression = truth + 0.01 * rng.normal(size=truth.shape).astype(np.float32)
+    train_rows, val_rows = np.arange(0, 32), np.arange(32, 64)
+    c = config_lib.get_config()
+    noisy = expression[val_rows] + rng.normal(scale=0.5, size=(32, 3))
+    got = folds.choose_smoothing(c, obs, expression, train_rows, val_rows, noisy)
+    sd = expression[train_rows].astype(np.float64).std(0)
+    d = np.hypot(obs["pixel_x"][val_rows, None] - obs["pixel_x"][None, val_rows],
+                 obs["pixel_y"][val_rows, None] - obs["pixel_y"][None, val_rows])
+    near = (d > 0) & (d <= 150.0)
+    ref = {}
+    for w in (1.0, 0.75, 0.5, 0.25):
+        s = w * noisy + (1 - w) * near @ noisy / near.sum(1, keepdims=True)
+        ref[f"{w:g}"] = np.mean(((expression[val_rows] - s) / sd) ** 2)
+    np.testing.assert_allclose([got["inner_validation_mse"][k] for k in ref], list(ref.values()), rtol=1e-5)
+    assert got["self_weight"] == float(min(ref, key=ref.get)) < 1.0 and got["radius"] == 1.5
+    exact = folds.choose_smoothing(c, obs, expression, train_rows, val_rows, expression[val_rows])
+    assert exact["self_weight"] == 1.0 and exact["inner_validation_mse"]["1"] == 0.0
+    none = folds.choose_smoothing(c, obs, expression, train_rows, val_rows[:0], None)
+    assert none["self_weight"] == 1.0 and "no inner validation" in none["chosen_by"]
+    assert folds.smooth_predictions(obs, val_rows, noisy, none) is noisy
+    c.model.smoothing = "none"
+    assert folds.choose_smoothing(c, obs, expression, train_rows, val_rows, noisy) is None
+    c.model.smoothing, c.model.smoothing_weight = "neighbours", 0.3
+    fixed = folds.choose_smoothing(c, obs, expression, train_rows, val_rows, noisy)
+    assert fixed["self_weight"] == 0.3 and folds.exported_smoothing(fixed) == {"radius": 1.5, "self_weight": 0.3}

@@ -71,6 +71,9 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
     assert epochs == list(range(1, max(res["train"]["best_epoch"]) + 1))
     info = json.load(open(w / "model" / "model.json"))
     assert info["genes"] == ["G1", "G2", "G3", "G4"] and info["tile_size"] == 16
+    chosen = res["train"]["smoothing"]  # predict smooths as the inner validation chose
+    assert info["model"]["smoothing"] == (None if chosen["self_weight"] == 1 else
+                                          {"radius": 1.5, "self_weight": chosen["self_weight"]})
     assert "Trained model" in open(w / "report.md").read()
     # predict, as the README writes it, on a slide with spots
     from PIL import Image
@@ -116,7 +119,12 @@ def test_external_mode_on_two_stores(stores, tmp_path):
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
     assert e["train"]["refit"] is True and 0 < e["train"]["live_units"] <= 1
-    assert set(e["controls"]) == {"mean_predictor", "random_encoder"}
+    assert set(e["controls"]) == {"mean_predictor", "random_encoder", "model_unsmoothed"}
+    chosen = e["smoothing"]["sets"]["test"]
+    assert chosen["n_without_neighbours"] == 0 and len(chosen["inner_validation_mse"]) == 4
+    # The exported model smooths as the training store's inner validation chose (nothing when it chose w = 1).
+    exported = json.load(open(w / "model" / "model.json"))["model"]["smoothing"]
+    assert exported == (None if chosen["self_weight"] == 1 else {"radius": 1.5, "self_weight": chosen["self_weight"]})
     assert e["warnings"] and list(e["map_genes"]) == ["G2"]
     assert (w / "figures" / "external_spatial_maps.png").exists()
     assert json.load(open(w / "model" / "model.json"))["genes"] == ["G1", "G2", "G4"]
@@ -129,7 +137,26 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     r = run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY)
     res = json.load(open(w / "results.json"))
     assert [f["held_out"] for f in res["folds"]] == ["E", "F"]
-    assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "trivial_image", "linear_probe"}
+    assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "trivial_image", "linear_probe",
+                                                "model_unsmoothed"}
+    # The standard recipe smooths the model and the image-based controls over adjacent spots, with the weight
+    # each fold's inner validation preferred: the saved model predictions are the unsmoothed ones blended by hand
+    # with their 8-neighbourhood (spots 10 px apart).
+    for fold, chosen in res["training"]["smoothing"]["sets"].items():
+        assert set(chosen["inner_validation_mse"]) == {"1", "0.75", "0.5", "0.25"}
+        assert chosen["inner_validation_mse"][f"{chosen['self_weight']:g}"] == min(
+            chosen["inner_validation_mse"].values())
+        assert (chosen["neighbours_median"], chosen["n_without_neighbours"]) == (5.0, 0)
+        npz = np.load(w / "predictions.npz")
+        rows = npz[f"rows_{fold}"]
+        xy = np.stack([rows % 6 * 10.0, rows // 6 * 10.0], 1)
+        d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+        near = (d > 0) & (d <= 15.0)
+        raw, wt = npz[f"model_unsmoothed_{fold}"].astype(np.float64), chosen["self_weight"]
+        np.testing.assert_allclose(npz[f"pred_{fold}"], wt * raw + (1 - wt) * near @ raw / near.sum(1, keepdims=True),
+                                   rtol=1e-4, atol=1e-5)
+    assert "- neighbour smoothing of predictions: each spot's prediction x self_weight" in open(w / "report.md").read()
+    assert set(res["training"]["smoothing"]["random_encoder_self_weight"]) == {"E", "F"}
     # No ae.store: one autoencoder per fold, on that fold's training patients only.
     assert set(res["autoencoder"]) == {"E", "F"}
     assert "training patients of the fold holding out E" in res["autoencoder"]["E"]["tiles_seen"]
@@ -161,8 +188,18 @@ def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stor
     w = tmp_path / "loo"
     run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}",
         "--config.model.context=neighbours", "--config.loo.random_encoder_control=off",
-        "--config.train.stain_jitter=0.2", *TINY)
+        "--config.train.stain_jitter=0.2", "--config.model.smoothing=neighbours", "--config.model.smoothing_weight=0.4",
+        *TINY)
     res = json.load(open(w / "results.json"))
+    fixed = res["training"]["smoothing"]["sets"]["E"]
+    assert (fixed["self_weight"], fixed["chosen_by"]) == (0.4, "model.smoothing_weight")
+    npz = np.load(w / "predictions.npz")
+    raw, rows = npz["model_unsmoothed_E"].astype(np.float64), npz["rows_E"]
+    xy = np.stack([rows % 6 * 10.0, rows // 6 * 10.0], 1)
+    d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+    near = (d > 0) & (d <= 15.0)
+    np.testing.assert_allclose(npz["pred_E"], 0.4 * raw + 0.6 * near @ raw / near.sum(1, keepdims=True), rtol=1e-5,
+                               atol=1e-8)
     assert res["training"]["augmentation"] == {"views": 8, "stain_jitter": 0.2}
     assert "HED stain jitter 0.2 on views 1-7" in open(w / "report.md").read()
     ctx = res["training"]["context"]

@@ -31,6 +31,25 @@ def _model_dir(path, genes=("G0", "G1", "G2")):
     return model, variables
 
 
+def _slide_with_spots(tmp_path, shuffle: bool):
+    """slide.png (a textured 16 px patch under each of 5 x 4 spots, 30 px apart in x and 25 in y on glass) and
+    spots.csv listing them (shuffled or in order): (slide, centres [20, 2], the file's order of the centres)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    slide = np.full((120, 160, 3), 235, np.uint8)
+    centres = np.array([(20 + 30 * i, 20 + 25 * j) for j in range(4) for i in range(5)], float)
+    for x, y in centres.astype(int):
+        slide[y - 8:y + 8, x - 8:x + 8] = rng.integers(30, 220, size=(16, 16, 3))
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    order = rng.permutation(len(centres)) if shuffle else np.arange(len(centres))
+    with open(tmp_path / "spots.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["spot_id", "pixel_x", "pixel_y"])
+        w.writerows([f"s{k}", *centres[k]] for k in order)
+    return slide, centres, order
+
+
 def test_predict_one_row_per_spot_in_order(tmp_path):
     from PIL import Image
 
@@ -126,8 +145,6 @@ def test_predict_averages_members_and_views_and_maps_back(tmp_path):
 def test_predict_with_neighbourhood_context_pools_the_adjacent_spots_per_view(tmp_path):
     """A model with neighbourhood context: each spot's prediction is computed here from its tile and the mean
     pooled encoder features of the spots within 1.5 spacings (brute-force distances), per dihedral view."""
-    from PIL import Image
-
     from histospace_jax import features
 
     model = models.HistoSpace(n_genes=2, variant="relu_bn", encoder_features=(4, 4, 8), conv_features=(8,),
@@ -145,16 +162,7 @@ def test_predict_with_neighbourhood_context_pools_the_adjacent_spots_per_view(tm
             "microns_per_pixel": 1.0, "colour_cast": {"enabled": False}, "stain_normalisation": {"method": "none"}}
     with open(tmp_path / "model" / "model.json", "w") as f:
         json.dump(info, f)
-    rng = np.random.default_rng(0)
-    slide = np.full((120, 160, 3), 235, np.uint8)
-    centres = np.array([(20 + 30 * i, 20 + 25 * j) for j in range(4) for i in range(5)], float)
-    for x, y in centres.astype(int):
-        slide[y - 8:y + 8, x - 8:x + 8] = rng.integers(30, 220, size=(16, 16, 3))
-    Image.fromarray(slide).save(tmp_path / "slide.png")
-    with open(tmp_path / "spots.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["spot_id", "pixel_x", "pixel_y"])
-        w.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
+    slide, centres, _ = _slide_with_spots(tmp_path, shuffle=False)
     out = tmp_path / "out"
     lines = []
     predict.predict_slide(str(tmp_path / "model"), str(tmp_path / "slide.png"), str(out),
@@ -173,3 +181,39 @@ def test_predict_with_neighbourhood_context_pools_the_adjacent_spots_per_view(tm
         ctx = near.astype(np.float64) @ pooled / near.sum(1, keepdims=True)
         expected = expected + np.asarray(model.apply(variables, x, False, None, jnp.asarray(ctx, jnp.float32))) / 2
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_predict_with_smoothing_blends_each_spot_with_its_neighbours_in_a_second_pass(tmp_path):
+    """A model exported with neighbour smoothing: every row of predictions.csv and .zarr is the tile's own
+    prediction x w + the mean over the spots within 1.5 spacings (brute-force distances) x (1 - w), computed
+    here from the model itself, with the spots file in shuffled order and batches smaller than the slide."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model, variables = _model_dir(str(model_dir))
+    info = json.load(open(model_dir / "model.json"))
+    info["model"]["smoothing"] = {"radius": 1.5, "self_weight": 0.3}
+    json.dump(info, open(model_dir / "model.json", "w"))
+    slide, centres, order = _slide_with_spots(tmp_path, shuffle=True)
+    out = tmp_path / "out"
+    lines = []
+    summary = predict.predict_slide(str(model_dir), str(tmp_path / "slide.png"), str(out),
+                                    spots_csv=str(tmp_path / "spots.csv"), source_mpp=1.0, batch_size=8,
+                                    log=lines.append)
+    assert any("smooths its predictions" in x for x in lines), lines
+    assert summary["smoothing"]["self_weight"] == 0.3
+    c = centres[order]
+    tiles = np.stack([slide[int(y) - 8:int(y) + 8, int(x) - 8:int(x) + 8] for x, y in c])
+    own = np.asarray(model.apply(variables, models.to_unit_range(tiles), False), np.float64)
+    dist = np.hypot(*(c[:, None] - c[None]).transpose(2, 0, 1))
+    near = (dist <= 1.5 * 25.0) & (dist > 0)  # spacing 25 px (rows); columns are 30 px apart, diagonals 39
+    assert near.sum(1).min() == 2 and near.sum(1).max() == 4
+    expected = 0.3 * own + 0.7 * (near @ own) / near.sum(1, keepdims=True)
+    with open(out / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["spot_id"] for r in rows] == [f"s{k}" for k in order]
+    got = np.array([[float(r[g]) for g in ("G0", "G1", "G2")] for r in rows])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+    zarr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(out / "predictions.zarr")}}).result()
+    np.testing.assert_allclose(zarr.read().result(), expected, rtol=1e-4, atol=1e-5)
+    assert np.abs(expected - own).max() > 1e-3  # the smoothing changed the numbers
+    assert not (out / "unsmoothed.zarr").exists()

@@ -125,23 +125,29 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external",
                                         context=ca)
     curve = heads["curve"]
-    pred = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb)
+    # The test store is smoothed as inner validation on the training store chose.
+    smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
+    unsmoothed = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb)
+    pred = smooth(unsmoothed)
     results = {"model": metrics.full_regression_metrics(truth, pred, fdr)}
     controls = {"mean_predictor": metrics.full_regression_metrics(
         truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr)}
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
         controls["untrained_head"] = metrics.full_regression_metrics(
-            truth, folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
-                                                   context=cb), fdr)
+            truth, smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
+                                                          context=cb)), fdr)
     control_r = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb, rca, rcb = inputs_of(rv)
         rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
                                              context=rca)
-        rpred = folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"], context=rcb)
+        rpred = smooth(folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"],
+                                                       context=rcb))
         controls["random_encoder"] = metrics.full_regression_metrics(truth, rpred, fdr)
         control_r["random_encoder"] = metrics.pearson_per_gene(truth, rpred)
+    if builders.smoothing(config) is not None:
+        controls["model_unsmoothed"] = metrics.full_regression_metrics(truth, unsmoothed, fdr)
     results["controls"] = controls
     gene_r = metrics.pearson_per_gene(truth, pred)
 
@@ -184,7 +190,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if jax.process_index() == 0:
         model_info = model_export.export(os.path.join(workdir, "model"), config, heads["states"], genes, store_a,
                                          ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae"),
-                                         mean=heads["mean"], sd=heads["sd"], views=fa.shape[0])
+                                         mean=heads["mean"], sd=heads["sd"], views=fa.shape[0],
+                                         smoothing=folds.exported_smoothing(heads["smoothing"]))
     external = {
         "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
                   "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic, "refit": heads["refit"],
@@ -199,6 +206,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "context": (None if not builders.uses_context(config) else
                     {"train": folds.context_summary(config, store_a.obs),
                      "test": folds.context_summary(config, store_b.obs)}),
+        "smoothing": folds.smoothing_summary({"test": heads["smoothing"]}, store_b.obs, {"test": rows_b}),
         "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"},
     }
     return ({"mode": "external", "dataset": {**inputs.dataset, "store": store_a_path}, "external": external},

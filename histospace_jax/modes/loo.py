@@ -46,7 +46,9 @@ METRIC_NOTES = {
                 "ridge on the top 256 principal components of the pooled frozen features. depth_oracle: per gene, a "
                 "line in log library size. image_depth: the same lines at the log library size a ridge on the "
                 "pooled frozen features predicts. untrained_head (paper recipe only): the heads at initialisation. All "
-                "fitted on the training patients only",
+                "fitted on the training patients only. With model.smoothing=neighbours (standard recipe) the model "
+                "and every image-based control are smoothed alike over adjacent spots (training.smoothing); "
+                "model_unsmoothed is the model before it",
     "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
               "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
     "summary": "unweighted mean over folds (NaN when any fold failed or has no value)",
@@ -107,7 +109,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     per_program = config.loo.folds_per_program or folds.auto_folds_per_program(
         config, len(plan.folds), expression.shape[1], encoders[0], log=console.log)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
-    out = {"plan": plan, "preds": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits,
+    out = {"plan": plan, "preds": {}, "unsmoothed": {}, "smoothing": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits,
            "inner_validation_score": {}, "refit": False, "live_units": {}}
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
@@ -117,19 +119,24 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         res = folds.train_heads(config, workdir, data, tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}",
                                 writer=writer)
         held = [plan.held_out_rows(f) for f in group]
-        for f, p in zip(group, res["predict"](held)):
-            out["preds"][f] = p
         out["refit"] = res["refit"]
-        # Scored before any refit: refitted heads have learnt from the inner-validation rows.
-        if any(len(val_rows[f]) for f in group):
-            for f, p in zip(group, res["selected_predict"]([val_rows[f] for f in group])):
-                if len(p):
-                    out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
-                        expression, train_rows[f], val_rows[f], p)
+        # Scored before any refit: refitted heads have learnt from the inner-validation rows. The same
+        # predictions choose each fold's smoothing, and the score is of the smoothed ones.
+        selected = (res["selected_predict"]([val_rows[f] for f in group]) if any(len(val_rows[f]) for f in group)
+                    else [None] * len(group))
+        for f, p in zip(group, selected):
+            choice = folds.choose_smoothing(config, store.obs, expression, train_rows[f], val_rows[f], p)
+            out["smoothing"][plan.name(f)] = choice
+            if p is not None and len(p):
+                out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
+                    expression, train_rows[f], val_rows[f], folds.smooth_predictions(store.obs, val_rows[f], p, choice))
+        for f, rows, p in zip(group, held, res["predict"](held)):
+            out["unsmoothed"][f] = p
+            out["preds"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
         # With a zero output layer the untrained heads predict the training mean: not worth a pass.
         untrained = res["untrained"](held) if config.model.output_init != "zeros" else [None] * len(group)
-        for f, p in zip(group, untrained):
-            out["untrained"][f] = p
+        for f, rows, p in zip(group, held, untrained):
+            out["untrained"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
         out["curve"].extend(res["curve"])
         out["best_epoch"].update(res["best_epoch"])
         out["live_units"].update(res["live_units"])
@@ -274,16 +281,27 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     feats = encoder_features(config, workdir, store, encoders)
     loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats)
     expression = np.asarray(store.expression, np.float32)
-    controls = {}
+    controls, random_smoothing = {}, {}
     if config_lib.random_encoder_control_on(config):
         console.log("[loo] control: the same heads on a randomly initialised (untrained) encoder")
-        controls["random_encoder"] = train_all_folds(
+        random_run = train_all_folds(
             config, workdir, store, plan, [builders.random_encoder_variables(config, config.loo.random_encoder_seed)],
-            [0] * len(plan.folds), inputs.writer, tag="random_encoder")["preds"]
+            [0] * len(plan.folds), inputs.writer, tag="random_encoder")
+        controls["random_encoder"] = random_run["preds"]
+        random_smoothing = random_run["smoothing"]
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
     reviewer, alphas = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
                                                     _first_view(feats), encoder_of_fold)
+    # The reviewer's controls take their fold's smoothing as the model chose it (the random-encoder control
+    # chose its own on its own inner validation).
+    for name in folds.SMOOTHED_CONTROLS:
+        if name in reviewer:
+            reviewer[name] = {f: folds.smooth_predictions(store.obs, plan.held_out_rows(f), p,
+                                                          loo["smoothing"][plan.name(f)])
+                              for f, p in reviewer[name].items()}
     controls.update(reviewer)
+    if builders.smoothing(config) is not None:
+        controls["model_unsmoothed"] = loo["unsmoothed"]
     del feats
     # With the output layer starting at zero, the untrained head predicts the training mean: the mean-profile
     # control already. It is reported only where it differs (output_init=lecun, the paper's recipe).
@@ -309,6 +327,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                      "inner_validation": loo["inner_validation"],
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
                      "context": folds.context_summary(config, store.obs),
+                     "smoothing": folds.smoothing_summary(
+                         loo["smoothing"], store.obs,
+                         {plan.name(f): plan.held_out_rows(f) for f in range(len(plan.folds))}, random_smoothing),
                      "augmentation": {"views": features.n_views(config), "stain_jitter": features.stain_jitter(config)}},
         "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
         "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),

@@ -29,7 +29,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     info = {}
     if jax.process_index() == 0:
         info = model_export.export(os.path.join(workdir, "model"), config, heads["states"], store.genes, store,
-                                   encoder_source, mean=heads["mean"], sd=heads["sd"], views=feats.shape[0])
+                                   encoder_source, mean=heads["mean"], sd=heads["sd"], views=feats.shape[0],
+                                   smoothing=folds.exported_smoothing(heads["smoothing"]))
         if curve:
             atomic.write_csv(os.path.join(workdir, "curves", "train.csv"), curve)
             ep = [r["epoch"] for r in curve]
@@ -41,7 +42,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                "train": {"store": store.path, "patients": store.patients, "n_spots": store.n_spots,
                          "n_genes": len(store.genes), "epochs": config.train.epochs,
                          "best_epoch": heads["best_epoch"], "inner_validation": heads["inner_validation"],
-                         "refit": heads["refit"], "live_units": heads["live_units"],
+                         "refit": heads["refit"], "live_units": heads["live_units"], "smoothing": heads["smoothing"],
                          "final_train_huber": curve[-1]["train_huber"] if curve else None},
                "model_export": info,
                "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"}}
