@@ -4,6 +4,7 @@ decoding whole.
     python benchmarks/wsi_predict_memory.py                 # 51,200 x 51,200 px, in a temporary directory
     python benchmarks/wsi_predict_memory.py --workdir=DIR --keep --size=102400
     python benchmarks/wsi_predict_memory.py --smoothing_weight=1    # without the smoothing pass
+    python benchmarks/wsi_predict_memory.py --size=25600 --architecture=standard --members=5 --views=8
 
 Builds a synthetic tiled pyramidal TIFF (512-px tiles; levels 1x to 64x in steps of 2; JPEG when imagecodecs is
 installed, else zlib) of H&E-like tissue blobs on tinted glass, written tile by tile from generators so that building
@@ -107,31 +108,43 @@ def build_slide(path: str, size: int, mpp: float, seed: int) -> dict:
             "build_s": time.time() - t0}
 
 
-def build_model(path: str, smoothing_weight: float) -> None:
-    """A tiny HistoSpace exported the way model_export writes one (model.json + Orbax checkpoint), smoothing its
-    predictions over adjacent grid tiles with `smoothing_weight` on each tile's own (1 = not smoothed), as a
-    standard-recipe model does when its inner validation chose smoothing."""
+# (encoder features, head conv features, head FC features, genes): a tiny model, and the standard recipe's
+# (the paper's architecture with the 1,443 genes of the four shared HER2ST sections).
+ARCHITECTURES = {"tiny": ((4, 4, 8), (8,), (16,), 8), "standard": ((32, 64, 128), (128,), (256,), 1443)}
+
+
+def build_model(path: str, smoothing_weight: float, architecture: str = "tiny", members: int = 1,
+                views: int = 1) -> None:
+    """A HistoSpace exported the way model_export writes one (model.json + Orbax checkpoint): `members` heads
+    sharing one frozen encoder, `views` dihedral views averaged, smoothing its predictions over adjacent grid
+    tiles with `smoothing_weight` on each tile's own (1 = not smoothed), as a standard-recipe model does when its
+    inner validation chose smoothing."""
     import jax
     import jax.numpy as jnp
 
     from histospace_jax import checkpointing, models
     from histospace_jax.ingest import stain
 
-    genes = [f"G{i}" for i in range(8)]
-    model = models.HistoSpace(n_genes=len(genes), variant="relu_bn", encoder_features=(4, 4, 8), conv_features=(8,),
-                              fc_features=(16,))
-    variables = jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 128, 128, 3)))))
+    enc, conv, fc, n_genes = ARCHITECTURES[architecture]
+    genes = [f"G{i}" for i in range(n_genes)]
+    model = models.HistoSpace(n_genes=len(genes), variant="relu_bn", encoder_features=enc, conv_features=conv,
+                              fc_features=fc)
+    stacked = [jax.tree_util.tree_map(np.asarray, dict(model.init(jax.random.PRNGKey(k), jnp.zeros((1, 128, 128, 3)))))
+               for k in range(members)]
+    # One frozen encoder for every member, as training leaves it.
+    stacked = [{c: {**v, "encoder": stacked[0][c]["encoder"]} if "encoder" in v else v for c, v in m.items()}
+               for m in stacked]
     os.makedirs(path, exist_ok=True)
     shutil.rmtree(os.path.join(path, "checkpoint"), ignore_errors=True)  # a reused --workdir: write it afresh
     ck = checkpointing.Checkpointer(os.path.join(path, "checkpoint"), max_to_keep=1)
-    ck.save(0, jax.tree_util.tree_map(lambda x: x[None], variables))  # an ensemble of one member
+    ck.save(0, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *stacked))
     ck.close()
     ref = stain.builtin_reference()
     info = {"format": "histospace-model", "version": 2, "genes": genes,
-            "model": {"variant": "relu_bn", "encoder_features": [4, 4, 8], "head_conv_features": [8],
-                      "head_fc_features": [16], "dropout_rate": 0.0,
+            "model": {"variant": "relu_bn", "encoder_features": list(enc), "head_conv_features": list(conv),
+                      "head_fc_features": list(fc), "dropout_rate": 0.0,
                       "smoothing": ({"radius": 1.5, "self_weight": smoothing_weight} if smoothing_weight < 1 else None)},
-            "ensemble": 1, "views": 1, "target_mean": [0.0] * len(genes), "target_sd": [1.0] * len(genes),
+            "ensemble": members, "views": views, "target_mean": [0.0] * len(genes), "target_sd": [1.0] * len(genes),
             "tile_size": 128, "microns_per_pixel": 100.0 / 128,
             "colour_cast": {"enabled": True, "percentile": 99.0},
             "stain_normalisation": {"method": "macenko", **ref.to_json()}}
@@ -151,6 +164,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoothing_weight", type=float, default=0.75,
                    help="the model's neighbour smoothing (a second pass over the predictions); 1 = none")
+    p.add_argument("--architecture", choices=sorted(ARCHITECTURES), default="tiny",
+                   help="tiny (memory of the slide path), or standard (the paper's architecture, 1,443 genes)")
+    p.add_argument("--members", type=int, default=1, help="ensemble heads (the standard recipe: 5)")
+    p.add_argument("--views", type=int, default=1, help="dihedral views averaged (the standard recipe: 8)")
     args = p.parse_args()
 
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -169,7 +186,7 @@ def main() -> int:
             print(f"[bench] slide: {info['compression']}, levels {info['levels']}, {info['file_gb']:.2f} GB, tissue "
                   f"{info['tissue_fraction']:.0%} of the area, built in {info['build_s']:.0f} s", flush=True)
         model = os.path.join(work, "model")
-        build_model(model, args.smoothing_weight)
+        build_model(model, args.smoothing_weight, args.architecture, args.members, args.views)
         out = os.path.join(work, "prediction")
         cmd = [sys.executable, "-m", "histospace_jax.predict", f"--checkpoint={model}", f"--image={slide}",
                f"--grid_step_um={args.grid_step_um}", f"--batch_size={args.batch_size}", f"--output={out}",
@@ -190,7 +207,8 @@ def main() -> int:
               f"{summary['n_positions']} grid positions, {n} on tissue predicted")
         print(f"[bench] predict: {wall:.1f} s wall incl. start-up -> {n / wall:.1f} tiles/s overall; "
               f"{rates[-1] if rates else '?'} tiles/s in the prediction loop")
-        print(f"[bench] neighbour smoothing: {summary.get('smoothing') or 'none'}")
+        print(f"[bench] model: {args.architecture}, {args.members} head(s) on one encoder, {args.views} view(s); "
+              f"neighbour smoothing: {summary.get('smoothing') or 'none'}")
         print(f"[bench] peak RSS of predict: {peak_gb:.2f} GB (limit {args.max_rss_gb} GB): "
               f"{'PASS' if peak_gb <= args.max_rss_gb else 'FAIL'}")
         return 0 if peak_gb <= args.max_rss_gb else 1

@@ -72,24 +72,47 @@ def make_predict_fn(model, variables, info: dict):
     sd = np.asarray(info["target_sd"], np.float32)
     view_of = _view_fn(info)
     views = int(info["views"])
-    fn = jax.jit(jax.vmap(lambda v, x, c: model.apply(v, models.to_unit_range(x), False, None, c),
-                          in_axes=(0, None, None)))
+    if encoder_shared(variables):
+        # The members' heads share one frozen encoder: encode each view once, then run every head on the
+        # features (the encoder is most of the work; with 5 members this is several times faster).
+        encoder = _member_subtree(variables, "encoder", member=0)
+        heads = _member_subtree(variables, "head")
+        fn = jax.jit(lambda e, h, x, c: jax.vmap(
+            lambda hv: model.apply(hv, model.apply(e, models.to_unit_range(x), method="encode"), False, None, c,
+                                   method="from_features"))(h))
+        apply = lambda x, c: fn(encoder, heads, x, c)  # noqa: E731
+    else:
+        fn = jax.jit(jax.vmap(lambda v, x, c: model.apply(v, models.to_unit_range(x), False, None, c),
+                              in_axes=(0, None, None)))
+        apply = lambda x, c: fn(variables, x, c)  # noqa: E731
 
     def predict(tiles, context=None, ids=None):
-        z = sum(np.asarray(fn(variables, view_of(tiles, v, ids), None if context is None else context[v]))
+        z = sum(np.asarray(apply(view_of(tiles, v, ids), None if context is None else context[v]))
                 for v in range(views)) / views
         return mean + sd * z.mean(0)
 
+    predict.encoder_shared = encoder_shared(variables)
     return predict
+
+
+def encoder_shared(variables) -> bool:
+    """Whether every ensemble member (leading axis of each leaf) holds the same encoder, as the frozen encoder of
+    a trained model does."""
+    leaves = [x for k, v in variables.items() if "encoder" in v for x in jax.tree_util.tree_leaves(v["encoder"])]
+    return all(np.array_equal(x[0], x[i]) for x in leaves for i in range(1, x.shape[0]))
+
+
+def _member_subtree(variables, name: str, member: int | None = None) -> dict:
+    """{collection: {name: subtree}} of `variables` (stacked over members), for one member or all of them."""
+    pick = (lambda x: x) if member is None else (lambda x: x[member])
+    return {k: {name: jax.tree_util.tree_map(pick, v[name])} for k, v in variables.items() if name in v}
 
 
 def make_pooled_fn(model, variables, info: dict):
     """uint8 tiles -> [V, B, C]: the spatially average-pooled frozen-encoder features of each dihedral view (the
     encoder is the same in every ensemble member: member 0's is used)."""
-    encoder = {k: jax.tree_util.tree_map(lambda x: x[0], v["encoder"]) for k, v in variables.items()
-               if "encoder" in v}
-    fn = jax.jit(lambda v, x: model.apply({k: {"encoder": w} for k, w in v.items()}, models.to_unit_range(x),
-                                          method="encode").mean(axis=(1, 2)))
+    encoder = _member_subtree(variables, "encoder", member=0)
+    fn = jax.jit(lambda v, x: model.apply(v, models.to_unit_range(x), method="encode").mean(axis=(1, 2)))
     view_of = _view_fn(info)
     views = int(info["views"])
 

@@ -129,6 +129,21 @@ def test_predict_averages_members_and_views_and_maps_back(tmp_path):
     z = np.mean([np.asarray(model.apply(v, models.to_unit_range(features.dihedral(tiles, view)), False))
                  for v in members for view in range(8)], 0)
     np.testing.assert_allclose(fn(tiles), np.asarray(mean) + np.asarray(sd) * z, rtol=1e-4, atol=1e-5)
+    assert not fn.encoder_shared  # these members' encoders differ: each member runs its own
+    # Members sharing one frozen encoder (as trained models do): predict encodes each view once for all heads.
+    shared = [members[0], {k: {**v, "head": members[1][k]["head"]} for k, v in members[0].items()}]
+    (tmp_path / "model2").mkdir()
+    ck = checkpointing.Checkpointer(str(tmp_path / "model2" / "checkpoint"), max_to_keep=1)
+    ck.save(0, jax.tree_util.tree_map(lambda *xs: np.stack(xs), *shared))
+    ck.close()
+    with open(tmp_path / "model2" / "model.json", "w") as f:
+        json.dump(info, f)
+    _, m4, variables4 = model_export.load(str(tmp_path / "model2"))
+    fn4 = predict.make_predict_fn(m4, variables4, info2)
+    z4 = np.mean([np.asarray(model.apply(v, models.to_unit_range(features.dihedral(tiles, view)), False))
+                  for v in shared for view in range(8)], 0)
+    assert fn4.encoder_shared and np.abs(z4 - z).max() > 1e-4
+    np.testing.assert_allclose(fn4(tiles), np.asarray(mean) + np.asarray(sd) * z4, rtol=1e-4, atol=1e-5)
     # A model trained on stain-jittered views: predict averages the same jittered views of each tile (by its id).
     with open(tmp_path / "model" / "model.json", "w") as f:
         json.dump({**info, "stain_jitter": 0.3, "jitter_seed": 4}, f)
