@@ -24,7 +24,8 @@ with progress lines (rate, ETA). A model trained with neighbourhood context (mod
 pools every position's encoder features in one pass over the slide, then gives each position the mean over its
 adjacent spots or grid tiles. A model trained with neighbour smoothing of predictions (model.smoothing, the
 standard recipe's default) writes each position's prediction blended with its neighbours' in a second pass that
-reads the first pass's predictions back a window of rows at a time. Output (written to OUT.tmp-*, renamed to OUT when complete):
+reads the first pass's predictions back a window of rows at a time.
+Output (written to OUT.tmp-*, renamed to OUT when complete):
   predictions.csv    spot_id, pixel_x, pixel_y, array_x, array_y, one column per gene
   predictions.zarr   float32 [n_spots, n_genes] (zarr v3), genes in model.json order
   overlay_<gene>.png predicted expression over the slide thumbnail, per --genes

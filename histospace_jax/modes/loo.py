@@ -46,9 +46,9 @@ METRIC_NOTES = {
                 "ridge on the top 256 principal components of the pooled frozen features. depth_oracle: per gene, a "
                 "line in log library size. image_depth: the same lines at the log library size a ridge on the "
                 "pooled frozen features predicts. untrained_head (paper recipe only): the heads at initialisation. All "
-                "fitted on the training patients only. With model.smoothing=neighbours (standard recipe) the model "
-                "and every image-based control are smoothed alike over adjacent spots (training.smoothing); "
-                "model_unsmoothed is the model before it",
+                "fitted on the training patients only. With neighbour smoothing (model.smoothing; the standard recipe "
+                "chooses each fold's weight on inner validation) the fold's model and image-based controls are "
+                "smoothed alike over adjacent spots (training.smoothing); model_unsmoothed is the model before it",
     "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
               "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
     "summary": "unweighted mean over folds (NaN when any fold failed or has no value)",
@@ -109,8 +109,9 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     per_program = config.loo.folds_per_program or folds.auto_folds_per_program(
         config, len(plan.folds), expression.shape[1], encoders[0], log=console.log)
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
-    out = {"plan": plan, "preds": {}, "unsmoothed": {}, "smoothing": {}, "untrained": {}, "curve": [], "best_epoch": {}, "inner_validation": splits,
-           "inner_validation_score": {}, "refit": False, "live_units": {}}
+    out = {"plan": plan, "preds": {}, "unsmoothed": {}, "smoothing": {}, "untrained": {}, "curve": [],
+           "best_epoch": {}, "inner_validation": splits, "inner_validation_score": {}, "refit": False,
+           "live_units": {}}
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
@@ -128,8 +129,9 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
             choice = folds.choose_smoothing(config, store.obs, expression, train_rows[f], val_rows[f], p)
             out["smoothing"][plan.name(f)] = choice
             if p is not None and len(p):
+                smoothed = folds.smooth_predictions(store.obs, val_rows[f], p, choice)
                 out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
-                    expression, train_rows[f], val_rows[f], folds.smooth_predictions(store.obs, val_rows[f], p, choice))
+                    expression, train_rows[f], val_rows[f], smoothed)
         for f, rows, p in zip(group, held, res["predict"](held)):
             out["unsmoothed"][f] = p
             out["preds"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
