@@ -66,17 +66,19 @@ def pooled_features(features, chunk: int = 1024) -> np.ndarray:
     return out
 
 
-def neighbour_mean(pooled: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """[..., N, C]: for each row, the mean of `pooled` over its neighbours in `table` ([N, K], -1 padded); rows
-    with none take their own value."""
-    valid = table >= 0
-    count = valid.sum(1)
-    gathered = np.take(pooled, np.where(valid, table, 0), axis=-2)  # [..., N, K, C]
-    total = (gathered * valid[..., None]).sum(-2)
-    own = count == 0
-    out = total / np.maximum(count, 1)[:, None]
-    out[..., own, :] = pooled[..., own, :]
-    return out.astype(np.float32)
+def neighbour_mean(values: np.ndarray, table: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """[..., len(rows), C] in `values`' dtype: for each of `rows` (default: every row) the mean of `values`
+    ([..., N, C]) over its neighbours in `table` ([len(rows), K] row indices into `values`, -1 padded); a row with
+    none takes its own value. One neighbour slot at a time, so memory is one [..., len(rows), C] block, not K."""
+    values = np.asarray(values)
+    rows = np.arange(values.shape[-2]) if rows is None else np.asarray(rows)
+    own = np.take(values, rows, axis=-2)
+    total, count = np.zeros_like(own), np.zeros(len(rows), np.int64)
+    for k in range(table.shape[1]):
+        valid = table[:, k] >= 0
+        total[..., valid, :] += np.take(values, table[valid, k], axis=-2)
+        count += valid
+    return np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], own).astype(values.dtype)
 
 
 def store_context(features_per_encoder, obs: dict, radius: float = DEFAULT_RADIUS) -> np.ndarray:
@@ -86,45 +88,45 @@ def store_context(features_per_encoder, obs: dict, radius: float = DEFAULT_RADIU
     return np.stack([neighbour_mean(pooled_features(f), table) for f in features_per_encoder])
 
 
-def smooth_predictions(pred: np.ndarray, table: np.ndarray, self_weight: float) -> np.ndarray:
-    """[N, G]: each row's prediction weighted `self_weight`, plus (1 - self_weight) times the mean prediction of
-    its neighbours in `table` ([N, K], -1 padded; a row without neighbours keeps its own). A tile's prediction
-    carries noise its neighbours' do not share, while expression varies smoothly over a few spots, so the blend
-    tracks the measured maps better (README: chosen on inner validation). Uses the neighbours' images only,
-    never their measurements."""
+def smooth_predictions(pred: np.ndarray, table: np.ndarray, self_weight: float,
+                       rows: np.ndarray | None = None) -> np.ndarray:
+    """[len(rows), G]: each of `rows` (default: every row) of `pred` ([N, G]) weighted `self_weight`, plus
+    (1 - self_weight) times neighbour_mean over its neighbours in `table` ([len(rows), K], indices into `pred`, -1
+    padded; a row without neighbours keeps its own), in float64, returned in `pred`'s dtype. `rows` lets a caller
+    smooth a slide a window at a time. A tile's prediction carries noise its neighbours' do not share, while
+    expression varies smoothly over a few spots, so the blend tracks the measured maps better (README: chosen on
+    inner validation). Uses the neighbours' images only, never their measurements."""
     pred = np.asarray(pred)
-    return blend_with_neighbours(pred, np.arange(len(pred)), table, self_weight)
-
-
-def blend_with_neighbours(source: np.ndarray, rows: np.ndarray, table: np.ndarray, self_weight: float) -> np.ndarray:
-    """smooth_predictions of the rows `rows` of `source` ([N, G]), whose neighbours `table` ([len(rows), K], -1
-    padded) indexes into `source`: lets a caller smooth a slide a window of rows at a time."""
-    own = np.asarray(source[rows], np.float64)
+    own = pred if rows is None else pred[rows]
     if self_weight >= 1.0:
-        return np.asarray(source[rows])
-    total, count = np.zeros_like(own), np.zeros(len(rows), np.int64)
-    for k in range(table.shape[1]):  # one neighbour slot at a time: memory of one [len(rows), G] block
-        valid = table[:, k] >= 0
-        total[valid] += source[table[valid, k]]
-        count += valid
-    mean = np.where(count[:, None] > 0, total / np.maximum(count, 1)[:, None], own)
-    return (self_weight * own + (1.0 - self_weight) * mean).astype(source.dtype)
+        return own
+    mean = neighbour_mean(pred.astype(np.float64), table, rows)
+    return (self_weight * own.astype(np.float64) + (1.0 - self_weight) * mean).astype(pred.dtype)
+
+
+def section_table(obs: dict, rows: np.ndarray, radius: float) -> np.ndarray:
+    """neighbour_table of store rows `rows` (indices into `rows`), neighbours among them within each section."""
+    rows = np.asarray(rows)
+    return neighbour_table(np.asarray(obs["pixel_x"])[rows], np.asarray(obs["pixel_y"])[rows],
+                           np.asarray(obs["section"])[rows], radius)
 
 
 def smooth_rows(pred: np.ndarray, obs: dict, rows: np.ndarray, radius: float, self_weight: float) -> np.ndarray:
     """smooth_predictions of the predictions of store rows `rows` ([len(rows), G]), neighbours found among those
     rows within each section (obs pixel_x, pixel_y, section)."""
-    rows = np.asarray(rows)
     if not len(rows):
         return np.asarray(pred)
-    table = neighbour_table(np.asarray(obs["pixel_x"])[rows], np.asarray(obs["pixel_y"])[rows],
-                            np.asarray(obs["section"])[rows], radius)
-    return smooth_predictions(pred, table, self_weight)
+    return smooth_predictions(pred, section_table(obs, rows, radius), self_weight)
+
+
+def neighbour_counts(table: np.ndarray) -> dict:
+    """How many neighbours the positions of `table` have: median, most, and how many have none."""
+    count = (table >= 0).sum(1)
+    return {"neighbours_median": float(np.median(count)) if len(count) else 0.0,
+            "neighbours_max": int(count.max()) if len(count) else 0, "n_without_neighbours": int((count == 0).sum())}
 
 
 def describe(table: np.ndarray, radius: float) -> dict:
     """What results.json records about the neighbourhoods."""
-    count = (table >= 0).sum(1)
     return {"input": "mean over the adjacent positions of their spatially average-pooled encoder features",
-            "radius_spacings": float(radius), "neighbours_median": float(np.median(count)) if len(count) else 0.0,
-            "neighbours_max": int(count.max()) if len(count) else 0, "n_without_neighbours": int((count == 0).sum())}
+            "radius_spacings": float(radius), **neighbour_counts(table)}

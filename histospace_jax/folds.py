@@ -773,14 +773,8 @@ def smoothing_summary(choices: dict, obs: dict, rows_by_name: dict, random_encod
     choices (`random_encoder`, by set) as its weights."""
     if not choices or all(c is None for c in choices.values()):
         return None
-    sets = {}
-    for name, rows in rows_by_name.items():
-        choice, rows = choices[name], np.asarray(rows)
-        count = (context_lib.neighbour_table(np.asarray(obs["pixel_x"])[rows], np.asarray(obs["pixel_y"])[rows],
-                                             np.asarray(obs["section"])[rows], choice["radius"]) >= 0).sum(1) \
-            if len(rows) else np.zeros(0, np.int64)
-        sets[name] = {**choice, "neighbours_median": float(np.median(count)) if len(count) else 0.0,
-                      "n_without_neighbours": int((count == 0).sum())}
+    sets = {name: {**choices[name], **context_lib.neighbour_counts(
+        context_lib.section_table(obs, rows, choices[name]["radius"]))} for name, rows in rows_by_name.items()}
     return {"what": "each spot's prediction x self_weight + the mean prediction of the spots within radius spot "
                     "spacings of it (same section) x (1 - self_weight); self_weight 1 = not smoothed",
             "applied_to": ["model", *SMOOTHED_CONTROLS],

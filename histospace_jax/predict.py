@@ -73,7 +73,8 @@ def make_predict_fn(model, variables, info: dict):
     sd = np.asarray(info["target_sd"], np.float32)
     view_of = _view_fn(info)
     views = int(info["views"])
-    if encoder_shared(variables):
+    shared = encoder_shared(variables)
+    if shared:
         # The members' heads share one frozen encoder: encode each view once, then run every head on the
         # features (the encoder is most of the work; with 5 members this is several times faster).
         encoder = _member_subtree(variables, "encoder", member=0)
@@ -92,7 +93,7 @@ def make_predict_fn(model, variables, info: dict):
                 for v in range(views)) / views
         return mean + sd * z.mean(0)
 
-    predict.encoder_shared = encoder_shared(variables)
+    predict.encoder_shared = shared
     return predict
 
 
@@ -352,9 +353,10 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
     smooth_table = None
     if smoothing:
         smooth_table = context_lib.neighbour_table(pos["pixel_x"], pos["pixel_y"], None, smoothing["radius"])
+        smoothing = {**smoothing, "neighbours_median": context_lib.neighbour_counts(smooth_table)["neighbours_median"]}
         log(f"[predict] the model smooths its predictions: each position x {smoothing['self_weight']:g} + the mean of "
             f"its neighbours (within {smoothing['radius']:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
-            f"{np.median((smooth_table >= 0).sum(1)):g}) x {1 - smoothing['self_weight']:g}, in a second pass")
+            f"{smoothing['neighbours_median']:g}) x {1 - smoothing['self_weight']:g}, in a second pass")
 
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)
@@ -423,8 +425,8 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                     lo = int(min(idx[0], near[near >= 0].min(initial=n)))
                     hi = int(max(idx[-1], near.max(initial=-1))) + 1
                     window = raw[lo:hi].read().result()
-                    write_rows(a, idx, context_lib.blend_with_neighbours(
-                        window, idx - lo, np.where(near >= 0, near - lo, -1), smoothing["self_weight"]))
+                    write_rows(a, idx, context_lib.smooth_predictions(
+                        window, np.where(near >= 0, near - lo, -1), smoothing["self_weight"], rows=idx - lo))
                 del raw
                 shutil.rmtree(os.path.join(tmp, "unsmoothed.zarr"))
         rows = np.arange(n)
@@ -446,8 +448,7 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                    "n_positions": int(n_grid), "n_predicted": int(n), "tile_size": t, "crop_px": int(box),
                    "model_microns_per_pixel": mpp, "preprocessing": pre.description, "genes": len(gene_names),
                    "tissue_map": tissue_note, "overlays": overlays, "h5ad": h5ad, "trained_on": info.get("trained_on"),
-                   "smoothing": smoothing and {**smoothing, "neighbours_median": float(
-                       np.median((smooth_table >= 0).sum(1)))}}
+                   "smoothing": smoothing}
         atomic.write_json(os.path.join(tmp, "prediction.json"), summary)
         if os.path.exists(output):
             shutil.rmtree(output)

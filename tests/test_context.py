@@ -176,7 +176,7 @@ def test_smoothing_a_window_of_rows_equals_smoothing_the_whole_slide():
     near = table[rows]
     lo, hi = int(near[near >= 0].min()), int(near.max()) + 1
     assert (lo, hi) == (7, 28)
-    window = context.blend_with_neighbours(pred[lo:hi], rows - lo, np.where(near >= 0, near - lo, -1), 0.4)
+    window = context.smooth_predictions(pred[lo:hi], np.where(near >= 0, near - lo, -1), 0.4, rows=rows - lo)
     np.testing.assert_allclose(window, whole[rows], rtol=1e-6)
     # Independent reference: brute-force distances.
     d = np.hypot(x[:, None] - x[None], y[:, None] - y[None])
