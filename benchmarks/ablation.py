@@ -39,7 +39,7 @@ VARIANTS = {
     "no_augment": ["--config.train.augment=none"],
     "one_head": ["--config.train.ensemble=1"],
     "no_inner_validation": ["--config.train.select_epoch=off"],
-    "refit": ["--config.train.refit=on"],
+    "no_refit": ["--config.train.refit=off"],
     "no_dropout": ["--config.model.dropout_rate=0"],
     "paper": ["--config.recipe=paper"],
     # The standard recipe's settings, each moved once: the defaults stay where inner validation (training
@@ -51,10 +51,13 @@ VARIANTS = {
     "ensemble_10": ["--config.train.ensemble=10"],
     "context": ["--config.model.context=neighbours"],
     "no_smoothing": ["--config.model.smoothing=none"],
-    "smoothing_weight_0.34": ["--config.model.smoothing_weight=0.34"],
+    "smoothing_fixed_0.5": ["--config.model.smoothing=neighbours", "--config.model.smoothing_weight=0.5"],
     "stain_jitter": ["--config.train.stain_jitter=0.2"],
     "huber_delta_1": ["--config.train.huber_delta=1.0"],
     "huber_delta_10": ["--config.train.huber_delta=10.0"],
+    # Pretraining: each fold's autoencoder on its training patients' tiles for 30 epochs instead of 3 (the fold
+    # holding out a one-section patient otherwise pretrains for ~20 steps).
+    "ae_epochs_30": ["--config.ae.epochs=30"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 
@@ -70,8 +73,14 @@ def link_tree(src: str, dst: str) -> None:
                 os.link(os.path.join(root, f), target)
 
 
+def borrows_autoencoders(name: str, extra: list[str]) -> bool:
+    """Whether a variant may reuse the first variant's autoencoders and feature caches: not when it changes
+    the autoencoder's own settings (its checkpoints would not match)."""
+    return not any(a.startswith("--config.ae.") for a in VARIANTS[name] + list(extra))
+
+
 def run_variant(name: str, store: str, workdir: str, extra: list[str], seed_from: str | None) -> dict:
-    if seed_from:
+    if seed_from and borrows_autoencoders(name, extra):
         for part in ("cache",) + tuple(f"checkpoints/{d}" for d in os.listdir(os.path.join(seed_from, "checkpoints"))
                                          if d.startswith("ae")):
             if os.path.exists(os.path.join(seed_from, part)):

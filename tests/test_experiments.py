@@ -259,14 +259,19 @@ def test_fold_with_too_few_training_spots_is_named(tmp_path):
                           writer=metric_log.MetricWriter(str(tmp_path / "m.jsonl")))
 
 
-def test_ablation_prefers_the_lowest_inner_validation_mse_per_fold():
-    """benchmarks/ablation.py chooses settings on the training patients' inner validation alone: the held-out
-    numbers of the rows below would prefer the other variant in both folds."""
+def _ablation_module():
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "ablation.py")
     spec = importlib.util.spec_from_file_location("ablation", path)
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
+    return ablation
+
+
+def test_ablation_prefers_the_lowest_inner_validation_mse_per_fold():
+    """benchmarks/ablation.py chooses settings on the training patients' inner validation alone: the held-out
+    numbers of the rows below would prefer the other variant in both folds."""
+    ablation = _ablation_module()
     rows = [{"variant": "standard", "folds": {"B": {"per_gene_pearson": 0.3}, "C": {"per_gene_pearson": 0.2}},
              "inner_validation": {"B": {"mse_sd_units": 1.02}, "C": {"mse_sd_units": 0.97}}},
             {"variant": "dropout_0.5", "folds": {"B": {"per_gene_pearson": 0.1}, "C": {"per_gene_pearson": 0.1}},
@@ -409,3 +414,39 @@ def test_smoothing_weight_is_chosen_on_inner_validation_mse_against_a_numpy_refe
     c.model.smoothing, c.model.smoothing_weight = "neighbours", 0.3
     fixed = folds.choose_smoothing(c, obs, expression, train_rows, val_rows, noisy)
     assert fixed["self_weight"] == 0.3 and folds.exported_smoothing(fixed) == {"radius": 1.5, "self_weight": 0.3}
+
+
+def _effective_settings(overrides: list[str]) -> dict:
+    """The settings a LOO run on a user's store would train with, given ablation-style --config.KEY=V
+    overrides: every config value after resolve_auto, with the smoothing candidates as builders.smoothing reads
+    them (a weight the chosen smoothing ignores is no setting at all)."""
+    config = config_lib.get_config()
+    config.data.store = "/a/users/store"
+    for arg in overrides:
+        key, value = arg.removeprefix("--config.").split("=", 1)
+        node = config
+        *parents, name = key.split(".")
+        for p in parents:
+            node = node[p]
+        old = node[name]
+        node[name] = value if isinstance(old, str) else (int(value) if isinstance(old, int) else float(value))
+    config_lib.resolve_auto(config, log=lambda *_: None)
+    settings = {k: v for k, v in config_lib.flat_items(config.to_dict())
+                if k not in ("model.smoothing_weight", "model.smoothing_weights")}
+    settings["smoothing"] = builders.smoothing(config)
+    return settings
+
+
+def test_every_ablation_variant_changes_what_a_run_trains_with():
+    """A variant that resolves to the standard recipe's settings (a switch the recipe already sets, or a knob
+    the chosen mode ignores) would be reported as an ablation that measured nothing."""
+    ablation = _ablation_module()
+    standard = _effective_settings(ablation.VARIANTS["standard"])
+    for name, overrides in ablation.VARIANTS.items():
+        if name != "standard":
+            changed = {k for k, v in _effective_settings(overrides).items() if standard.get(k) != v}
+            assert changed, f"ablation variant {name} ({overrides}) trains exactly as the standard recipe"
+    # Only variants that change the autoencoder itself pretrain their own; the others reuse the first run's.
+    assert not ablation.borrows_autoencoders("ae_epochs_30", [])
+    assert ablation.borrows_autoencoders("no_refit", [])
+    assert not ablation.borrows_autoencoders("standard", ["--config.ae.learning_rate=3e-4"])
