@@ -12,7 +12,8 @@ each variant runs once per head seed (train.head_seed: the heads' initialisation
 autoencoders and the inner-validation split stay), in DIR/<variant>/seed<S>: the table then gives the mean over
 seeds and the spread of the inner-validation score between seeds, the noise a preference must exceed. The autoencoders
 and the feature caches of the first variant are linked into the others (same settings, same weights: the
-checkpoints resume as finished and the caches hit), so a variant costs its heads and its evaluation only.
+checkpoints resume as finished and the caches hit), so a variant costs its heads and its evaluation only;
+a variant that changes the autoencoder's own settings (ae.*, e.g. ae_epochs_30) pretrains its own instead.
 The random-encoder control is off here (it doubles the time); the other controls are computed in every run.
 """
 
