@@ -7,8 +7,8 @@ t-test. The model also gets what needs more than one number per gene: per-sectio
 permuting blocks of the spot grid (which respects spatial autocorrelation), a bootstrap interval of its
 per-gene r over sections (or blocks), and whether it failed (collapsed).
 
-A fold fails when its predictions are constant across spots for more than FAILED_CONSTANT_FRACTION of the
-genes, or when no gene has a defined r. The summary over folds is then undefined (NaN) for that predictor and
+A fold fails when its predictions are constant across spots (or flat: a spread under metrics.FLAT_SPREAD of
+the measured one) for more than FAILED_CONSTANT_FRACTION of the genes, or when no gene has a defined r. The summary over folds is then undefined (NaN) for that predictor and
 carries the failed folds: a mean over the surviving folds alone is never reported.
 """
 
@@ -40,11 +40,12 @@ def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray
     r2 = metrics.r2_per_gene(truth, pred, reference)
     out["r2_mean"] = metrics.nanmean_or_nan(r2)
     out["share_genes_r2_positive"] = metrics.share_positive(r2)
-    constant = metrics.constant_gene_fraction(pred)
+    constant = metrics.constant_gene_fraction(pred, y_true=truth)
     out["constant_gene_fraction"] = constant
     reasons = []
     if constant > FAILED_CONSTANT_FRACTION:
-        reasons.append(f"predictions constant across spots for {constant:.0%} of genes")
+        reasons.append(f"predictions constant across spots for {constant:.0%} of genes (a spread under "
+                       f"{metrics.FLAT_SPREAD:.1%} of the measured spread counts as constant)")
     if out["n_genes_undefined_r"] >= truth.shape[1]:
         reasons.append("no gene has a defined per-gene r")
     out["failed"] = bool(reasons)

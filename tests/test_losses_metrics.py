@@ -117,6 +117,37 @@ def test_constant_gene_fraction():
     assert metrics.constant_gene_fraction(pred, rel_tol=1e-9) == pytest.approx(0.25)
 
 
+def test_a_flat_prediction_counts_as_constant_against_the_measured_spread():
+    """A collapsed head's outputs still wobble (rounding, BatchNorm): on real HER2ST folds its spread was 2e-5 to
+    2e-4 of the measured one and passed the exact-constancy test. Against y_true, a spread under FLAT_SPREAD of
+    the gene's measured spread is constant; a gene not expressed over these spots is judged exactly."""
+    rng = np.random.default_rng(7)
+    truth = rng.normal(size=(60, 5)) * np.array([2.0, 2.0, 2.0, 2.0, 0.0])
+    pred = rng.normal(size=(60, 5))
+    pred[:, 0] = 1.5 + 1e-4 * truth[:, 0]    # spread 1e-4 x measured: flat
+    pred[:, 1] = 1.5 + 0.01 * truth[:, 1]    # 1% of the measured spread: a (weak) prediction, not flat
+    pred[:, 4] = 1.5 + 1e-5 * rng.normal(size=60)  # measured constant: only exact constancy counts
+    assert metrics.constant_gene_fraction(pred) == 0.0
+    assert metrics.constant_gene_fraction(pred, y_true=truth) == pytest.approx(1 / 5)
+    assert metrics.constant_gene_fraction(pred, y_true=truth, spread_tol=0.02) == pytest.approx(2 / 5)
+
+
+def test_a_fold_whose_predictions_are_flat_is_marked_failed():
+    """evaluation.predictor_metrics judges flatness against the held-out truth: the no_standardise ablation's
+    heads (per-gene r about 0, spread about 1e-4 of the measured) were reported as a healthy fold before."""
+    from histospace_jax import evaluation
+    rng = np.random.default_rng(8)
+    truth = rng.normal(size=(80, 20)) + 3.0
+    mean = truth.mean(0)
+    flat = mean + 1e-4 * rng.normal(size=truth.shape)
+    out = evaluation.predictor_metrics(truth, flat, mean, None, 0.05)
+    assert np.isfinite(out["per_gene_pearson"]) and out["constant_gene_fraction"] == 1.0
+    assert out["failed"] and "constant across spots for 100% of genes" in out["failure"]
+    healthy = evaluation.predictor_metrics(truth, mean + 0.3 * (truth - mean) + rng.normal(size=truth.shape),
+                                           mean, None, 0.05)
+    assert not healthy["failed"] and healthy["constant_gene_fraction"] == 0.0
+
+
 def test_per_section_pearson_matches_subsets():
     rng = np.random.default_rng(5)
     y = rng.normal(size=(40, 5))
