@@ -205,7 +205,10 @@ def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stor
     ctx = res["training"]["context"]
     # 24 spots per section on a 6 x 4 grid, 10 px apart: 8 neighbours inside, 3 in the corners.
     assert ctx["neighbours_max"] == 8 and ctx["n_without_neighbours"] == 0 and ctx["radius_spacings"] == 1.5
-    assert all(np.isfinite(f["mse"]) and not f["failed"] for f in res["folds"])
+    # Random tiles and random expression: nothing to learn, so two epochs leave the heads at the training mean
+    # and the folds must say so (flat predictions are a failed fold, never a healthy one).
+    assert all(np.isfinite(f["mse"]) for f in res["folds"])
+    assert all(f["failed"] == (f["constant_gene_fraction"] > 0.05) for f in res["folds"])
     assert "neighbourhood context" in open(w / "report.md").read()
     w = tmp_path / "ext"
     run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",

@@ -270,8 +270,12 @@ def test_two_devices_match_one_device_within_tolerance(tiny, tmp_path):
     # Same batches, same per-step global means; only float summation order differs between 1 and 2 devices.
     # Adam normalises near-zero gradients, so rounding differences grow to ~1% of the predictions over a
     # run: the stated tolerance (README) is 0.01 on summary metrics and 0.02 + 2% on predictions.
-    for k in ("per_gene_pearson", "per_spot_pearson", "mse"):
-        assert abs(a["summary"][k] - b["summary"][k]) <= 1e-2 * max(1.0, abs(b["summary"][k])), k
+    # Per fold: twelve steps leave these heads near the training mean, which marks the folds failed and leaves
+    # the summary's per-gene r undefined by design; the folds' own metrics are still defined.
+    assert a["summary"]["failed_folds"] == b["summary"]["failed_folds"]
+    for fa, fb in zip(a["folds"], b["folds"], strict=True):
+        for k in ("per_gene_pearson", "per_spot_pearson", "mse"):
+            assert abs(fa[k] - fb[k]) <= 1e-2 * max(1.0, abs(fb[k])), (fa["held_out"], k)
     with np.load(os.path.join(wd, "predictions.npz")) as p, np.load(os.path.join(tiny.baseline, "predictions.npz")) as q:
         for key in p.files:
             if key.startswith("pred_"):
