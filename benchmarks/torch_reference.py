@@ -15,7 +15,7 @@ view; the frozen encoder run (eval mode, no grad) on every batch, for training, 
 prediction alike. It follows one `Recipe` (the JAX side's resolved config, see benchmarks/speed.py):
 
 * "standard": targets standardised per gene on each fold's training rows; output layer initialised to zero;
-  dropout 0.5 on the hidden FC layer;
+  dropout on the hidden FC layer at the resolved config's rate (0 by default);
   one of the 8 flips/rotations drawn per example; `ensemble` heads per fold from different seeds; after each
   epoch the inner-validation MSE (untransformed view, standardised units) and each head keeps its best epoch
   (with `refit`, the head is then trained again from its initialisation on the training and inner-validation

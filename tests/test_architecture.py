@@ -134,7 +134,7 @@ def test_every_numeric_key_has_a_range():
 
 
 @pytest.mark.parametrize("key,builder,standard,paper,given,bad", [
-    ("model.dropout_rate", builders.dropout_rate, 0.5, 0.0, 0.0, 1.5),
+    ("model.dropout_rate", builders.dropout_rate, 0.0, 0.0, 0.25, 1.5),
     ("train.huber_delta", builders.huber_delta, 3.0, 1.0, 0.5, -1.0),
 ])
 def test_unset_recipe_number_is_the_recipes_and_a_given_value_is_kept(key, builder, standard, paper, given, bad):

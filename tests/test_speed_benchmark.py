@@ -167,7 +167,7 @@ def test_protocol_carries_our_folds_recipe_and_encoder(tr, tmp_path, recipe):
     assert (t_recipe.epochs, t_recipe.batch_size, t_recipe.ensemble) == (t.epochs, t.batch_size, t.ensemble)
     assert (t_recipe.learning_rate, t_recipe.weight_decay, t_recipe.huber_delta) == (
         t.learning_rate, t.weight_decay, t.huber_delta)
-    expected = {"standard": (8, True, True, True, 0.5), "paper": (1, False, False, False, 0.0)}[recipe]
+    expected = {"standard": (8, True, True, True, 0.0), "paper": (1, False, False, False, 0.0)}[recipe]
     assert (t_recipe.views, t_recipe.standardise, t_recipe.zero_output, t_recipe.select_epoch,
             t_recipe.dropout_rate) == expected
     assert t_recipe.refit == (config.train.refit == "on" and recipe == "standard")
@@ -182,7 +182,7 @@ def test_default_recipes_resolve_as_a_run_does():
     real = speed.loo_config("s", "standard", on_demo=False, **quiet)
     assert (real.train.epochs, real.train.ensemble, real.train.augment, real.model.output_init) == (
         config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"].ensemble, "dihedral", "zeros")
-    assert real.model.dropout_rate == demo.model.dropout_rate == 0.5
+    assert real.model.dropout_rate == demo.model.dropout_rate == 0.0
     assert real.train.huber_delta == demo.train.huber_delta == 3.0
     assert (real.train.refit, demo.train.refit) == ("on", "off")  # the demo's 10-minute budget
     paper = speed.loo_config("s", "paper", on_demo=False, **quiet)
