@@ -100,6 +100,33 @@ def ae_rows(results: dict) -> list[list]:
             for v, s in results["ae_study"]["variants"].items()]
 
 
+GAP_HEADER = ["held out", "model minus", "per-gene r gap", "95% paired bootstrap interval", "units", "reading"]
+
+
+def gap_reading(low: float, high: float) -> str:
+    """What a paired interval of (model - control) says: the model above or below the control beyond the
+    variation between units, or neither."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "no interval (fewer than 2 units)"
+    if low > 0:
+        return "model above"
+    if high < 0:
+        return "model BELOW"
+    return "not resolved"
+
+
+def gap_rows(results: dict) -> list[list]:
+    """Per fold and control: the model's mean per-gene r minus the control's, its paired bootstrap interval and
+    what the interval says (results.json folds[].model_minus_control)."""
+    rows = []
+    for f in results["folds"]:
+        for name, g in f.get("model_minus_control", {}).items():
+            low, high = (float("nan") if v is None else float(v) for v in g["ci95"])
+            rows.append([f["held_out"], name, g["per_gene_pearson"], f"[{_cell(low)}, {_cell(high)}]",
+                         g["ci_units"], gap_reading(low, high)])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------ tables
 
 
@@ -118,7 +145,12 @@ def loo_table(results: dict) -> str:
     if s.get("n_folds_failed"):
         title += (f"\n{s['n_folds_failed']} of {s['n_folds']} folds FAILED ({', '.join(s['failed_folds'])}): the "
                   "model's mean over folds is undefined")
-    return title + "\n" + format_table(rows, header)
+    table = title + "\n" + format_table(rows, header)
+    gaps = gap_rows(results)
+    if gaps:
+        table += "\n\nModel minus each control, per-gene r, with a paired bootstrap interval\n" + format_table(
+            gaps, GAP_HEADER)
+    return table
 
 
 def external_table(results: dict) -> str:

@@ -69,19 +69,38 @@ def inner_validation_score(expression: np.ndarray, train_rows: np.ndarray, val_r
             "per_gene_pearson": metrics.nanmean_or_nan(metrics.pearson_per_gene(truth, pred))}
 
 
-def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float, seed: int) -> dict:
-    """Per-section r, spatial block-permutation significance and the bootstrap interval of per-gene r."""
+def bootstrap_units(obs_rows: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """(units, 4x4-spot grid blocks, what the units are) of held-out spots: the sections when there are at least
+    3 (independent enough to resample), else the grid blocks."""
     sections = np.asarray(obs_rows["section"])
     blocks = controls.grid_blocks(obs_rows["array_x"], obs_rows["array_y"], sections)
+    if len(np.unique(sections)) >= 3:
+        return sections, blocks, "sections"
+    return blocks, blocks, "grid blocks"
+
+
+def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float, seed: int) -> dict:
+    """Per-section r, spatial block-permutation significance and the bootstrap interval of per-gene r."""
+    units, blocks, unit_kind = bootstrap_units(obs_rows)
     p = controls.block_permutation_pvalues(truth, pred, blocks, n_perm=200, seed=seed)
-    units = sections if len(np.unique(sections)) >= 3 else blocks
     ci = controls.bootstrap_mean_gene_r(truth, pred, units, n_boot=200, seed=seed)
-    return {"per_section_pearson": metrics.per_section_pearson(truth, pred, sections),
+    return {"per_section_pearson": metrics.per_section_pearson(truth, pred, np.asarray(obs_rows["section"])),
             "n_genes_significant_spatial": int(controls.n_significant_fdr(p, fdr)),
             "spatial_test": "one-sided block permutation (4x4-spot blocks of the grid, 200 permutations), "
                             "Benjamini-Hochberg",
             "per_gene_pearson_ci95": [ci["low"], ci["high"]],
-            "ci_units": f"{ci['n_units']} {'sections' if units is sections else 'grid blocks'}"}
+            "ci_units": f"{ci['n_units']} {unit_kind}"}
+
+
+def model_minus_control(truth: np.ndarray, pred: np.ndarray, control: np.ndarray, obs_rows: dict,
+                        seed: int) -> dict:
+    """The model's mean per-gene r minus a control's, with its paired 95% bootstrap interval over the same units
+    as the model's own interval: whether "the model beats this control" holds beyond the variation between
+    sections (or blocks)."""
+    units, _, unit_kind = bootstrap_units(obs_rows)
+    d = controls.bootstrap_gene_r_difference(truth, pred, control, units, n_boot=200, seed=seed)
+    return {"per_gene_pearson": d["difference"], "ci95": [d["low"], d["high"]],
+            "ci_units": f"{d['n_units']} {unit_kind}"}
 
 
 def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarray, obs: dict,
@@ -105,11 +124,12 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         controls_ = {"mean_predictor": baseline}
         if untrained is not None:
             controls_["untrained_head"] = block(untrained[f])
-        control_r = {}
+        control_r, gaps = {}, {}
         for name, ctrl in (extra_controls or {}).items():
             controls_[name] = block(ctrl[f])
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
-        out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model,
+            gaps[name] = model_minus_control(truth, preds[f], ctrl[f], obs_rows, seed)
+        out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model, "model_minus_control": gaps,
                     "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
                     "controls": controls_,
                     "per_gene_r": metrics.pearson_per_gene(truth, preds[f]),

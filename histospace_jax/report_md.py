@@ -274,6 +274,12 @@ def _fold_details(results: dict) -> list[str]:
                      f"{f.get('n_genes_significant_spatial', '-')} (t-test {f.get('n_genes_significant', '-')})",
                      _f(ceilings.get(f["held_out"], {}).get("ceiling_r_mean"), 3),
                      _f(ceilings.get(f["held_out"], {}).get("depth_adjusted_ceiling_r_mean"), 3)])
+    gaps = console.gap_rows(results)
+    gap_lines = (["## Model against each control", "",
+                  "The model's mean per-gene r minus the control's, with a 95% paired percentile-bootstrap interval: "
+                  "both scored on the same resampled sections (or 4x4-spot blocks) in each of 200 draws. "
+                  "\"model above\" or \"model BELOW\" only when the interval excludes 0; with few units the "
+                  "interval is too narrow.", "", _md_table(console.GAP_HEADER, gaps), ""] if gaps else [])
     lines = ["## Per held-out patient", "",
              _md_table(["held out", "per-gene r, 95% bootstrap interval", "per-section r",
                         "genes significant: spatial block permutation (independent-spots t-test)",
@@ -284,6 +290,7 @@ def _fold_details(results: dict) -> list[str]:
              "binomial split of each spot's counts: about the best per-gene r any predictor could reach against "
              "this noisy measurement. Its depth-adjusted twin residualises both halves on log library size first: "
              "the ceiling for depth-adjusted r, low on shallow sections where depth is most of the agreement.", ""]
+    lines = gap_lines + lines
     t = results.get("training", {})
     if t:
         lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]

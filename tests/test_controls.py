@@ -345,6 +345,31 @@ def test_bootstrap_interval_contains_estimate_and_narrows_with_more_units():
     assert np.isnan(one["low"]) and np.isfinite(one["mean_r"])
 
 
+def test_paired_difference_interval_matches_explicit_pooling_of_the_same_draws():
+    rng = np.random.default_rng(15)
+    y, weak, units = _units_data(rng, 12, per_unit=8, genes=6)
+    strong = y + 0.3 * rng.normal(size=y.shape)
+    out = controls.bootstrap_gene_r_difference(y, strong, weak, units, n_boot=70, seed=4)
+    # Reference: the draws the function makes (64 per batch from one seeded generator), each pooled spot by spot.
+    draw_rng, diffs = np.random.default_rng(4), []
+    for b in (64, 6):
+        for draw in draw_rng.integers(0, 12, size=(b, 12)):
+            idx = np.concatenate([np.flatnonzero(units == u) for u in draw])
+            diffs.append(np.mean(metrics.pearson_per_gene(y[idx], strong[idx]))
+                         - np.mean(metrics.pearson_per_gene(y[idx], weak[idx])))
+    np.testing.assert_allclose([out["low"], out["high"]], np.percentile(diffs, [2.5, 97.5]), rtol=1e-9)
+    assert out["difference"] == pytest.approx(np.mean(metrics.pearson_per_gene(y, strong))
+                                              - np.mean(metrics.pearson_per_gene(y, weak)))
+    assert 0 < out["low"] < out["difference"] < out["high"] and out["n_units"] == 12
+    same = controls.bootstrap_gene_r_difference(y, weak, weak, units, n_boot=20)
+    assert (same["difference"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    flipped = controls.bootstrap_gene_r_difference(y, weak, strong, units, n_boot=70, seed=4)
+    np.testing.assert_allclose([flipped["low"], flipped["high"]], [-out["high"], -out["low"]], rtol=1e-9)
+    assert np.isnan(controls.bootstrap_gene_r_difference(y, strong, weak, np.zeros(len(y)))["low"])
+    with pytest.raises(ValueError, match="y_pred"):
+        controls.bootstrap_gene_r_difference(y, strong[:, :5], weak, units)
+
+
 # ---------------------------------------------------------------------------------------------- noise ceiling
 
 

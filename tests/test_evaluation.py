@@ -108,3 +108,31 @@ def test_gene_ranking_averages_defined_folds_and_leaves_out_genes_without_r():
     bottom = text.split("Bottom 2:")[1]
     assert "G0" in top and "0.4" in top and "G2" in top and "0.1" in top
     assert "G3" in bottom and "-0.3" in bottom and "G1" not in text
+
+
+def test_model_minus_control_says_which_side_of_zero_its_paired_interval_lies():
+    """Each fold carries the model's per-gene r minus each control's with a paired bootstrap interval over the
+    held-out patient's grid blocks; the printed table and report.md read it: above, BELOW, or not resolved."""
+    from histospace_jax import console, report_md
+
+    plan, expr, obs, _ = _plan_and_data(seed=3, n_per=60, g=8)
+    rng = np.random.default_rng(4)
+    truth = {f: expr[plan.held_out_rows(f)] for f in range(3)}
+    preds = {f: truth[f] + 1.5 * rng.normal(size=truth[f].shape) for f in range(3)}
+    better = {f: truth[f] + 0.2 * rng.normal(size=truth[f].shape) for f in range(3)}
+    worse = {f: truth[f] + 6.0 * rng.normal(size=truth[f].shape) for f in range(3)}
+    out = evaluation.fold_results(plan, preds, None, expr, obs, {"better": better, "worse": worse})
+    for f, fold in enumerate(out):
+        gap = fold["model_minus_control"]["better"]
+        expected = (np.mean(metrics.pearson_per_gene(truth[f], preds[f]))
+                    - np.mean(metrics.pearson_per_gene(truth[f], better[f])))
+        assert np.isclose(gap["per_gene_pearson"], expected)
+        assert gap["ci95"][1] < 0 < fold["model_minus_control"]["worse"]["ci95"][0]
+        assert gap["ci_units"] == "6 grid blocks"  # one section of 6 x 10 spots: 2 x 3 blocks of 4 x 4 cells
+    results = {"folds": out}
+    readings = {(r[0], r[1]): r[5] for r in console.gap_rows(results)}
+    assert readings[("A", "better")] == "model BELOW" and readings[("A", "worse")] == "model above"
+    assert console.gap_reading(-0.01, 0.02) == "not resolved"
+    assert console.gap_reading(float("nan"), float("nan")).startswith("no interval")
+    text = "\n".join(report_md._fold_details(results))
+    assert "## Model against each control" in text and "| A | better |" in text and "model BELOW" in text
