@@ -108,6 +108,8 @@ def gap_reading(low: float, high: float) -> str:
     variation between units, or neither."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return "no interval (fewer than 2 units)"
+    if low == high == 0:
+        return "identical"  # e.g. model_unsmoothed where the fold chose no smoothing
     if low > 0:
         return "model above"
     if high < 0:

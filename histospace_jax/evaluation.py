@@ -7,9 +7,12 @@ t-test. The model also gets what needs more than one number per gene: per-sectio
 permuting blocks of the spot grid (which respects spatial autocorrelation), a bootstrap interval of its
 per-gene r over sections (or blocks), and whether it failed (collapsed).
 
-A fold fails when its predictions are constant across spots (or flat: a spread under metrics.FLAT_SPREAD of
-the measured one) for more than FAILED_CONSTANT_FRACTION of the genes, or when no gene has a defined r. The summary over folds is then undefined (NaN) for that predictor and
-carries the failed folds: a mean over the surviving folds alone is never reported.
+A fold fails when its predictions are constant across spots for more than FAILED_CONSTANT_FRACTION of the genes,
+or when no gene has a defined r. For trained heads (the model and TRAINED_CONTROLS) a gene whose predicted spread
+is under metrics.FLAT_SPREAD of its measured spread also counts as constant: a collapsed head still varies by
+rounding. The closed-form controls keep exact constancy: a depth line with a near-zero slope for a gene that does
+not follow depth is their fit, not a collapse. The summary over folds is then undefined (NaN) for that predictor
+and carries the failed folds: a mean over the surviving folds alone is never reported.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 from histospace_jax import controls, metrics
 
 FAILED_CONSTANT_FRACTION = 0.05
+TRAINED_CONTROLS = ("untrained_head", "random_encoder", "model_unsmoothed")
 SUMMARY_KEYS = ("per_gene_pearson", "per_gene_pearson_median", "depth_adjusted_per_gene_pearson",
                 "n_genes_significant", "per_spot_pearson", "mse", "r2_mean", "share_genes_r2_positive")
 
@@ -31,8 +35,10 @@ def log_library_size(obs: dict) -> np.ndarray | None:
 
 
 def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray, log_depth: np.ndarray | None,
-                      fdr: float) -> dict:
-    """The metric block of one predictor on one held-out set. `reference` is the training mean profile [G]."""
+                      fdr: float, trained: bool = True) -> dict:
+    """The metric block of one predictor on one held-out set. `reference` is the training mean profile [G].
+    `trained`: a trained head, whose flat genes (spread under metrics.FLAT_SPREAD of the measured) count as
+    constant; otherwise only exactly constant genes do."""
     out = metrics.full_regression_metrics(truth, pred, fdr)
     out["depth_adjusted_per_gene_pearson"] = (
         metrics.nanmean_or_nan(metrics.depth_adjusted_pearson_per_gene(truth, pred, log_depth))
@@ -40,12 +46,13 @@ def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray
     r2 = metrics.r2_per_gene(truth, pred, reference)
     out["r2_mean"] = metrics.nanmean_or_nan(r2)
     out["share_genes_r2_positive"] = metrics.share_positive(r2)
-    constant = metrics.constant_gene_fraction(pred, y_true=truth)
+    constant = metrics.constant_gene_fraction(pred, y_true=truth if trained else None)
     out["constant_gene_fraction"] = constant
     reasons = []
     if constant > FAILED_CONSTANT_FRACTION:
-        reasons.append(f"predictions constant across spots for {constant:.0%} of genes (a spread under "
-                       f"{metrics.FLAT_SPREAD:.1%} of the measured spread counts as constant)")
+        flat = (f" (a spread under {metrics.FLAT_SPREAD:.1%} of the measured spread counts as constant)"
+                if trained else "")
+        reasons.append(f"predictions constant across spots for {constant:.0%} of genes{flat}")
     if out["n_genes_undefined_r"] >= truth.shape[1]:
         reasons.append("no gene has a defined per-gene r")
     out["failed"] = bool(reasons)
@@ -114,7 +121,8 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         truth = expression[rows]
         reference = expression[train_rows].astype(np.float64).mean(0)
         depth = None if log_depth is None else log_depth[rows]
-        block = lambda pred: predictor_metrics(truth, pred, reference, depth, fdr)  # noqa: E731
+        block = lambda pred, trained=True: predictor_metrics(truth, pred, reference, depth, fdr,  # noqa: E731
+                                                             trained)
         model = block(preds[f])
         obs_rows = {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")}
         model.update(model_extras(truth, preds[f], obs_rows, fdr, seed))
@@ -126,7 +134,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
             controls_["untrained_head"] = block(untrained[f])
         control_r, gaps = {}, {}
         for name, ctrl in (extra_controls or {}).items():
-            controls_[name] = block(ctrl[f])
+            controls_[name] = block(ctrl[f], name in TRAINED_CONTROLS)
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
             gaps[name] = model_minus_control(truth, preds[f], ctrl[f], obs_rows, seed)
         out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model, "model_minus_control": gaps,

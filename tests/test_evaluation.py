@@ -132,7 +132,28 @@ def test_model_minus_control_says_which_side_of_zero_its_paired_interval_lies():
     results = {"folds": out}
     readings = {(r[0], r[1]): r[5] for r in console.gap_rows(results)}
     assert readings[("A", "better")] == "model BELOW" and readings[("A", "worse")] == "model above"
-    assert console.gap_reading(-0.01, 0.02) == "not resolved"
+    assert console.gap_reading(-0.01, 0.02) == "not resolved" and console.gap_reading(0.0, 0.0) == "identical"
     assert console.gap_reading(float("nan"), float("nan")).startswith("no interval")
     text = "\n".join(report_md._fold_details(results))
     assert "## Model against each control" in text and "| A | better |" in text and "model BELOW" in text
+
+
+def test_flat_genes_fail_a_trained_head_but_not_a_closed_form_control():
+    """A spread under metrics.FLAT_SPREAD of the measured one is a collapse for a trained head (the model, the
+    random-encoder control) and the fit for a closed-form control (a depth line with a near-zero slope)."""
+    plan, expr, obs, _ = _plan_and_data(seed=5)
+    preds = {f: expr[plan.held_out_rows(f)] + 0.1 for f in range(3)}
+    nearly_flat = {}
+    for f in range(3):
+        p = preds[f].copy()
+        p[:, 0] = p[:, 0].mean() + 1e-5 * (p[:, 0] - p[:, 0].mean())  # gene 0 of 6: 17% of the genes
+        nearly_flat[f] = p
+    out = evaluation.fold_results(plan, nearly_flat, None, expr, obs,
+                                  {"random_encoder": nearly_flat, "depth_oracle": nearly_flat})
+    for fold in out:
+        assert fold["failed"] and fold["constant_gene_fraction"] == 1 / 6
+        assert "spread under 0.1% of the measured spread" in fold["failure"]
+        assert fold["controls"]["random_encoder"]["failed"]
+        oracle = fold["controls"]["depth_oracle"]
+        assert not oracle["failed"] and oracle["constant_gene_fraction"] == 0.0
+    assert not any(f["failed"] for f in evaluation.fold_results(plan, preds, None, expr, obs))
