@@ -547,27 +547,36 @@ def bootstrap_mean_gene_r(y_true, y_pred, units, n_boot: int = 200, seed: int = 
     return out
 
 
+def bootstrap_gene_r_differences(y_true, pred, others: dict, units, n_boot: int = 200, seed: int = 0,
+                                 level: float = 0.95) -> dict:
+    """Paired percentile-bootstrap intervals of (mean per-gene r of pred) - (mean per-gene r of each of `others`
+    {name: predictions}): all scored on the same resampled units in every draw, so what they share (which
+    sections were drawn, how predictable those are) cancels and each interval is that of its gap alone. An
+    interval that excludes 0 says the gap holds beyond the variation between units; with few units it is too
+    narrow, as in bootstrap_mean_gene_r. One pass over the draws serves every comparison.
+
+    Returns {name: {"difference", "low", "high", "level", "n_units", "n_boot"}}; low/high are NaN with fewer
+    than two units.
+    """
+    names = list(others)
+    y_true, preds, unit_id, n_units = _resampling_inputs(y_true, [pred] + [others[k] for k in names], units, level)
+    point = [metrics.nanmean_or_nan(metrics.pearson_per_gene(y_true, p)) for p in preds]
+    resampled = (_resampled_mean_r(y_true, preds, unit_id, n_units, n_boot, seed)
+                 if n_units >= 2 and n_boot >= 1 and names else None)
+    out = {}
+    for k, name in enumerate(names, start=1):
+        low, high = (float("nan"), float("nan")) if resampled is None else _percentile_interval(
+            resampled[:, 0] - resampled[:, k], level)
+        out[name] = {"difference": float(point[0] - point[k]), "low": low, "high": high, "level": float(level),
+                     "n_units": n_units, "n_boot": int(n_boot)}
+    return out
+
+
 def bootstrap_gene_r_difference(y_true, pred_a, pred_b, units, n_boot: int = 200, seed: int = 0,
                                 level: float = 0.95) -> dict:
-    """Paired percentile-bootstrap interval of (mean per-gene r of pred_a) - (mean per-gene r of pred_b): both
-    scored on the same resampled units in every draw, so what the two share (which sections were drawn, how
-    predictable those are) cancels and the interval is that of the gap alone. An interval that excludes 0 says
-    the gap holds beyond the variation between units; with few units it is too narrow, as in
-    bootstrap_mean_gene_r.
-
-    Returns {"difference", "low", "high", "level", "n_units", "n_boot"}; low/high are NaN with fewer than two
-    units.
-    """
-    y_true, (pred_a, pred_b), unit_id, n_units = _resampling_inputs(y_true, [pred_a, pred_b], units, level)
-    point = (metrics.nanmean_or_nan(metrics.pearson_per_gene(y_true, pred_a))
-             - metrics.nanmean_or_nan(metrics.pearson_per_gene(y_true, pred_b)))
-    out = {"difference": float(point), "low": float("nan"), "high": float("nan"), "level": float(level),
-           "n_units": n_units, "n_boot": int(n_boot)}
-    if n_units < 2 or n_boot < 1:
-        return out
-    means = _resampled_mean_r(y_true, [pred_a, pred_b], unit_id, n_units, n_boot, seed)
-    out["low"], out["high"] = _percentile_interval(means[:, 0] - means[:, 1], level)
-    return out
+    """bootstrap_gene_r_differences for one pair: the interval of (mean per-gene r of pred_a) - (that of
+    pred_b)."""
+    return bootstrap_gene_r_differences(y_true, pred_a, {"b": pred_b}, units, n_boot, seed, level)["b"]
 
 
 # ---------------------------------------------------------------------------------------------- noise ceiling

@@ -99,15 +99,14 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
             "ci_units": f"{ci['n_units']} {unit_kind}"}
 
 
-def model_minus_control(truth: np.ndarray, pred: np.ndarray, control: np.ndarray, obs_rows: dict,
-                        seed: int) -> dict:
-    """The model's mean per-gene r minus a control's, with its paired 95% bootstrap interval over the same units
-    as the model's own interval: whether "the model beats this control" holds beyond the variation between
-    sections (or blocks)."""
+def model_minus_controls(truth: np.ndarray, pred: np.ndarray, others: dict, obs_rows: dict, seed: int) -> dict:
+    """Per control of `others` {name: predictions}: the model's mean per-gene r minus the control's, with its
+    paired 95% bootstrap interval over the same units as the model's own interval: whether "the model beats this
+    control" holds beyond the variation between sections (or blocks)."""
     units, _, unit_kind = bootstrap_units(obs_rows)
-    d = controls.bootstrap_gene_r_difference(truth, pred, control, units, n_boot=200, seed=seed)
-    return {"per_gene_pearson": d["difference"], "ci95": [d["low"], d["high"]],
-            "ci_units": f"{d['n_units']} {unit_kind}"}
+    gaps = controls.bootstrap_gene_r_differences(truth, pred, others, units, n_boot=200, seed=seed)
+    return {name: {"per_gene_pearson": d["difference"], "ci95": [d["low"], d["high"]],
+                   "ci_units": f"{d['n_units']} {unit_kind}"} for name, d in gaps.items()}
 
 
 def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarray, obs: dict,
@@ -132,11 +131,12 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         controls_ = {"mean_predictor": baseline}
         if untrained is not None:
             controls_["untrained_head"] = block(untrained[f])
-        control_r, gaps = {}, {}
+        control_r = {}
         for name, ctrl in (extra_controls or {}).items():
             controls_[name] = block(ctrl[f], name in TRAINED_CONTROLS)
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
-            gaps[name] = model_minus_control(truth, preds[f], ctrl[f], obs_rows, seed)
+        gaps = model_minus_controls(truth, preds[f], {k: c[f] for k, c in (extra_controls or {}).items()}, obs_rows,
+                                    seed)
         out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model, "model_minus_control": gaps,
                     "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
                     "controls": controls_,
