@@ -161,6 +161,8 @@ def external_table(results: dict) -> str:
     title = f"External test: {e['train']['patients']} -> {e['test']['patients']}"
     if e["train"].get("synthetic") or e["test"].get("synthetic"):
         title += "  [SYNTHETIC DATA]"
+    if e["model"].get("failed"):
+        title += f"\nThe model FAILED on the test set: {e['model']['failure']}"
     return title + "\n" + format_table(rows, METRIC_HEADER[1:])
 
 

@@ -223,6 +223,9 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
                   f"Trained on `{e['train']['store']}` patients {e['train']['patients']} ({e['train']['n_spots']} "
                   f"spots); tested on `{e['test']['store']}` patients {e['test']['patients']} "
                   f"({e['test']['n_spots']} spots); {e['n_shared_genes']} shared genes.", ""]
+        if e["model"].get("failed"):
+            lines += [f"> **The model FAILED on the test set**: {e['model']['failure']}. Its per-gene r is not a "
+                      "result.", ""]
         for w in e.get("warnings", []):
             lines += [f"> {w}", ""]
         lines += [f"Overlap check: `{json.dumps(e['overlap'])}`", ""]

@@ -24,13 +24,20 @@ TINY = ["--config.data.tile_size=16", "--config.model.encoder_features=(4,4,8)",
         "--config.eval_batch_size=16"]
 
 
-def _store(path, patients, genes, fmt, seed):
+def _store(path, patients, genes, fmt, seed, depth=False):
+    """Random tiles and expression; with `depth`, each spot also has a library size and every gene follows its
+    log with a gene's own slope plus noise (what the depth-oracle control reads)."""
     rng = np.random.default_rng(seed)
     n = len(patients)
     tiles = rng.integers(0, 255, size=(n, 16, 16, 3), dtype=np.uint8)
     expr = rng.normal(size=(n, len(genes))).astype(np.float32)
     obs = {"section": np.array([f"{p}1" for p in patients]), "patient": np.array(patients),
            "array_x": np.arange(n) % 6, "array_y": np.arange(n) // 6, "pixel_x": np.arange(n) % 6 * 10.0, "pixel_y": np.arange(n) // 6 * 10.0}
+    if depth:
+        obs["library_size"] = rng.integers(200, 20000, size=n)
+        obs["n_genes_detected"] = obs["library_size"] // 4
+        slopes = np.array([0.9, -0.5, 0.3, 0.7, 0.1])[[int(g[1:]) % 5 for g in genes]]
+        expr = (np.log(obs["library_size"])[:, None] * slopes + 0.3 * expr).astype(np.float32)
     return store_lib.write_store(str(path), tiles, expr, list(genes), obs,
                                  manifest={"source_format": fmt, "microns_per_pixel": 1.0, "tile_size": 16,
                                            "colour_cast": {"enabled": False},
@@ -42,6 +49,15 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("modes")
     a = _store(root / "a", ["E"] * 24 + ["F"] * 24, ["G1", "G2", "G3", "G4"], "her2st", 0)
     b = _store(root / "b", ["BC23567"] * 12 + ["X"] * 24, ["G4", "G2", "G9", "G1"], "stnet", 1)
+    return root, a, b
+
+
+@pytest.fixture(scope="module")
+def depth_stores(tmp_path_factory):
+    """The two stores of `stores`, each spot with a library size that its expression follows."""
+    root = tmp_path_factory.mktemp("modes_depth")
+    a = _store(root / "a", ["E"] * 24 + ["F"] * 24, ["G1", "G2", "G3", "G4"], "her2st", 0, depth=True)
+    b = _store(root / "b", ["BC23567"] * 12 + ["X"] * 24, ["G4", "G2", "G9", "G1"], "stnet", 1, depth=True)
     return root, a, b
 
 
@@ -106,10 +122,11 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
     assert lib["images"]["hires"].shape[:2] == (round(80 * scale), round(96 * scale))
 
 
-def test_external_mode_on_two_stores(stores, tmp_path):
+def test_external_mode_on_two_stores(depth_stores, tmp_path):
     """Evaluated on the shared genes; a re-released patient (HER2ST E == STNet BC23567) is left out of the
-    evaluation; controls present; model exported."""
-    root, a, b = stores
+    evaluation; controls present (the depth oracle against NumPy lines fitted on A); a flat model is FAILED
+    in results.json, the printed table and report.md; model exported."""
+    root, a, b = depth_stores
     w = tmp_path / "w"
     r = run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
             f"--config.external.store={b}", "--config.external.map_genes=G2,G404", *TINY)
@@ -119,7 +136,25 @@ def test_external_mode_on_two_stores(stores, tmp_path):
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
     assert e["train"]["refit"] is True and 0 < e["train"]["live_units"] <= 1
-    assert set(e["controls"]) == {"mean_predictor", "random_encoder", "model_unsmoothed"}
+    assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "random_encoder", "model_unsmoothed"}
+    sa, sb = store_lib.open_store(str(a)), store_lib.open_store(str(b))
+    rows_b = np.flatnonzero(sb.obs["patient"] == "X")
+    truth, depth_oracle_r = sb.expression[rows_b][:, sb.gene_index(["G1", "G2", "G4"])], []
+    for j, g in enumerate(["G1", "G2", "G4"]):
+        slope, icpt = np.polyfit(np.log(sa.obs["library_size"]), sa.expression[:, sa.gene_index([g])[0]], 1)
+        depth_oracle_r.append(np.corrcoef(icpt + slope * np.log(sb.obs["library_size"][rows_b]), truth[:, j])[0, 1])
+    np.testing.assert_allclose(e["controls"]["depth_oracle"]["per_gene_pearson"], np.mean(depth_oracle_r), rtol=1e-4)
+    # Depth-adjusted r is undefined for predictors that are lines in depth (or constant), defined otherwise.
+    for name in ("depth_oracle", "mean_predictor"):
+        assert np.isnan(e["controls"][name]["depth_adjusted_per_gene_pearson"])
+    assert np.isfinite(e["controls"]["random_encoder"]["depth_adjusted_per_gene_pearson"])
+    assert 0 <= e["model"]["share_genes_r2_positive"] <= 1
+    # Random tiles and two epochs: whether the heads left the training mean decides failed, never the reverse.
+    m = e["model"]
+    assert m["failed"] == (m["constant_gene_fraction"] > 0.05)
+    assert ("The model FAILED" in r.stdout) == m["failed"]
+    assert ("The model FAILED" in open(w / "report.md").read()) == m["failed"]
+    assert e["controls"]["mean_predictor"]["failed"] is False
     chosen = e["smoothing"]["sets"]["test"]
     assert chosen["n_without_neighbours"] == 0 and len(chosen["inner_validation_mse"]) == 4
     # The exported model smooths as the training store's inner validation chose (nothing when it chose w = 1).

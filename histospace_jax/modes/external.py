@@ -1,6 +1,6 @@
 """Mode external: train one head on all (or external.train_patients) spots of data.store, evaluate on
 external.store (or on data.store's external.test_patients) on the genes both stores share, with the
-mean-profile, untrained-head and random-encoder controls; spatial maps of named genes; an overlap check of the
+mean-profile, untrained-head, random-encoder and depth-oracle controls (a collapsed model is marked failed); spatial maps of named genes; an overlap check of the
 two stores (patients, image hashes, tile hashes); exports the deployable model for predict."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import os
 import jax
 import numpy as np
 
-from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, evaluation,
-                            features, folds, metrics, model_export, plots)
+from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, controls,
+                            evaluation, features, folds, metrics, model_export, plots)
 from histospace_jax.data import open_store
 from histospace_jax.errors import BadInputError, ConfigError
 
@@ -129,13 +129,27 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
     unsmoothed = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb)
     pred = smooth(unsmoothed)
-    results = {"model": metrics.full_regression_metrics(truth, pred, fdr)}
-    controls = {"mean_predictor": metrics.full_regression_metrics(
-        truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), fdr)}
+    # The same metric block as a leave-one-patient-out fold: depth-adjusted r, R² against the training mean and
+    # a failed flag for a collapsed head (flat predictions), so the headline never hides a collapse.
+    reference = expr_a.astype(np.float64).mean(0)
+    log_depth_a, log_depth = (None if d is None else d[r] for d, r in (
+        (evaluation.log_library_size(store_a.obs), rows_a), (evaluation.log_library_size(store_b.obs), rows_b)))
+    block = lambda p: evaluation.predictor_metrics(truth, p, reference, log_depth, fdr)  # noqa: E731
+    results = {"model": block(pred)}
+    baseline = evaluation.predictor_metrics(truth, metrics.mean_profile_prediction(expr_a, len(rows_b)), reference,
+                                            log_depth, fdr, trained=False)
+    baseline["failed"] = False  # constant by design: it is the reference, not a failure
+    baseline.pop("failure", None)
+    control_blocks = {"mean_predictor": baseline}
+    if log_depth is not None and log_depth_a is not None:
+        # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A.
+        control_blocks["depth_oracle"] = evaluation.predictor_metrics(
+            truth, controls.depth_oracle(log_depth_a, expr_a.astype(np.float64), log_depth), reference, log_depth,
+            fdr, trained=False)
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
-        controls["untrained_head"] = metrics.full_regression_metrics(
-            truth, smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
-                                                          context=cb)), fdr)
+        control_blocks["untrained_head"] = block(
+            smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
+                                                   context=cb)))
     control_r = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
@@ -144,11 +158,11 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                              context=rca)
         rpred = smooth(folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"],
                                                        context=rcb))
-        controls["random_encoder"] = metrics.full_regression_metrics(truth, rpred, fdr)
+        control_blocks["random_encoder"] = block(rpred)
         control_r["random_encoder"] = metrics.pearson_per_gene(truth, rpred)
     if builders.smoothing(config) is not None:
-        controls["model_unsmoothed"] = metrics.full_regression_metrics(truth, unsmoothed, fdr)
-    results["controls"] = controls
+        control_blocks["model_unsmoothed"] = block(unsmoothed)
+    results["controls"] = control_blocks
     gene_r = metrics.pearson_per_gene(truth, pred)
 
     # Spatial maps of the named genes (those present), else the best-predicted genes.
