@@ -46,9 +46,12 @@ VARIANTS = {
     # The standard recipe's settings, each moved once: the defaults stay where inner validation (training
     # patients only) puts them, never where the held-out patient does.
     "weight_decay_1": ["--config.train.weight_decay=1.0"],
-    "learning_rate_3e-4": ["--config.train.learning_rate=3e-4"],
+    "learning_rate_1e-3": ["--config.train.learning_rate=1e-3"],
     "learning_rate_1e-4": ["--config.train.learning_rate=1e-4"],
-    "epochs_20": ["--config.train.epochs=20"],
+    "epochs_10": ["--config.train.epochs=10"],
+    "epochs_30": ["--config.train.epochs=30"],
+    # The standard recipe before learning rate 3e-4 for 20 epochs was chosen.
+    "learning_rate_1e-3_epochs_10": ["--config.train.learning_rate=1e-3", "--config.train.epochs=10"],
     "ensemble_10": ["--config.train.ensemble=10"],
     "context": ["--config.model.context=neighbours"],
     "no_smoothing": ["--config.model.smoothing=none"],

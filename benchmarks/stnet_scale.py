@@ -141,7 +141,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(dir=args.root) as tmp:
             r = run_job(store, pretrain, os.path.join(tmp, "work"), args.steps, args.extra, say)
-    epochs = 10  # the standard recipe's epochs on a real store (config.REAL_HEAD_EPOCHS)
+    epochs = config_lib.RECIPES["standard"].epochs  # the standard recipe's epochs on a real store
     members = args.patients * 5
     r.update(n_spots=args.patients * args.sections * args.grid[0] * args.grid[1], n_genes=args.genes,
              n_folds=args.patients, heads=members, steps_per_epoch=r["total_steps"] / epochs)

@@ -75,6 +75,11 @@ def huber_delta(config) -> float:
     return config_lib.recipe_number(config, "train.huber_delta")
 
 
+def learning_rate(config) -> float:
+    """The heads' Adam learning rate: train.learning_rate, or the recipe's when unset."""
+    return config_lib.recipe_number(config, "train.learning_rate")
+
+
 def head_seed(config) -> int:
     """train.head_seed, or `seed` when unset."""
     value = config.train.get("head_seed")
@@ -114,7 +119,7 @@ def head_states(config, n_genes: int, encoder_variables: list[dict], seed_offset
     encoders (one per state). They share one module and optimizer, so they stack (vmap over heads)."""
     c = config.train
     model = histospace(config, n_genes, conv_impl=conv_impl)
-    tx = steps.make_regression_optimizer(c.learning_rate, c.weight_decay)
+    tx = steps.make_regression_optimizer(learning_rate(config), c.weight_decay)
     return [steps.create_regression_state(model, jax.random.PRNGKey(head_seed(config) * 100003 + int(k)), enc, tx,
                                           config.data.tile_size) for enc, k in zip(encoder_variables, seed_offsets)]
 

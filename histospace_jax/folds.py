@@ -654,7 +654,7 @@ def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, ke
                          checkpoint_every=config.checkpoint.every_steps, loss_name="huber",
                          data_source="the training store (row = store row; features from the cache)",
                          labels=[f"{data.names[f]}#{s}" for f in range(n_folds) for s in range(k)],
-                         fix_hint=f"train.learning_rate={c.learning_rate}")
+                         fix_hint=f"train.learning_rate={builders.learning_rate(config)}")
     final, curve = loop.run(state, step_fn, iterator, spec=spec, checkpointer=ckpt, compat=compat, writer=writer,
                             hooks=[_EpochEnd(program, data, select, writer, keep_epoch)])
     chosen = final["best"] if select or keeps else final["train"]

@@ -136,6 +136,7 @@ def test_every_numeric_key_has_a_range():
 @pytest.mark.parametrize("key,builder,standard,paper,given,bad", [
     ("model.dropout_rate", builders.dropout_rate, 0.0, 0.0, 0.25, 1.5),
     ("train.huber_delta", builders.huber_delta, 3.0, 1.0, 0.5, -1.0),
+    ("train.learning_rate", builders.learning_rate, 3e-4, 1e-3, 5e-4, 0.0),
 ])
 def test_unset_recipe_number_is_the_recipes_and_a_given_value_is_kept(key, builder, standard, paper, given, bad):
     section, name = key.split(".")

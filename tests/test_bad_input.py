@@ -109,6 +109,7 @@ def test_incompatible_checkpoint_names_every_difference_and_the_fix(tmp_path):
     import ml_collections
 
     config = config_lib.get_config()
+    config.train.learning_rate = 1e-3
     sig = checkpointing.compat_signature(config, checkpointing.HEAD_KEYS, n_rows=96, n_genes=8, held_out=["P1"], encoder="abc")
     assert "model.head_fc_features" in sig and "train.learning_rate" in sig
     assert "checkpoint.every_steps" not in sig and "log_every_steps" not in sig and "data.store" not in sig

@@ -181,13 +181,15 @@ def test_default_recipes_resolve_as_a_run_does():
         config_lib.DEMO_HEAD_EPOCHS, 1, "none", "on")
     real = speed.loo_config("s", "standard", on_demo=False, **quiet)
     assert (real.train.epochs, real.train.ensemble, real.train.augment, real.model.output_init) == (
-        config_lib.REAL_HEAD_EPOCHS, config_lib.RECIPES["standard"].ensemble, "dihedral", "zeros")
+        config_lib.RECIPES["standard"].epochs, config_lib.RECIPES["standard"].ensemble, "dihedral", "zeros")
+    assert (real.train.epochs, real.train.learning_rate) == (20, 3e-4)
     assert real.model.dropout_rate == demo.model.dropout_rate == 0.0
     assert real.train.huber_delta == demo.train.huber_delta == 3.0
     assert (real.train.refit, demo.train.refit) == ("on", "off")  # the demo's 10-minute budget
     paper = speed.loo_config("s", "paper", on_demo=False, **quiet)
     assert (paper.train.ensemble, paper.train.augment, paper.train.select_epoch, paper.train.standardise_targets,
             paper.model.output_init, paper.model.dropout_rate) == (1, "none", "off", "off", "lecun", 0.0)
+    assert (paper.train.epochs, paper.train.learning_rate) == (10, 1e-3)
     assert paper.train.huber_delta == 1.0 and paper.train.refit == "off"
     assert speed.loo_config("s", "paper", on_demo=True, epochs=1, **quiet).train.epochs == 1
 
