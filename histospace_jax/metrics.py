@@ -155,9 +155,11 @@ def r2_per_gene(y_true: np.ndarray, y_pred: np.ndarray, reference) -> np.ndarray
     > 0 means the model's squared error beats predicting the training mean, which per-gene r cannot show (r is
     blind to bias and scale). NaN where the reference is exact (SSE 0).
     """
-    y_true = np.asarray(y_true, np.float64)
-    y_pred = np.asarray(y_pred, np.float64)
-    ref = np.broadcast_to(np.asarray(reference, np.float64), y_true.shape)
+    # One memory layout for all three: a column-gathered (Fortran-ordered) truth would otherwise be summed in a
+    # different order against each, and a prediction equal to the reference would score R² of +-1e-16, not 0.
+    y_true = np.ascontiguousarray(y_true, np.float64)
+    y_pred = np.ascontiguousarray(y_pred, np.float64)
+    ref = np.ascontiguousarray(np.broadcast_to(np.asarray(reference, np.float64), y_true.shape))
     sse = np.sum(np.square(y_true - y_pred), axis=0)
     sse_ref = np.sum(np.square(y_true - ref), axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):

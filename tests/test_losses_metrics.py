@@ -104,6 +104,11 @@ def test_r2_per_gene_by_hand():
     assert r2[0] == pytest.approx(1 - 1 / 8) and np.isnan(r2[1])
     np.testing.assert_array_equal(metrics.r2_per_gene(y, pred, np.tile(ref, (3, 1))), r2)
     assert metrics.r2_per_gene(y, y, np.array([0.0, 0.0]))[0] == 1.0
+    # The reference predicted: R² exactly 0 whatever the truth's memory layout (a column-gathered truth is
+    # Fortran-ordered; summed in another order against each, the two SSEs differed in the last bit).
+    truth = np.random.default_rng(0).normal(size=(700, 30)).astype(np.float32)[:, ::-1][:, [3, 1, 2, 0, 5]]
+    mean = truth.astype(np.float64).mean(0) + 0.1
+    np.testing.assert_array_equal(metrics.r2_per_gene(truth, np.tile(mean, (700, 1)), mean), np.zeros(5))
     assert metrics.share_positive([0.5, -0.1, np.nan, 0.0, 2.0]) == pytest.approx(0.5)
     assert np.isnan(metrics.share_positive([np.nan]))
 

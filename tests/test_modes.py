@@ -155,6 +155,9 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     assert ("The model FAILED" in r.stdout) == m["failed"]
     assert ("The model FAILED" in open(w / "report.md").read()) == m["failed"]
     assert e["controls"]["mean_predictor"]["failed"] is False
+    # The mean profile against itself: R² exactly 0, so no gene counts as beating it.
+    assert (e["controls"]["mean_predictor"]["r2_mean"], e["controls"]["mean_predictor"]["share_genes_r2_positive"]) == (
+        0.0, 0.0)
     chosen = e["smoothing"]["sets"]["test"]
     assert chosen["n_without_neighbours"] == 0 and len(chosen["inner_validation_mse"]) == 4
     # The exported model smooths as the training store's inner validation chose (nothing when it chose w = 1).
