@@ -61,6 +61,18 @@ def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray
     return out
 
 
+def mean_profile_metrics(truth: np.ndarray, reference: np.ndarray, log_depth: np.ndarray | None,
+                         fdr: float) -> dict:
+    """The metric block of the image-blind baseline, the training mean profile `reference` [G] at every spot.
+    Constant by design: it is the reference every other predictor is read against, never a failed predictor
+    (and its R² against itself is exactly 0)."""
+    out = predictor_metrics(truth, np.broadcast_to(reference, truth.shape).copy(), reference, log_depth, fdr,
+                            trained=False)
+    out["failed"] = False
+    out.pop("failure", None)
+    return out
+
+
 def inner_validation_score(expression: np.ndarray, train_rows: np.ndarray, val_rows: np.ndarray,
                            pred: np.ndarray) -> dict:
     """How a fold's heads do on its inner-validation spots (training patients only), in units every recipe
@@ -125,9 +137,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         model = block(preds[f])
         obs_rows = {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")}
         model.update(model_extras(truth, preds[f], obs_rows, fdr, seed))
-        baseline = block(metrics.mean_profile_prediction(expression[train_rows], len(rows)))
-        baseline["failed"] = False  # constant by design: it is the reference, not a failure
-        baseline.pop("failure", None)
+        baseline = mean_profile_metrics(truth, reference, depth, fdr)
         controls_ = {"mean_predictor": baseline}
         if untrained is not None:
             controls_["untrained_head"] = block(untrained[f])

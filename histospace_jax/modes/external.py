@@ -1,7 +1,8 @@
 """Mode external: train one head on all (or external.train_patients) spots of data.store, evaluate on
 external.store (or on data.store's external.test_patients) on the genes both stores share, with the
-mean-profile, untrained-head, random-encoder and depth-oracle controls (a collapsed model is marked failed); spatial maps of named genes; an overlap check of the
-two stores (patients, image hashes, tile hashes); exports the deployable model for predict."""
+mean-profile, untrained-head, random-encoder and depth-oracle controls and the leave-one-patient-out metric
+block (a collapsed model is marked failed); spatial maps of named genes; an overlap check of the two stores
+(patients, image hashes, tile hashes); exports the deployable model for predict."""
 
 from __future__ import annotations
 
@@ -136,17 +137,11 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         (evaluation.log_library_size(store_a.obs), rows_a), (evaluation.log_library_size(store_b.obs), rows_b)))
     block = lambda p: evaluation.predictor_metrics(truth, p, reference, log_depth, fdr)  # noqa: E731
     results = {"model": block(pred)}
-    # The baseline is the reference itself, so its R² is exactly 0.
-    baseline = evaluation.predictor_metrics(truth, np.broadcast_to(reference, truth.shape).copy(), reference,
-                                            log_depth, fdr, trained=False)
-    baseline["failed"] = False  # constant by design: it is the reference, not a failure
-    baseline.pop("failure", None)
-    control_blocks = {"mean_predictor": baseline}
+    control_blocks = {"mean_predictor": evaluation.mean_profile_metrics(truth, reference, log_depth, fdr)}
     if log_depth is not None and log_depth_a is not None:
         # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A.
         control_blocks["depth_oracle"] = evaluation.predictor_metrics(
-            truth, controls.depth_oracle(log_depth_a, expr_a.astype(np.float64), log_depth), reference, log_depth,
-            fdr, trained=False)
+            truth, controls.depth_oracle(log_depth_a, expr_a, log_depth), reference, log_depth, fdr, trained=False)
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
         control_blocks["untrained_head"] = block(
             smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
@@ -187,9 +182,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         figures["spatial_maps"] = fname
         if curve:
             atomic.write_csv(os.path.join(workdir, "curves", "external.csv"), curve)
-            ep = [r["epoch"] for r in curve]
             plots.plot_curves(os.path.join(workdir, "figures", "external_curve.png"),
-                              {"train Huber": (ep, [r["train_huber"] for r in curve])},
+                              plots.huber_series(curve, "train Huber {fold}"),
                               title="External: head training loss (all training spots)", xlabel="epoch",
                               ylabel="Huber loss", logy=True)
             figures["curve"] = "figures/external_curve.png"
