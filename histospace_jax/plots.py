@@ -40,6 +40,18 @@ def plot_curves(path: str, series: Mapping[str, tuple[Sequence[float], Sequence[
     save_figure(fig, path)
 
 
+def huber_series(curve: Sequence[Mapping], label: str = "{fold}") -> dict:
+    """The training Huber loss of head curve rows ({"epoch", "fold", "train_huber", ...}) as one plot_curves
+    series per curve fold (label.format(fold=...)): a refit restarts at epoch 1 under its own fold name, and
+    joined into one line it would draw back across the plot."""
+    series: dict = {}
+    for r in curve:
+        xs, ys = series.setdefault(label.format(fold=r["fold"]), ([], []))
+        xs.append(r["epoch"])
+        ys.append(r["train_huber"])
+    return series
+
+
 def grid_xy(obs: dict, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return obs["array_x"][rows].astype(float), obs["array_y"][rows].astype(float)
 

@@ -175,12 +175,8 @@ def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra
     atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), **arrays)
     if loo["curve"]:
         atomic.write_csv(os.path.join(workdir, "curves", "loo.csv"), loo["curve"])
-        series = {}
-        for r in loo["curve"]:
-            xs, ys = series.setdefault(f"held out {r['fold']}", ([], []))
-            xs.append(r["epoch"])
-            ys.append(r["train_huber"])
-        plots.plot_curves(os.path.join(workdir, "curves", "loo.png"), series,
+        plots.plot_curves(os.path.join(workdir, "curves", "loo.png"),
+                          plots.huber_series(loo["curve"], "held out {fold}"),
                           title="Regression head: training Huber loss per fold", xlabel="epoch", ylabel="Huber loss",
                           logy=True)
 

@@ -33,9 +33,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                    smoothing=folds.exported_smoothing(heads["smoothing"]))
         if curve:
             atomic.write_csv(os.path.join(workdir, "curves", "train.csv"), curve)
-            ep = [r["epoch"] for r in curve]
             plots.plot_curves(os.path.join(workdir, "curves", "train.png"),
-                              {"train Huber": (ep, [r["train_huber"] for r in curve])},
+                              plots.huber_series(curve, "train Huber {fold}"),
                               title="Head training loss (all spots)", xlabel="epoch", ylabel="Huber loss", logy=True)
     results = {"mode": "train",
                "dataset": {**inputs.dataset, "store": store.path, "synthetic": store.synthetic},
