@@ -127,6 +127,11 @@ def get_config() -> ml_collections.ConfigDict:
     # synthetic demo, where it would double the run time).
     c.loo.random_encoder_control = "auto"
     c.loo.random_encoder_seed = 12345  # init seed of that untrained encoder
+    # Independent untrained encoders (seeds random_encoder_seed, +1, ...), each with its own heads: controls
+    # random_encoder, random_encoder_2, ... and results.json random_encoder_draws. On the shared HER2ST sections
+    # three draws scored per-gene r 0.203-0.222 holding out B (SD 0.010: one draw's verdict is not the
+    # encoder family's) and 0.143-0.145 holding out C. Each draw costs one more training of the heads.
+    c.loo.random_encoder_draws = 1
     c.loo.fdr = 0.05  # per-gene significance: genes with r > 0 at this Benjamini-Hochberg FDR
     # "held_out": each fold is scored on its held-out patient. "inner_validation": each fold is scored on its
     # inner-validation spots instead (training patients only; the held-out patient is never read), its heads
@@ -207,6 +212,7 @@ NUMERIC_RANGES = {
     "train.inner_val_fraction": (0, 1, False, False, False),
     "loo.folds_per_program": (0, _INF, True, True, True),
     "loo.random_encoder_seed": (-_INF, _INF, True, True, True),
+    "loo.random_encoder_draws": (1, _INF, True, True, True),
     "loo.fdr": (0, 1, False, False, False),
     "ae_study.n_grid_tiles": (1, _INF, True, True, True),
     "distributed.num_processes": (0, _INF, True, True, True),

@@ -8,6 +8,8 @@ from typing import Sequence
 
 import jax
 
+from histospace_jax import metrics
+
 
 def log(msg: str) -> None:
     """Prints on process 0 only, so a multi-host job logs once."""
@@ -104,17 +106,8 @@ GAP_HEADER = ["held out", "model minus", "per-gene r gap", "95% paired bootstrap
 
 
 def gap_reading(low: float, high: float) -> str:
-    """What a paired interval of (model - control) says: the model above or below the control beyond the
-    variation between units, or neither."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return "no interval (fewer than 2 units)"
-    if low == high == 0:
-        return "identical"  # e.g. model_unsmoothed where the fold chose no smoothing
-    if low > 0:
-        return "model above"
-    if high < 0:
-        return "model BELOW"
-    return "not resolved"
+    """What a paired interval of (model - control) says (metrics.interval_reading)."""
+    return metrics.interval_reading(low, high)
 
 
 def gap_rows(results: dict) -> list[list]:
@@ -127,6 +120,25 @@ def gap_rows(results: dict) -> list[list]:
             rows.append([f["held_out"], name, g["per_gene_pearson"], f"[{_cell(low)}, {_cell(high)}]",
                          g["ci_units"], gap_reading(low, high)])
     return rows
+
+
+def random_draw_lines(results: dict) -> list[str]:
+    """One line per fold on the random-encoder control over its draws (results.json random_encoder_draws): the
+    model's verdict against one untrained encoder is only as general as that one draw."""
+    draws = results.get("random_encoder_draws")
+    if not draws or not draws.get("folds"):
+        return []
+    n = len(draws["seeds"])
+    lines = [f"Random-encoder control over {n} draw{'s' if n > 1 else ''} (untrained encoder seeds "
+             f"{', '.join(str(s) for s in draws['seeds'])}; loo.random_encoder_draws sets how many)"]
+    for fold, d in draws["folds"].items():
+        spread = f" (mean {_cell(d['mean'])}, SD {_cell(d['sd'])})" if n > 1 else ""
+        lines.append(f"  {fold}: control per-gene r {', '.join(_cell(r) for r in d['per_gene_pearson'])}{spread}; "
+                     f"model {_cell(d['model_per_gene_pearson'])}: above {d['n_model_above']} of {n}, BELOW "
+                     f"{d['n_model_below']} of {n}, not resolved {n - d['n_model_above'] - d['n_model_below']}")
+    if n == 1:
+        lines.append("  one draw: a verdict against it may not hold for another untrained encoder")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------------ tables
@@ -152,6 +164,9 @@ def loo_table(results: dict) -> str:
     if gaps:
         table += "\n\nModel minus each control, per-gene r, with a paired bootstrap interval\n" + format_table(
             gaps, GAP_HEADER)
+    draws = random_draw_lines(results)
+    if draws:
+        table += "\n\n" + "\n".join(draws)
     return table
 
 

@@ -23,8 +23,40 @@ from histospace_jax import controls, metrics
 
 FAILED_CONSTANT_FRACTION = 0.05
 TRAINED_CONTROLS = ("untrained_head", "random_encoder", "model_unsmoothed")
+RANDOM_ENCODER = "random_encoder"
 SUMMARY_KEYS = ("per_gene_pearson", "per_gene_pearson_median", "depth_adjusted_per_gene_pearson",
                 "n_genes_significant", "per_spot_pearson", "mse", "r2_mean", "share_genes_r2_positive")
+
+
+def random_encoder_control_names(n_draws: int) -> list[str]:
+    """The random-encoder control's name for each of its draws: random_encoder, random_encoder_2, ..."""
+    return [RANDOM_ENCODER] + [f"{RANDOM_ENCODER}_{k}" for k in range(2, n_draws + 1)]
+
+
+def is_trained_control(name: str) -> bool:
+    """Heads trained by gradient descent (their collapse test counts flat genes, see the module docstring)."""
+    return name in TRAINED_CONTROLS or name.startswith(RANDOM_ENCODER + "_")
+
+
+def random_encoder_draws(fold_metrics: list[dict], seeds: list[int]) -> dict:
+    """Per fold, the random-encoder control over its independent draws (one untrained encoder per seed, each
+    with its own heads): per-gene r of each draw, their mean and SD, and how many paired intervals put the model
+    above or below. One draw's verdict says nothing about another encoder's: "model BELOW" against one draw
+    and "not resolved" against the next is a tie, not a loss."""
+    names = random_encoder_control_names(len(seeds))
+    out = {"seeds": [int(s) for s in seeds], "controls": names, "folds": {}}
+    for f in fold_metrics:
+        if not all(n in f["controls"] for n in names):
+            continue
+        r = [float(f["controls"][n]["per_gene_pearson"]) for n in names]
+        readings = [metrics.interval_reading(*f["model_minus_control"][n]["ci95"]) for n in names]
+        out["folds"][f["held_out"]] = {
+            "per_gene_pearson": r, "mean": float(np.mean(r)),
+            "sd": float(np.std(r, ddof=1)) if len(r) > 1 else float("nan"),
+            "model_per_gene_pearson": float(f["per_gene_pearson"]),
+            "readings": readings,
+            "n_model_above": readings.count("model above"), "n_model_below": readings.count("model BELOW")}
+    return out
 
 
 def log_library_size(obs: dict) -> np.ndarray | None:
@@ -143,7 +175,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
             controls_["untrained_head"] = block(untrained[f])
         control_r = {}
         for name, ctrl in (extra_controls or {}).items():
-            controls_[name] = block(ctrl[f], name in TRAINED_CONTROLS)
+            controls_[name] = block(ctrl[f], is_trained_control(name))
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
         gaps = model_minus_controls(truth, preds[f], {k: c[f] for k, c in (extra_controls or {}).items()}, obs_rows,
                                     seed)

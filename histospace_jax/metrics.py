@@ -216,3 +216,19 @@ def per_section_pearson(y_true: np.ndarray, y_pred: np.ndarray, sections) -> dic
         key = s.item() if hasattr(s, "item") else s
         out[key] = nanmean_or_nan(pearson_per_gene(y_true[sel], y_pred[sel])) if sel.sum() >= 2 else float("nan")
     return out
+
+
+def interval_reading(low, high) -> str:
+    """What a paired interval of (model - control) says: the model above or below the control beyond the
+    variation between units, or neither."""
+    low = float("nan") if low is None else float(low)
+    high = float("nan") if high is None else float(high)
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return "no interval (fewer than 2 units)"
+    if low == high == 0:
+        return "identical"  # e.g. model_unsmoothed where the fold chose no smoothing
+    if low > 0:
+        return "model above"
+    if high < 0:
+        return "model BELOW"
+    return "not resolved"

@@ -283,6 +283,8 @@ def _fold_details(results: dict) -> list[str]:
                   "both scored on the same resampled sections (or 4x4-spot blocks) in each of 200 draws. "
                   "\"model above\" or \"model BELOW\" only when the interval excludes 0; with few units the "
                   "interval is too narrow.", "", _md_table(console.GAP_HEADER, gaps), ""] if gaps else [])
+    draws = console.random_draw_lines(results)
+    gap_lines += ([f"- {draws[0]}:"] + [f"  - {line.strip()}" for line in draws[1:]] + [""]) if draws else []
     lines = ["## Per held-out patient", "",
              _md_table(["held out", "per-gene r, 95% bootstrap interval", "per-section r",
                         "genes significant: spatial block permutation (independent-spots t-test)",

@@ -192,6 +192,7 @@ def test_smoothing_is_the_recipes_until_set_and_never_part_of_a_head_checkpoints
 
 @pytest.mark.parametrize("key,value,message", [
     ("train.batch_size", 0, "train.batch_size=0: must be an integer >= 1"),
+    ("loo.random_encoder_draws", 0, "loo.random_encoder_draws=0: must be an integer >= 1"),
     ("train.epochs", -3, "train.epochs=-3: must be an integer >= 0"),
     ("train.learning_rate", 0.0, "train.learning_rate=0.0: must be a number > 0"),
     ("ae.val_fraction", 1.0, "ae.val_fraction=1.0: must be a number in [0, 1)"),

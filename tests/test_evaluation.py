@@ -3,7 +3,7 @@ controls are fitted on training patients only."""
 
 import numpy as np
 
-from histospace_jax import evaluation, folds, metrics
+from histospace_jax import console, evaluation, folds, metrics
 
 
 def _plan_and_data(seed=0, n_per=30, g=6):
@@ -157,3 +157,32 @@ def test_flat_genes_fail_a_trained_head_but_not_a_closed_form_control():
         oracle = fold["controls"]["depth_oracle"]
         assert not oracle["failed"] and oracle["constant_gene_fraction"] == 0.0
     assert not any(f["failed"] for f in evaluation.fold_results(plan, preds, None, expr, obs))
+
+
+def test_random_encoder_draws_summarise_every_draw_and_its_verdict():
+    # Three draws of the random-encoder control in one fold, with intervals placing the model above the first,
+    # below the second and neither against the third; a fold without all draws (the control off) is left out.
+    def fold(name, rs, cis):
+        names = evaluation.random_encoder_control_names(len(rs))
+        return {"held_out": name, "per_gene_pearson": 0.2,
+                "controls": {n: {"per_gene_pearson": r} for n, r in zip(names, rs)},
+                "model_minus_control": {n: {"ci95": ci} for n, ci in zip(names, cis)}}
+
+    out = evaluation.random_encoder_draws(
+        [fold("B", [0.15, 0.25, 0.2], [[0.01, 0.08], [-0.09, -0.02], [-0.01, 0.02]]),
+         {"held_out": "C", "per_gene_pearson": 0.1, "controls": {}, "model_minus_control": {}}], [7, 8, 9])
+    assert out["seeds"] == [7, 8, 9] and out["controls"] == ["random_encoder", "random_encoder_2", "random_encoder_3"]
+    b = out["folds"]["B"]
+    assert list(out["folds"]) == ["B"]
+    assert b["per_gene_pearson"] == [0.15, 0.25, 0.2] and np.isclose(b["mean"], 0.2)
+    assert np.isclose(b["sd"], np.std([0.15, 0.25, 0.2], ddof=1))
+    assert b["readings"] == ["model above", "model BELOW", "not resolved"]
+    assert (b["n_model_above"], b["n_model_below"]) == (1, 1)
+    one = evaluation.random_encoder_draws([fold("B", [0.15], [[0.01, 0.08]])], [7])["folds"]["B"]
+    assert np.isnan(one["sd"]) and one["n_model_above"] == 1
+    lines = console.random_draw_lines({"random_encoder_draws": out})
+    assert lines[1] == ("  B: control per-gene r 0.1500, 0.2500, 0.2000 (mean 0.2000, SD 0.0500); model 0.2000: "
+                        "above 1 of 3, BELOW 1 of 3, not resolved 1")
+    # Every draw is a trained head: its collapse test counts flat genes, as for the first draw.
+    assert all(evaluation.is_trained_control(n) for n in out["controls"])
+    assert not evaluation.is_trained_control("linear_probe")

@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from histospace_jax import console
 from histospace_jax.data import store as store_lib
 from tests.conftest import REPO_ROOT
 
@@ -172,11 +173,24 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
 def test_loo_mode_on_a_store(stores, tmp_path):
     root, a, _ = stores
     w = tmp_path / "w"
-    r = run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY)
+    r = run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+            "--config.loo.random_encoder_draws=2")
     res = json.load(open(w / "results.json"))
     assert [f["held_out"] for f in res["folds"]] == ["E", "F"]
-    assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "trivial_image", "linear_probe",
-                                                "model_unsmoothed"}
+    assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "random_encoder_2",
+                                                "trivial_image", "linear_probe", "model_unsmoothed"}
+    # Two untrained encoders (seeds 12345 and 12346), each with its own heads: different predictions, and the
+    # summary of the draws carries each one's per-gene r and the reading of its paired interval.
+    npz = np.load(w / "predictions.npz")
+    assert not np.allclose(npz["random_encoder_E"], npz["random_encoder_2_E"])
+    draws = res["random_encoder_draws"]
+    assert draws["seeds"] == [12345, 12346] and list(draws["folds"]) == ["E", "F"]
+    for f in res["folds"]:
+        d = draws["folds"][f["held_out"]]
+        assert d["per_gene_pearson"] == [f["controls"][n]["per_gene_pearson"] for n in draws["controls"]]
+        assert d["readings"] == [console.gap_reading(*f["model_minus_control"][n]["ci95"]) for n in draws["controls"]]
+    assert "Random-encoder control over 2 draws" in r.stdout
+    assert "- Random-encoder control over 2 draws" in open(w / "report.md").read()
     # The standard recipe smooths the model and the image-based controls over adjacent spots, with the weight
     # each fold's inner validation preferred: the saved model predictions are the unsmoothed ones blended by hand
     # with their 8-neighbourhood (spots 10 px apart).
@@ -194,7 +208,8 @@ def test_loo_mode_on_a_store(stores, tmp_path):
         np.testing.assert_allclose(npz[f"pred_{fold}"], wt * raw + (1 - wt) * near @ raw / near.sum(1, keepdims=True),
                                    rtol=1e-4, atol=1e-5)
     assert "- neighbour smoothing of predictions: each spot's prediction x self_weight" in open(w / "report.md").read()
-    assert set(res["training"]["smoothing"]["random_encoder_self_weight"]) == {"E", "F"}
+    assert set(res["training"]["smoothing"]["random_encoder_self_weight"]) == {"E", "F", "E (random_encoder_2)",
+                                                                             "F (random_encoder_2)"}
     # No ae.store: one autoencoder per fold, on that fold's training patients only.
     assert set(res["autoencoder"]) == {"E", "F"}
     assert "training patients of the fold holding out E" in res["autoencoder"]["E"]["tiles_seen"]
@@ -215,7 +230,8 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     assert "Leave-one-patient-out on a" in r.stdout
     lines = [json.loads(x) for x in open(w / "metrics.jsonl")]
     assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder", "loo main_refit",
-                                          "loo random_encoder_refit"}
+                                          "loo random_encoder_refit", "loo random_encoder_2",
+                                          "loo random_encoder_2_refit"}
 
 
 def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stores, tmp_path):
