@@ -43,9 +43,10 @@ METRIC_NOTES = {
     "controls": "mean_predictor: training patients' mean profile for every spot (image-blind; per-gene r "
                 "undefined). random_encoder: the same heads on a randomly initialised, untrained encoder (what "
                 "pretraining buys); random_encoder_2, ...: further draws (loo.random_encoder_draws, seeds counting "
-                "up from loo.random_encoder_seed; random_encoder_draws sums them up). trivial_image: ridge on colour and H/E/D statistics of each tile. linear_probe: "
-                "ridge on the top 256 principal components of the pooled frozen features. depth_oracle: per gene, a "
-                "line in log library size. image_depth: the same lines at the log library size a ridge on the "
+                "up from loo.random_encoder_seed; random_encoder_draws sums them up). trivial_image: ridge on "
+                "colour and H/E/D statistics of each tile. linear_probe: ridge on the top 256 principal "
+                "components of the pooled frozen features. depth_oracle: per gene, a line in log library size. "
+                "image_depth: the same lines at the log library size a ridge on the "
                 "pooled frozen features predicts. untrained_head (paper recipe only): the heads at initialisation. All "
                 "fitted on the training patients only. With neighbour smoothing (model.smoothing; the standard recipe "
                 "chooses each fold's weight on inner validation) the fold's model and image-based controls are "
@@ -281,17 +282,15 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats)
     expression = np.asarray(store.expression, np.float32)
     controls, random_smoothing = {}, {}
-    if config_lib.random_encoder_control_on(config):
-        names = evaluation.random_encoder_control_names(config.loo.random_encoder_draws)
-        for k, name in enumerate(names):
-            seed = config.loo.random_encoder_seed + k
-            console.log(f"[loo] control {name}: the same heads on a randomly initialised (untrained) encoder, "
-                        f"seed {seed}")
-            random_run = train_all_folds(config, workdir, store, plan, [builders.random_encoder_variables(config, seed)],
-                                         [0] * len(plan.folds), inputs.writer, tag=name)
-            controls[name] = random_run["preds"]
-            random_smoothing.update({fold if k == 0 else f"{fold} ({name})": choice
-                                     for fold, choice in random_run["smoothing"].items()})
+    draw_seeds = ([config.loo.random_encoder_seed + k for k in range(config.loo.random_encoder_draws)]
+                  if config_lib.random_encoder_control_on(config) else [])
+    for k, (name, seed) in enumerate(zip(evaluation.random_encoder_control_names(len(draw_seeds)), draw_seeds)):
+        console.log(f"[loo] control {name}: the same heads on a randomly initialised (untrained) encoder, seed {seed}")
+        random_run = train_all_folds(config, workdir, store, plan, [builders.random_encoder_variables(config, seed)],
+                                     [0] * len(plan.folds), inputs.writer, tag=name)
+        controls[name] = random_run["preds"]
+        random_smoothing.update({fold if k == 0 else f"{fold} ({name})": choice
+                                 for fold, choice in random_run["smoothing"].items()})
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
     reviewer, alphas = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
                                                     _first_view(feats), encoder_of_fold)
@@ -335,9 +334,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                          {plan.name(f): plan.held_out_rows(f) for f in range(len(plan.folds))}, random_smoothing),
                      "augmentation": {"views": features.n_views(config), "stain_jitter": features.stain_jitter(config)}},
         "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
-        **({"random_encoder_draws": evaluation.random_encoder_draws(
-            fold_metrics, [config.loo.random_encoder_seed + k for k in range(config.loo.random_encoder_draws)])}
-           if config_lib.random_encoder_control_on(config) else {}),
+        **({"random_encoder_draws": evaluation.random_encoder_draws(fold_metrics, draw_seeds)} if draw_seeds else {}),
         "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),
         **extra,
     }
