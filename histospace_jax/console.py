@@ -133,7 +133,8 @@ def random_draw_lines(results: dict) -> list[str]:
              f"{', '.join(str(s) for s in draws['seeds'])}; loo.random_encoder_draws sets how many)"]
     for fold, d in draws["folds"].items():
         spread = f" (mean {_cell(d['mean'])}, SD {_cell(d['sd'])})" if n > 1 else ""
-        lines.append(f"  {fold}: control per-gene r {', '.join(_cell(r) for r in d['per_gene_pearson'])}{spread}; "
+        scores = ", ".join(_cell(r) + (" FAILED" if bad else "") for r, bad in zip(d["per_gene_pearson"], d["failed"]))
+        lines.append(f"  {fold}: control per-gene r {scores}{spread}; "
                      f"model {_cell(d['model_per_gene_pearson'])}: above {d['n_model_above']} of {n}, BELOW "
                      f"{d['n_model_below']} of {n}, not resolved {n - d['n_model_above'] - d['n_model_below']}")
     if n == 1:

@@ -40,19 +40,21 @@ def is_trained_control(name: str) -> bool:
 
 def random_encoder_draws(fold_metrics: list[dict], seeds: list[int]) -> dict:
     """Per fold, the random-encoder control over its independent draws (one untrained encoder per seed, each
-    with its own heads): per-gene r of each draw, their mean and SD, and how many paired intervals put the model
-    above or below. One draw's verdict says nothing about another encoder's: "model BELOW" against one draw
-    and "not resolved" against the next is a tie, not a loss."""
+    with its own heads): per-gene r of each draw, which draws failed (collapsed), their mean and SD (NaN when any
+    draw failed: never a mean over the surviving draws), and how many paired intervals put the model above or
+    below. One draw's verdict says nothing about another encoder's: "model BELOW" against one draw and "not
+    resolved" against the next is a tie, not a loss."""
     names = random_encoder_control_names(len(seeds))
     out = {"seeds": [int(s) for s in seeds], "controls": names, "folds": {}}
     for f in fold_metrics:
         if not all(n in f["controls"] for n in names):
             continue
         r = [float(f["controls"][n]["per_gene_pearson"]) for n in names]
+        failed = [bool(f["controls"][n].get("failed")) for n in names]
         readings = [metrics.interval_reading(*f["model_minus_control"][n]["ci95"]) for n in names]
         out["folds"][f["held_out"]] = {
-            "per_gene_pearson": r, "mean": float(np.mean(r)),
-            "sd": float(np.std(r, ddof=1)) if len(r) > 1 else float("nan"),
+            "per_gene_pearson": r, "failed": failed, "mean": _mean_over_folds(r, failed),
+            "sd": float(np.std(r, ddof=1)) if len(r) > 1 and not any(failed) else float("nan"),
             "model_per_gene_pearson": float(f["per_gene_pearson"]),
             "readings": readings,
             "n_model_above": readings.count("model above"), "n_model_below": readings.count("model BELOW")}

@@ -162,10 +162,10 @@ def test_flat_genes_fail_a_trained_head_but_not_a_closed_form_control():
 def test_random_encoder_draws_summarise_every_draw_and_its_verdict():
     # Three draws of the random-encoder control in one fold, with intervals placing the model above the first,
     # below the second and neither against the third; a fold without all draws (the control off) is left out.
-    def fold(name, rs, cis):
+    def fold(name, rs, cis, failed=()):
         names = evaluation.random_encoder_control_names(len(rs))
         return {"held_out": name, "per_gene_pearson": 0.2,
-                "controls": {n: {"per_gene_pearson": r} for n, r in zip(names, rs)},
+                "controls": {n: {"per_gene_pearson": r, "failed": n in failed} for n, r in zip(names, rs)},
                 "model_minus_control": {n: {"ci95": ci} for n, ci in zip(names, cis)}}
 
     out = evaluation.random_encoder_draws(
@@ -183,6 +183,14 @@ def test_random_encoder_draws_summarise_every_draw_and_its_verdict():
     lines = console.random_draw_lines({"random_encoder_draws": out})
     assert lines[1] == ("  B: control per-gene r 0.1500, 0.2500, 0.2000 (mean 0.2000, SD 0.0500); model 0.2000: "
                         "above 1 of 3, BELOW 1 of 3, not resolved 1")
+    # A collapsed draw is named where its r is, and the mean and SD over draws are then undefined: never a mean
+    # over the surviving draws.
+    bad = evaluation.random_encoder_draws([fold("B", [0.15, 0.25], [[0.01, 0.08], [-0.09, -0.02]],
+                                                failed=("random_encoder_2",))], [7, 8])
+    assert bad["folds"]["B"]["failed"] == [False, True]
+    assert np.isnan(bad["folds"]["B"]["mean"]) and np.isnan(bad["folds"]["B"]["sd"])
+    assert console.random_draw_lines({"random_encoder_draws": bad})[1].startswith(
+        "  B: control per-gene r 0.1500, 0.2500 FAILED (mean nan, SD nan); ")
     # Every draw is a trained head: its collapse test counts flat genes, as for the first draw.
     assert all(evaluation.is_trained_control(n) for n in out["controls"])
     assert not evaluation.is_trained_control("linear_probe")
