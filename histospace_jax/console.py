@@ -105,11 +105,6 @@ def ae_rows(results: dict) -> list[list]:
 GAP_HEADER = ["held out", "model minus", "per-gene r gap", "95% paired bootstrap interval", "units", "reading"]
 
 
-def gap_reading(low: float, high: float) -> str:
-    """What a paired interval of (model - control) says (metrics.interval_reading)."""
-    return metrics.interval_reading(low, high)
-
-
 def gap_rows(results: dict) -> list[list]:
     """Per fold and control: the model's mean per-gene r minus the control's, its paired bootstrap interval and
     what the interval says (results.json folds[].model_minus_control)."""
@@ -118,7 +113,7 @@ def gap_rows(results: dict) -> list[list]:
         for name, g in f.get("model_minus_control", {}).items():
             low, high = (float("nan") if v is None else float(v) for v in g["ci95"])
             rows.append([f["held_out"], name, g["per_gene_pearson"], f"[{_cell(low)}, {_cell(high)}]",
-                         g["ci_units"], gap_reading(low, high)])
+                         g["ci_units"], metrics.interval_reading(low, high)])
     return rows
 
 

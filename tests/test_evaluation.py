@@ -132,8 +132,9 @@ def test_model_minus_control_says_which_side_of_zero_its_paired_interval_lies():
     results = {"folds": out}
     readings = {(r[0], r[1]): r[5] for r in console.gap_rows(results)}
     assert readings[("A", "better")] == "model BELOW" and readings[("A", "worse")] == "model above"
-    assert console.gap_reading(-0.01, 0.02) == "not resolved" and console.gap_reading(0.0, 0.0) == "identical"
-    assert console.gap_reading(float("nan"), float("nan")).startswith("no interval")
+    assert metrics.interval_reading(-0.01, 0.02) == "not resolved"
+    assert metrics.interval_reading(0.0, 0.0) == "identical"
+    assert metrics.interval_reading(float("nan"), float("nan")).startswith("no interval")
     text = "\n".join(report_md._fold_details(results))
     assert "## Model against each control" in text and "| A | better |" in text and "model BELOW" in text
 

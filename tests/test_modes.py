@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from histospace_jax import console
+from histospace_jax import metrics
 from histospace_jax.data import store as store_lib
 from tests.conftest import REPO_ROOT
 
@@ -188,7 +188,8 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     for f in res["folds"]:
         d = draws["folds"][f["held_out"]]
         assert d["per_gene_pearson"] == [f["controls"][n]["per_gene_pearson"] for n in draws["controls"]]
-        assert d["readings"] == [console.gap_reading(*f["model_minus_control"][n]["ci95"]) for n in draws["controls"]]
+        assert d["readings"] == [metrics.interval_reading(*f["model_minus_control"][n]["ci95"])
+                                 for n in draws["controls"]]
     assert "Random-encoder control over 2 draws" in r.stdout
     assert "- Random-encoder control over 2 draws" in open(w / "report.md").read()
     # The standard recipe smooths the model and the image-based controls over adjacent spots, with the weight

@@ -11,6 +11,11 @@ import pytest
 from tests.conftest import REPO_ROOT
 
 TINY = ["--config.data.demo.grid=(5, 5)", "--config.data.demo.pretrain_grid=(6, 6)", "--config.train.epochs=3"]
+# For a test that needs heads that learn, not only a path that runs: after TINY's 3 epochs the heads' predictions
+# spread only 0.04-3% of the measured spread, so whether one of 16 genes falls under the flat threshold (0.1%;
+# then the fold is FAILED) came down to the CPU's float rounding (it did on an AVX-512 machine). After 8 the
+# least spread gene is at 0.5%.
+LEARNING_HEADS = "--config.train.epochs=8"
 
 
 def run_main(workdir, demo_root, *extra, config="configs/smoke.py"):
@@ -23,10 +28,7 @@ def run_main(workdir, demo_root, *extra, config="configs/smoke.py"):
 @pytest.mark.subprocess
 def test_smoke_loo_end_to_end_and_rerun_resumes(tmp_path):
     workdir, demo_root = tmp_path / "w", tmp_path / "demo"
-    # 8 epochs, not TINY's 3: after 3 the heads' predictions spread only 0.04-3% of the measured spread, so
-    # whether one of the 16 genes falls under the flat threshold (0.1%; then the fold is FAILED) came down
-    # to the CPU's float rounding (it did on an AVX-512 machine). After 8 the least spread gene is at 0.5%.
-    proc = run_main(workdir, demo_root, "--config.train.epochs=8")
+    proc = run_main(workdir, demo_root, LEARNING_HEADS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SYNTHETIC" in proc.stdout
     results = json.loads((workdir / "results.json").read_text())
@@ -56,7 +58,7 @@ def test_smoke_loo_end_to_end_and_rerun_resumes(tmp_path):
     assert not [p for p in os.listdir(workdir) if ".tmp" in p]
 
     # Same command again: everything is restored from checkpoints, nothing retrains, same results.
-    again = run_main(workdir, demo_root, "--config.train.epochs=8")
+    again = run_main(workdir, demo_root, LEARNING_HEADS)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "step 1/" not in again.stdout
     results2 = json.loads((workdir / "results.json").read_text())
