@@ -6,6 +6,7 @@ out-of-range config values, non-finite losses and parameters, and the SIGTERM fl
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,51 @@ def test_missing_or_broken_store_exits_65_naming_the_file(tmp_path):
     assert r.returncode == 65, r.stderr[-2000:]
     assert f"{broken}/manifest.json: not valid JSON" in error_lines(r) and "prepare the store again" in error_lines(r)
     assert not os.path.exists(tmp_path / "wd" / "results.json")
+
+
+def _scaled_store(path, mpp):
+    from histospace_jax.data import write_store
+    rng = np.random.default_rng(0)
+    n = 8
+    obs = {"section": np.repeat(["S1", "S2"], n // 2), "patient": np.repeat(["P1", "P2"], n // 2),
+           "array_x": np.arange(n), "array_y": np.zeros(n, np.int64), "pixel_x": np.arange(n) * 16.0,
+           "pixel_y": np.zeros(n)}
+    write_store(str(path), rng.integers(0, 255, (n, 16, 16, 3), np.uint8), rng.random((n, 3), np.float32),
+                ["G0", "G1", "G2"], obs, manifest={"microns_per_pixel": mpp})
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["loo", "train", "external"])
+def test_a_pretraining_or_external_store_of_another_tile_scale_is_refused_naming_it_and_the_fix(tmp_path, mode):
+    """An encoder pretrained at one magnification reads another store's tiles at the wrong size, silently; each
+    mode that pairs stores refuses recorded um/px that differ by more than 1%, before any training."""
+    from histospace_jax import train
+    from histospace_jax.data import store as store_lib
+    spots = _scaled_store(tmp_path / "spots", 2.34375)
+    other = _scaled_store(tmp_path / "old", 0.78125)
+    config = config_lib.get_config()
+    config.mode, config.data.store, config.ae.store = mode, spots, other
+    config.external.train_patients, config.external.test_patients = "P1", "P2"
+    with pytest.raises(store_lib.StoreError) as e:
+        train.train_and_evaluate(config, str(tmp_path / f"run_{mode}"))
+    msg = str(e.value)
+    assert msg.startswith(f"{other} (config.ae.store): tiles at 0.78125 um/px (12.5 um wide)")
+    assert f"{spots} has 2.34375 um/px (37.5 um)" in msg and "--target_mpp=2.34375" in msg
+    assert not os.path.exists(tmp_path / f"run_{mode}" / "checkpoints")
+
+
+def test_tile_scales_within_one_percent_count_as_one_and_the_external_store_is_checked_too(tmp_path):
+    from histospace_jax.data import store as store_lib
+    spots = store_lib.open_store(_scaled_store(tmp_path / "spots", 2.34375))
+    store_lib.require_same_tile_scale(spots, store_lib.open_store(_scaled_store(tmp_path / "same", 2.34375 * 1.005)),
+                                      "config.ae.store")
+    other = _scaled_store(tmp_path / "old", 0.78125)
+    config = config_lib.get_config()
+    config.mode, config.data.store, config.external.store = "external", spots.path, other
+    config.external.train_patients, config.external.test_patients = "P1", "P2"
+    from histospace_jax import train
+    with pytest.raises(store_lib.StoreError, match=f"^{re.escape(other)} \\(config.external.store\\)"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

@@ -341,6 +341,22 @@ def open_store(path: str | os.PathLike) -> TileStore:
                      ArrayView(expression, join_location(path, "expression")), obs)
 
 
+SCALE_TOLERANCE = 0.01  # relative difference of um/px under which two stores' tiles count as one magnification
+
+
+def require_same_tile_scale(reference: TileStore, other: TileStore, role: str) -> None:
+    """Refuses a store whose tiles show another magnification than `reference`'s: an encoder trained on one scale
+    reads the other's cells and tissue at the wrong size, with no error anywhere else. `role` names `other`'s use
+    (e.g. "config.ae.store"). Stores that do not record their scale (the synthetic demo's) pass."""
+    ref_mpp, other_mpp = reference.manifest.get("microns_per_pixel"), other.manifest.get("microns_per_pixel")
+    if not ref_mpp or not other_mpp or abs(other_mpp - ref_mpp) <= SCALE_TOLERANCE * ref_mpp:
+        return
+    other_um, ref_um = other_mpp * other.tiles.shape[1], ref_mpp * reference.tiles.shape[1]
+    raise StoreError(f"{other.path} ({role}): tiles at {other_mpp:g} um/px ({other_um:g} um wide), but "
+                     f"{reference.path} has {ref_mpp:g} um/px ({ref_um:g} um): the encoder would see another "
+                     f"magnification. Prepare {other.path} again with --target_mpp={ref_mpp:g}.")
+
+
 def _refuse_without_manifest(kv: ts.KvStore, location: str) -> None:
     """Raises the right StoreError for a location without a manifest: nothing there, or an unfinished store."""
     manifest_path = join_location(location, MANIFEST)

@@ -15,6 +15,7 @@ import numpy as np
 from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, controls,
                             evaluation, features, folds, metrics, model_export, plots)
 from histospace_jax.data import open_store
+from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError, ConfigError
 
 # HER2ST patients E-H are the STNet patients below (same tissue, re-released): evaluating a HER2ST-trained
@@ -78,6 +79,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     store_a_path, ae_store, writer = inputs.store, inputs.ae_store, inputs.writer
     store_a = open_store(store_a_path)
     store_b = open_store(e.store or store_a_path)
+    require_same_tile_scale(store_a, store_b, "config.external.store")
     rows_a = _select_patients(store_a, e.train_patients, "external.train_patients")
     rows_b = _select_patients(store_b, e.test_patients, "external.test_patients")
     genes = [g for g in store_a.genes if g in set(store_b.genes)]
@@ -107,6 +109,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     console.log(f"[external] train {store_a.path} ({len(rows_a)} spots) -> test {store_b.path} "
                 f"({len(rows_b)} spots), {len(genes)} shared genes")
 
+    if ae_store:
+        require_same_tile_scale(store_a, open_store(ae_store), "config.ae.store")
     ae = autoencoder.pretrain(config, workdir, ae_store or store_a_path, writer)
 
     def feats_of(store, variables):

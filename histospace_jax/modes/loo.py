@@ -28,6 +28,7 @@ from histospace_jax import (atomic, autoencoder, builders, clustering, config as
                             features, folds, metrics, plots, spatial_anndata)
 from histospace_jax import controls as controls_lib
 from histospace_jax.data import open_store
+from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError
 from histospace_jax.model_export import dir_bytes
 
@@ -71,6 +72,8 @@ def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict]
     images) or, when the user asks (ae.transductive), every tile of the store; otherwise one autoencoder per
     fold on its training patients' tiles, so no encoder has seen the patient its fold is tested on."""
     if config.ae.checkpoint or inputs.ae_store:
+        if inputs.ae_store:
+            require_same_tile_scale(store, open_store(inputs.ae_store), "config.ae.store")
         ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer,
                                   seen=f"the separate image store {inputs.ae_store}" if inputs.ae_store else "")
         return [ae["variables"]], [0] * len(plan.folds), {"shared": ae["summary"]}

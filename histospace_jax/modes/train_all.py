@@ -10,6 +10,7 @@ import numpy as np
 
 from histospace_jax import atomic, autoencoder, features, folds, model_export, plots
 from histospace_jax.data import open_store
+from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError
 
 
@@ -18,6 +19,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if not store.genes:
         raise BadInputError(f"{inputs.store}: has no expression (image-only store); training needs a spot store "
                             "from `python -m histospace_jax.prepare` with --format=stnet|her2st|visium")
+    if inputs.ae_store:
+        require_same_tile_scale(store, open_store(inputs.ae_store), "config.ae.store")
     ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer)
     feats = features.for_config(config, workdir, store, ae["variables"])
     expression = np.asarray(store.expression, np.float32)
