@@ -9,7 +9,9 @@ r"""Turns a public spatial-transcriptomics release (or a folder of H&E images) i
     python -m histospace_jax.prepare --format=her2st --input=../shared/data/her2st --output=gs://BUCKET/her2st
 
 Defaults, and why:
-* Tiles are 128 px at 100/128 = 0.78125 um/px, so one tile spans one 100 um ST spot whatever the slide's scale;
+* Tiles are 128 px at 300/128 = 2.34 um/px: each spans 300 um centred on its spot, the 100 um ST spot and the
+  tissue most of the way to its neighbours' centres 200 um away (chosen on inner validation, README "Tile field of
+  view"; --target_mpp sets another, e.g. 0.78125 for tiles that span the spot alone), whatever the slide's scale;
   slides at another scale are resampled (HER2ST patient A ~0.92, the others ~0.69 um/px; scales are derived from
   the spot grid or Visium's spot diameter, and recorded per section in the manifest).
 * Colour-cast removal (per-channel 99th percentile, as in the paper) is on; --nocolour_cast disables it.
@@ -28,8 +30,8 @@ Defaults, and why:
   (a downloaded pickle can run code); tissue is judged by our own check. An h5ad whose X is already normalised is
   refused unless --hest_normalised=raw (take layers['counts'] / raw.X) or =expm1 (undo log1p).
 * Visium HD (--format=visium on an output with binned_outputs/): the 8 um bins are summed into square pseudo-spots
-  of --pseudo_spot_um (default the 100 um tile footprint; the tile footprint follows a given size), kept when
-  in-tissue bins cover at least half the square; see ingest/visium.py for the exact rule.
+  of --pseudo_spot_um (default 100 um, an ST spot; the tiles span three times that unless --target_mpp says),
+  kept when in-tissue bins cover at least half the square; see ingest/visium.py for the exact rule.
 * --workers=1 keeps one slide in memory; --workers=N processes N sections at once (N slides in memory).
 The store gets `report/report.json` and `report/thumbnails/<section>.png` (green boxes: tiles kept; yellow:
 padded at the image edge; blue: rejected as background; red: dropped at the edge; black dots: spot centres).
@@ -52,7 +54,8 @@ flags.DEFINE_list("sections", None, "Only these sections (default all). Images f
 flags.DEFINE_list("samples", None, "hest: only these sample ids (the same as --sections; give one of the two).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing store at --output.")
 flags.DEFINE_integer("tile_size", 128, "Tile side in pixels.")
-flags.DEFINE_float("target_mpp", None, "Microns per pixel of the tiles (default 100 um / tile_size: one ST spot).")
+flags.DEFINE_float("target_mpp", None, "Microns per pixel of the tiles (default 300 um / tile_size: a spot and its "
+                   "surroundings).")
 flags.DEFINE_float("source_mpp", None,
                   "Override the slides' microns per pixel (images: default from each image's own metadata).")
 flags.DEFINE_enum("edge", "pad", list(build.EDGE_MODES), "Tiles leaving the image: pad with white, or drop the spot.")
@@ -86,7 +89,7 @@ flags.DEFINE_list("patient", [], "visium: patient per --input (default: the sect
 flags.DEFINE_bool("skip_unreadable", False, "images: leave unreadable images out (counted) instead of failing.")
 flags.DEFINE_integer("thumbnail_px", 1024, "Longest side of the report thumbnails.")
 flags.DEFINE_float("pseudo_spot_um", None, "Visium HD: side in um of the square pseudo-spots bins are summed into "
-                   "(default: the tile footprint, 100 um); the tiles then span one pseudo-spot.")
+                   "(default 100 um); without --target_mpp the tiles span three times that.")
 flags.DEFINE_enum("hest_normalised", "refuse", list(hest.NORMALISED_POLICIES),
                   "hest: when an h5ad's X is not raw counts: refuse; raw = use its layers['counts'] or raw.X; "
                   "expm1 = undo log1p (exact for log1p(counts / library * scale)).")

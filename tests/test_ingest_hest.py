@@ -76,10 +76,13 @@ def round_trip(tmp_path_factory):
                                 "st_technology": "Spatial Transcriptomics",
                                 "pixel_size_um_estimated": t.microns_per_pixel, "pixel_size_um_embedded": None,
                                 "spot_diameter": 100.0, "inter_spot_dist": 200.0})
+    # Tiles at 0.78125 um/px read the pyramid's full-resolution level as the JPEG reader does; at the default
+    # 2.34 um/px the pyramid's 2x level is read instead (the point of a pyramid), a different filtering whose tiles
+    # differ from the JPEG's by ~4 grey levels on average, so the tile comparison below would test the filters.
     reference = build.prepare(build.PrepareOptions(format="her2st", input=release, output=str(tmp / "her2st_store"),
-                                                   sections=ROUND_TRIP_SECTIONS))
+                                                   sections=ROUND_TRIP_SECTIONS, target_mpp=0.78125))
     converted = build.prepare(build.PrepareOptions(format="hest", input=root, output=str(tmp / "hest_store"),
-                                                   sections=ROUND_TRIP_SECTIONS))
+                                                   sections=ROUND_TRIP_SECTIONS, target_mpp=0.78125))
     return open_store(tmp / "her2st_store"), open_store(tmp / "hest_store"), reference, converted
 
 
@@ -166,8 +169,8 @@ def test_hest_store_takes_scale_and_patients_from_metadata_and_never_unpickles(t
         expected = np.log1p(c / c.sum(axis=1, keepdims=True) * 1e4)[:, [GENES.index(g) for g in store.genes]]
         np.testing.assert_allclose(store.expression[:][rows], expected, rtol=1e-5)
     assert "GENE0" not in store.genes
-    for entry in store.manifest["sections"]:  # estimated (2.0) wins over embedded (1.0): 100 um = 50 px
-        assert entry["source_microns_per_pixel"] == 2.0 and entry["source_tile_px"] == 50
+    for entry in store.manifest["sections"]:  # estimated (2.0) wins over embedded (1.0): a 300 um tile = 150 px
+        assert entry["source_microns_per_pixel"] == 2.0 and entry["source_tile_px"] == 150
         assert entry["reader_notes"]["st_technology"] == "Spatial Transcriptomics"
 
 

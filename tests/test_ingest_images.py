@@ -66,7 +66,7 @@ def test_bach_patches(shared_data, tmp_path):
     inp = os.path.join(shared_data, "bach-a01")
     names = ["A01_0_10000_image_46", "A01_0_10000_image_47"]
     rep = build.prepare(build.PrepareOptions(format="images", input=inp, output=str(tmp_path / "bach"),
-                                             sections=tuple(names), source_mpp=0.467))
+                                             sections=tuple(names), source_mpp=0.467, target_mpp=0.78125))
     store = open_store(tmp_path / "bach")
     # The patches' README: 0.467 um/px. 1000 px -> boxes of round(128 * 0.78125 / 0.467) = 214 px -> 4 x 4 grid.
     assert all(e["grid_tiles"] == 16 for e in rep["sections"])

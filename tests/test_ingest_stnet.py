@@ -93,7 +93,7 @@ def test_manifest_scale_and_hashes(stnet_store):
     info, store, _ = stnet_store
     m = store.manifest
     assert m["source_format"] == "stnet" and m["synthetic"] is False
-    assert m["microns_per_pixel"] == pytest.approx(100 / 128)
+    assert m["microns_per_pixel"] == pytest.approx(build.DEFAULT_TILE_UM / store.tiles.shape[1])  # the default field
     for s in m["sections"]:
         assert s["source_microns_per_pixel"] == pytest.approx(info["mpp"], rel=0.01)
         assert len(s["image_sha256"]) == 64

@@ -104,19 +104,21 @@ def test_pseudo_spot_counts_are_the_sums_of_their_bins(tmp_path):
     assert t.notes["visium_hd"]["bin_um"] == BIN_UM and t.dropped["little_tissue"] == 2
 
 
-def test_prepare_tiles_span_the_pseudo_spot(tmp_path):
+def test_prepare_centres_tiles_three_pseudo_spots_wide_unless_target_mpp_says(tmp_path):
+    """Default pseudo-spots are 100 um (an ST spot) and their tiles 300 um, the ratio of an ST store's defaults; a
+    given --pseudo_spot_um scales the tiles with it, and a given --target_mpp sets them alone."""
     truth = _write_hd(str(tmp_path))
-    for pseudo_um in (None, 48.0):
-        out = tmp_path / f"store_{pseudo_um}"
+    for pseudo_um, target_mpp, side, tile_um in ((None, None, 100.0, 300.0), (48.0, None, 48.0, 144.0),
+                                                (48.0, 0.5, 48.0, 64.0)):
+        out = tmp_path / f"store_{pseudo_um}_{target_mpp}"
         build.prepare(build.PrepareOptions(format="visium", input=truth["outs"], image=(truth["image"],),
-                                           output=str(out), pseudo_spot_um=pseudo_um, min_umi=FIXTURE_MIN_UMI,
-                                           stain="none"))
+                                           output=str(out), pseudo_spot_um=pseudo_um, target_mpp=target_mpp,
+                                           min_umi=FIXTURE_MIN_UMI, stain="none"))
         store = open_store(out)
-        side = pseudo_um or 100.0
         expected = _expected_pseudo_spots(truth, side)
         assert store.n_spots == len(expected)
-        assert store.manifest["tile_microns"] == pytest.approx(side)
-        assert store.manifest["sections"][0]["source_tile_px"] == round(side / MPP)
+        assert store.manifest["tile_microns"] == pytest.approx(tile_um)
+        assert store.manifest["sections"][0]["source_tile_px"] == round(tile_um / MPP)
         sums = {key: v[0][:6].sum() for key, v in expected.items()}
         np.testing.assert_array_equal(store.obs["library_size"],
                                       [sums[(int(r), int(c))] for r, c in zip(store.obs["array_y"],
@@ -141,8 +143,6 @@ def test_bad_input_names_the_file_and_the_fix(tmp_path):
     truth = _write_hd(str(tmp_path / "c"))
     msg = _prepare(tmp_path, truth["outs"], image=(truth["image"],), pseudo_spot_um=4.0)
     assert "--pseudo_spot_um=4 is smaller than the 8 um bins" in msg and "square_002um" in msg
-    msg = _prepare(tmp_path, truth["outs"], image=(truth["image"],), pseudo_spot_um=50.0, target_mpp=0.5)
-    assert "disagree" in msg
     msg = _prepare(tmp_path, truth["outs"], format="her2st", pseudo_spot_um=50.0)
     assert "--pseudo_spot_um applies to --format=visium" in msg
     _write_outs(str(tmp_path / "standard"))  # a standard Visium output: real spots, nothing to aggregate

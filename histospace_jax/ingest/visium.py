@@ -23,8 +23,9 @@ folder of it)::
     binned_outputs/square_008um/spatial/scalefactors_json.json     microns_per_pixel, bin_size_um
 
 The 8 um bins are read when present (Space Ranger's recommended bins; 16 um, then 2 um otherwise). Bins are summed
-into square pseudo-spots of side P um (--pseudo_spot_um, default the tile footprint, 100 um), so the model sees
-spot-sized expression and the tile spans the pseudo-spot. Rule: a bin of side b at array position (row, col) joins
+into square pseudo-spots of side P um (--pseudo_spot_um, default 100 um), so the model sees spot-sized expression;
+the tile centred on a pseudo-spot spans 3P unless --target_mpp sets it, as an ST tile spans its spot and
+surroundings. Rule: a bin of side b at array position (row, col) joins
 the pseudo-spot (floor((row + 1/2) b / P), floor((col + 1/2) b / P)), the P-square holding its centre; with
 b = 8 and P = 100 a pseudo-spot is 12 or 13 bins a side. Counts: the sum over its in-tissue bins. Centre: the
 mean of the full-resolution centres of all its bins. Kept: pseudo-spots whose in-tissue bins cover at least half
