@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from histospace_jax import controls, metrics
+from histospace_jax import context, controls, metrics
 
 FAILED_CONSTANT_FRACTION = 0.05
 TRAINED_CONTROLS = ("untrained_head", "random_encoder", "model_unsmoothed")
@@ -280,4 +280,39 @@ def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0) -> di
         counts = controls.counts_from_expression(expression[rows], lib[rows])
         nc = controls.noise_ceiling(counts, lib[rows].astype(np.int64), seed=seed)
         out[plan.name(f)] = {k: v for k, v in nc.items() if not k.endswith("per_gene")}
+    return out
+
+
+def neighbour_reference(truth: np.ndarray, table: np.ndarray, log_depth: np.ndarray | None) -> dict:
+    """How much of a held-out patient's expression its neighbouring spots share: each spot "predicted" by the
+    mean measured expression of its adjacent spots (`table`, [N, K] row indices into `truth`, -1 padded, as
+    context.section_table gives), scored like a prediction over the spots that have a neighbour. It reads the
+    held-out measurements, so it is a reference, not a control. The default 300 um tile covers much of its neighbours'
+    tissue, so where the neighbours' own counts say little about a spot's gene-specific expression (low
+    depth-adjusted r), an image model is unlikely to say much more.
+    Returns {"per_gene_pearson", "depth_adjusted_per_gene_pearson", "n_spots_used", "n_without_neighbours"}."""
+    truth = np.asarray(truth, np.float64)
+    has = (np.asarray(table) >= 0).any(axis=1)
+    out = {"n_spots_used": int(has.sum()), "n_without_neighbours": int((~has).sum())}
+    if has.sum() < 3:
+        return {**out, "per_gene_pearson": float("nan"), "depth_adjusted_per_gene_pearson": float("nan")}
+    pred = context.neighbour_mean(truth, table)[has]
+    out["per_gene_pearson"] = metrics.nanmean_or_nan(metrics.pearson_per_gene(truth[has], pred))
+    out["depth_adjusted_per_gene_pearson"] = (
+        metrics.nanmean_or_nan(metrics.depth_adjusted_pearson_per_gene(truth[has], pred, log_depth[has]))
+        if log_depth is not None else float("nan"))
+    return out
+
+
+def neighbour_references(plan, expression: np.ndarray, obs: dict) -> dict:
+    """neighbour_reference of every held-out patient, neighbours within context.DEFAULT_RADIUS spot spacings in
+    the same section (the adjacent ring), plus that radius."""
+    log_depth = log_library_size(obs)
+    out = {}
+    for f in range(len(plan.folds)):
+        rows = plan.held_out_rows(f)
+        table = context.section_table(obs, rows, context.DEFAULT_RADIUS)
+        out[plan.name(f)] = {**neighbour_reference(np.asarray(expression)[rows], table,
+                                                   None if log_depth is None else log_depth[rows]),
+                             "radius_spacings": context.DEFAULT_RADIUS}
     return out

@@ -270,13 +270,16 @@ def _fold_details(results: dict) -> list[str]:
     """What a sceptical reader asks next, per held-out patient."""
     rows = []
     ceilings = results.get("noise_ceiling", {})
+    neighbours = results.get("neighbour_reference", {})
     for f in results["folds"]:
         ci = f.get("per_gene_pearson_ci95") or [float("nan")] * 2
         sections = ", ".join(f"{s} {r:.3f}" for s, r in f.get("per_section_pearson", {}).items())
         rows.append([f["held_out"], f"[{_f(ci[0], 3)}, {_f(ci[1], 3)}] ({f.get('ci_units', '')})", sections,
                      f"{f.get('n_genes_significant_spatial', '-')} (t-test {f.get('n_genes_significant', '-')})",
                      _f(ceilings.get(f["held_out"], {}).get("ceiling_r_mean"), 3),
-                     _f(ceilings.get(f["held_out"], {}).get("depth_adjusted_ceiling_r_mean"), 3)])
+                     _f(ceilings.get(f["held_out"], {}).get("depth_adjusted_ceiling_r_mean"), 3),
+                     _f(neighbours.get(f["held_out"], {}).get("per_gene_pearson"), 3),
+                     _f(neighbours.get(f["held_out"], {}).get("depth_adjusted_per_gene_pearson"), 3)])
     gaps = console.gap_rows(results)
     gap_lines = (["## Model against each control", "",
                   "The model's mean per-gene r minus the control's, with a 95% paired percentile-bootstrap interval: "
@@ -288,13 +291,19 @@ def _fold_details(results: dict) -> list[str]:
     lines = ["## Per held-out patient", "",
              _md_table(["held out", "per-gene r, 95% bootstrap interval", "per-section r",
                         "genes significant: spatial block permutation (independent-spots t-test)",
-                        "noise ceiling of per-gene r", "noise ceiling of depth-adjusted r"], rows), "",
+                        "noise ceiling of per-gene r", "noise ceiling of depth-adjusted r",
+                        "neighbours' measurements: per-gene r", "neighbours' measurements: depth-adjusted r"],
+                       rows), "",
              "- Depth-adjusted r: truth and prediction residualised per gene on the spot's log library size within "
              "the held-out patient, then per-gene r: gene-specific signal beyond sequencing depth.",
              "- Noise ceiling: the mean over genes of sqrt(split-half reliability, Spearman-Brown corrected) from a "
              "binomial split of each spot's counts: about the best per-gene r any predictor could reach against "
              "this noisy measurement. Its depth-adjusted twin residualises both halves on log library size first: "
-             "the ceiling for depth-adjusted r, low on shallow sections where depth is most of the agreement.", ""]
+             "the ceiling for depth-adjusted r, low on shallow sections where depth is most of the agreement.",
+             "- Neighbours' measurements (a reference, not a predictor: it reads the held-out counts): each spot "
+             "scored against the mean measured expression of its adjacent spots. How much of the patient's "
+             "expression, and of its gene-specific part beyond depth, neighbouring spots share; a tile that "
+             "covers the neighbourhood is unlikely to tell more about a gene than the neighbours' own counts do.", ""]
     lines = gap_lines + lines
     t = results.get("training", {})
     if t:

@@ -3,7 +3,7 @@ controls are fitted on training patients only."""
 
 import numpy as np
 
-from histospace_jax import console, evaluation, folds, metrics
+from histospace_jax import console, context, evaluation, folds, metrics
 
 
 def _plan_and_data(seed=0, n_per=30, g=6):
@@ -195,3 +195,47 @@ def test_random_encoder_draws_summarise_every_draw_and_its_verdict():
     # Every draw is a trained head: its collapse test counts flat genes, as for the first draw.
     assert all(evaluation.is_trained_control(n) for n in out["controls"])
     assert not evaluation.is_trained_control("linear_probe")
+
+
+def test_neighbour_reference_scores_each_spot_against_its_neighbours_measurements():
+    """A smooth field is shared by neighbours (r near 1), spot-level noise is not (r near 0); a spot without a
+    neighbour is left out rather than scored against its own measurement; the depth-adjusted r removes a
+    field that is only depth."""
+    rng = np.random.default_rng(0)
+    nx = ny = 12
+    x, y = np.meshgrid(np.arange(nx, dtype=float), np.arange(ny, dtype=float), indexing="ij")
+    x, y = x.ravel(), y.ravel()
+    n = len(x)
+    smooth = np.sin(x / 3.0) + np.cos(y / 4.0)
+    noise = rng.normal(size=n)
+    log_depth = 7.0 + np.sin(y / 2.0) + 0.05 * rng.normal(size=n)  # sequencing depth varies smoothly too
+    depth_only = 2.0 * log_depth + 0.01 * rng.normal(size=n)  # shared by neighbours only through depth
+    truth = np.stack([smooth, noise, depth_only], 1)
+    # One lone spot in its own section, with an extreme value that would dominate r if it were scored on itself.
+    x, y = np.append(x, 0.0), np.append(y, 0.0)
+    truth = np.vstack([truth, [50.0, 50.0, 50.0]])
+    log_depth = np.append(log_depth, np.log(1000.0))
+    sections = np.array(["s1"] * n + ["s2"])
+    obs = {"pixel_x": x * 100, "pixel_y": y * 100, "section": sections}
+    table = context.section_table(obs, np.arange(n + 1), context.DEFAULT_RADIUS)
+    out = evaluation.neighbour_reference(truth, table, log_depth)
+    assert out["n_spots_used"] == n and out["n_without_neighbours"] == 1
+    # Independent computation: the mean of the (up to 8) spots within one grid step in x and y.
+    around = np.empty((n, 3))
+    for i in range(n):
+        m = (np.abs(x[:n] - x[i]) <= 1) & (np.abs(y[:n] - y[i]) <= 1)
+        m[i] = False
+        around[i] = truth[:n][m].mean(0)
+    r = [np.corrcoef(truth[:n, g], around[:, g])[0, 1] for g in range(3)]
+    assert r[0] > 0.9 and abs(r[1]) < 0.2 and r[2] > 0.8
+    assert np.isclose(out["per_gene_pearson"], np.mean(r), atol=1e-9)
+    expected_adj = metrics.depth_adjusted_pearson_per_gene(truth[:n], around, log_depth[:n])
+    assert np.isclose(out["depth_adjusted_per_gene_pearson"], np.nanmean(expected_adj), atol=1e-9)
+    assert expected_adj[0] > 0.5 and abs(expected_adj[2]) < 0.3  # the depth-only gene's agreement is removed
+
+
+def test_neighbour_reference_is_undefined_without_neighbours():
+    obs = {"pixel_x": np.array([0.0, 100.0]), "pixel_y": np.array([0.0, 0.0]), "section": np.array(["a", "b"])}
+    table = context.section_table(obs, np.arange(2), context.DEFAULT_RADIUS)
+    out = evaluation.neighbour_reference(np.ones((2, 2)), table, None)
+    assert out["n_spots_used"] == 0 and np.isnan(out["per_gene_pearson"])

@@ -208,6 +208,13 @@ def test_loo_mode_on_a_store(stores, tmp_path):
         raw, wt = npz[f"model_unsmoothed_{fold}"].astype(np.float64), chosen["self_weight"]
         np.testing.assert_allclose(npz[f"pred_{fold}"], wt * raw + (1 - wt) * near @ raw / near.sum(1, keepdims=True),
                                    rtol=1e-4, atol=1e-5)
+        # The neighbour reference: each held-out spot against the mean of its 8-neighbourhood's measurements.
+        truth = np.asarray(store_lib.open_store(a).expression, np.float64)[rows]
+        around = near @ truth / near.sum(1, keepdims=True)
+        expected = np.mean([np.corrcoef(truth[:, g], around[:, g])[0, 1] for g in range(truth.shape[1])])
+        ref = res["neighbour_reference"][fold]
+        assert ref["n_spots_used"] == len(rows) and ref["radius_spacings"] == 1.5
+        assert np.isclose(ref["per_gene_pearson"], expected, atol=1e-9)
     assert "- neighbour smoothing of predictions: each spot's prediction x self_weight" in open(w / "report.md").read()
     assert set(res["training"]["smoothing"]["random_encoder_self_weight"]) == {"E", "F", "E (random_encoder_2)",
                                                                              "F (random_encoder_2)"}

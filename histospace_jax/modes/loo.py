@@ -52,6 +52,10 @@ METRIC_NOTES = {
                 "fitted on the training patients only. With neighbour smoothing (model.smoothing; the standard recipe "
                 "chooses each fold's weight on inner validation) the fold's model and image-based controls are "
                 "smoothed alike over adjacent spots (training.smoothing); model_unsmoothed is the model before it",
+    "neighbour_reference": "not a predictor: each held-out spot's expression 'predicted' by the mean measured "
+                           "expression of its adjacent spots (same section), per-gene r and depth-adjusted r over "
+                           "the spots with a neighbour; how much of the patient's (gene-specific) expression "
+                           "neighbouring spots share, beside the noise ceiling",
     "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
               "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
     "summary": "unweighted mean over folds (NaN when any fold failed or has no value)",
@@ -337,6 +341,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                          {plan.name(f): plan.held_out_rows(f) for f in range(len(plan.folds))}, random_smoothing),
                      "augmentation": {"views": features.n_views(config), "stain_jitter": features.stain_jitter(config)}},
         "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
+        "neighbour_reference": evaluation.neighbour_references(plan, expression, store.obs),
         **({"random_encoder_draws": evaluation.random_encoder_draws(fold_metrics, draw_seeds)} if draw_seeds else {}),
         "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),
         **extra,
