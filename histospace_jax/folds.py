@@ -717,7 +717,7 @@ def context_summary(config, obs: dict) -> dict | None:
     if not builders.uses_context(config):
         return None
     radius = float(config.model.context_radius)
-    return context_lib.describe(context_lib.neighbour_table(obs["pixel_x"], obs["pixel_y"], obs["section"], radius),
+    return context_lib.describe(context_lib.neighbour_table(*context_lib.obs_positions(obs), obs["section"], radius),
                                 radius)
 
 

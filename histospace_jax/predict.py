@@ -334,7 +334,8 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
     ctx = None
     if info["model"].get("context", "none") == "neighbours":
         radius = float(info["model"].get("context_radius", context_lib.DEFAULT_RADIUS))
-        table = context_lib.neighbour_table(pos["pixel_x"], pos["pixel_y"], None, radius)
+        table = context_lib.neighbour_table(*context_lib.grid_positions(
+            pos["pixel_x"], pos["pixel_y"], pos.get("array_x"), pos.get("array_y")), None, radius)
         log(f"[predict] the model takes neighbourhood context: a first pass pools every position's encoder features "
             f"(neighbours within {radius:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
             f"{np.median((table >= 0).sum(1)):g})")
@@ -352,11 +353,16 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
     smoothing = info["model"].get("smoothing")
     smooth_table = None
     if smoothing:
-        smooth_table = context_lib.neighbour_table(pos["pixel_x"], pos["pixel_y"], None, smoothing["radius"])
+        smooth_table = context_lib.neighbour_table(*context_lib.grid_positions(
+            pos["pixel_x"], pos["pixel_y"], pos.get("array_x"), pos.get("array_y")), None, smoothing["radius"])
         smoothing = {**smoothing, "neighbours_median": context_lib.neighbour_counts(smooth_table)["neighbours_median"]}
         log(f"[predict] the model smooths its predictions: each position x {smoothing['self_weight']:g} + the mean of "
             f"its neighbours (within {smoothing['radius']:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
             f"{smoothing['neighbours_median']:g}) x {1 - smoothing['self_weight']:g}, in a second pass")
+        if spots_csv and "array_x" not in pos:
+            log(f"[predict] {spots_csv} has no array coordinates: neighbours are found around the measured spot "
+                "centres, which on ST arrays miss some diagonal neighbours; add array_x/array_y (or x/y) columns "
+                "to find them on the array grid, as training did")
 
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)

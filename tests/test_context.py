@@ -56,6 +56,55 @@ def test_hexagonal_visium_grid_has_6_neighbours_and_sections_never_mix():
     assert _as_lists(table) == _brute_neighbours(x2, y2, sections, 1.5)
 
 
+def test_jittered_st_spots_find_all_8_neighbours_on_their_fitted_grid():
+    """Printed ST spots sit off their grid places (HER2ST: ~7% of the spacing). Around the measured centres a
+    1.5-spacing radius misses many diagonal neighbours; on the grid that the array coordinates imply (an affine
+    fit, here of a rotated, scaled grid) it finds all 8 again, the same as on the exact grid."""
+    rng = np.random.default_rng(0)
+    ax, ay = np.meshgrid(np.arange(12), np.arange(10))
+    ax, ay = ax.ravel().astype(float), ay.ravel().astype(float)
+    angle, pitch = 0.1, 291.0
+    exact_x = pitch * (np.cos(angle) * ax - np.sin(angle) * ay) + 500
+    exact_y = pitch * (np.sin(angle) * ax + np.cos(angle) * ay) + 300
+    px, py = exact_x + rng.normal(0, 20, ax.shape), exact_y + rng.normal(0, 20, ax.shape)
+    interior = (ax > 0) & (ax < 11) & (ay > 0) & (ay < 9)
+    jittered = (context.neighbour_table(px, py) >= 0).sum(1)
+    assert np.median(jittered[interior]) < 8  # the fault this fixes
+    gx, gy = context.grid_positions(px, py, ax, ay)
+    assert np.sqrt(np.mean((gx - exact_x) ** 2 + (gy - exact_y) ** 2)) < 10.0  # well under the 28 px of jitter
+    fitted = context.neighbour_table(gx, gy)
+    assert _as_lists(fitted) == _as_lists(context.neighbour_table(exact_x, exact_y))
+    assert set((fitted >= 0).sum(1)[interior]) == {8}
+    # Through obs: sections fitted separately, and section_table of a subset of rows keeps the grid.
+    obs = {"pixel_x": np.concatenate([px, px + 7]), "pixel_y": np.concatenate([py, py]),
+           "array_x": np.concatenate([ax, ax]), "array_y": np.concatenate([ay, ay]),
+           "section": np.repeat(np.array(["a", "b"]), len(ax))}
+    both = context.neighbour_table(*context.obs_positions(obs), obs["section"])
+    assert _as_lists(both[:len(ax)]) == _as_lists(fitted)
+    rows = np.flatnonzero((obs["array_x"] < 6) & (obs["section"] == "b"))
+    sub = context.section_table(obs, rows, context.DEFAULT_RADIUS)
+    assert set((sub >= 0).sum(1)[(ax[rows - len(ax)] > 0) & (ax[rows - len(ax)] < 5)
+                                 & (ay[rows - len(ax)] > 0) & (ay[rows - len(ax)] < 9)]) == {8}
+
+
+def test_hexagonal_array_coordinates_fit_and_unrelated_ones_are_ignored():
+    rows, cols = np.meshgrid(np.arange(8), np.arange(8), indexing="ij")
+    array_col = (2 * cols + rows % 2).ravel().astype(float)  # Visium: array_col steps by 2 within a row
+    array_row = rows.ravel().astype(float)
+    x = (cols * 100.0 + (rows % 2) * 50.0).ravel()
+    y = (rows * 100.0 * np.sqrt(3) / 2).ravel()
+    gx, gy = context.grid_positions(x, y, array_col, array_row)
+    np.testing.assert_allclose(np.stack([gx, gy]), np.stack([x, y]), atol=1e-6)
+    # Array coordinates that are not these spots' grid (shuffled): the pixel centres are kept.
+    shuffled = np.random.default_rng(1).permutation(len(x))
+    kx, ky = context.grid_positions(x, y, array_col[shuffled], array_row[shuffled])
+    np.testing.assert_array_equal(np.stack([kx, ky]), np.stack([x, y]))
+    # No array coordinates, or too few spots: the pixel centres.
+    np.testing.assert_array_equal(np.stack(context.grid_positions(x, y)), np.stack([x, y]))
+    np.testing.assert_array_equal(np.stack(context.grid_positions(x[:2], y[:2], array_col[:2], array_row[:2])),
+                                  np.stack([x[:2], y[:2]]))
+
+
 def test_context_is_the_mean_of_the_neighbours_pooled_features_and_a_lone_spot_keeps_its_own():
     rng = np.random.default_rng(0)
     x = np.array([0.0, 1.0, 2.0, 0.0, 50.0])
