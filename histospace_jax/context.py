@@ -52,11 +52,12 @@ def grid_positions(pixel_x, pixel_y, array_x=None, array_y=None, groups=None) ->
         design = np.stack([ax[rows], ay[rows], np.ones(len(rows))], 1)
         if np.linalg.matrix_rank(design) < 3:
             continue
-        coef, *_ = np.linalg.lstsq(design, np.stack([x[rows], y[rows]], 1), rcond=None)
+        measured = np.stack([x[rows], y[rows]], 1)
+        coef, *_ = np.linalg.lstsq(design, measured, rcond=None)
         fitted = design @ coef
         dist, _ = spatial.cKDTree(fitted).query(fitted, k=2)
         spacing = float(np.median(dist[:, 1]))
-        rms = float(np.sqrt(np.mean(np.sum((fitted - np.stack([x[rows], y[rows]], 1)) ** 2, 1))))
+        rms = float(np.sqrt(np.mean(np.sum((fitted - measured) ** 2, 1))))
         if spacing > 0 and rms <= MAX_GRID_RESIDUAL * spacing:
             gx[rows], gy[rows] = fitted[:, 0], fitted[:, 1]
     return gx, gy

@@ -332,10 +332,18 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
         return (np.concatenate([tiles, np.repeat(tiles[:1], pad, 0)]) if pad else tiles), len(tiles)
 
     ctx = None
-    if info["model"].get("context", "none") == "neighbours":
+    uses_context = info["model"].get("context", "none") == "neighbours"
+    smoothing = info["model"].get("smoothing")
+    if uses_context or smoothing:
+        # One set of positions for both passes: the array grid where the spots give one (context.grid_positions).
+        grid_xy = context_lib.grid_positions(pos["pixel_x"], pos["pixel_y"], pos.get("array_x"), pos.get("array_y"))
+        if spots_csv and "array_x" not in pos:
+            log(f"[predict] {spots_csv} has no array coordinates: neighbours are found around the measured spot "
+                "centres, which on ST arrays miss some diagonal neighbours; add array_x/array_y (or x/y) columns "
+                "to find them on the array grid, as training did")
+    if uses_context:
         radius = float(info["model"].get("context_radius", context_lib.DEFAULT_RADIUS))
-        table = context_lib.neighbour_table(*context_lib.grid_positions(
-            pos["pixel_x"], pos["pixel_y"], pos.get("array_x"), pos.get("array_y")), None, radius)
+        table = context_lib.neighbour_table(*grid_xy, None, radius)
         log(f"[predict] the model takes neighbourhood context: a first pass pools every position's encoder features "
             f"(neighbours within {radius:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
             f"{np.median((table >= 0).sum(1)):g})")
@@ -350,19 +358,13 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
                 log(progress.line(b + 1, pooled=a + n_real))
         ctx = context_lib.neighbour_mean(np.concatenate(parts, 1), table)
 
-    smoothing = info["model"].get("smoothing")
     smooth_table = None
     if smoothing:
-        smooth_table = context_lib.neighbour_table(*context_lib.grid_positions(
-            pos["pixel_x"], pos["pixel_y"], pos.get("array_x"), pos.get("array_y")), None, smoothing["radius"])
+        smooth_table = context_lib.neighbour_table(*grid_xy, None, smoothing["radius"])
         smoothing = {**smoothing, "neighbours_median": context_lib.neighbour_counts(smooth_table)["neighbours_median"]}
         log(f"[predict] the model smooths its predictions: each position x {smoothing['self_weight']:g} + the mean of "
             f"its neighbours (within {smoothing['radius']:g} x the {'spot' if spots_csv else 'grid'} spacing, median "
             f"{smoothing['neighbours_median']:g}) x {1 - smoothing['self_weight']:g}, in a second pass")
-        if spots_csv and "array_x" not in pos:
-            log(f"[predict] {spots_csv} has no array coordinates: neighbours are found around the measured spot "
-                "centres, which on ST arrays miss some diagonal neighbours; add array_x/array_y (or x/y) columns "
-                "to find them on the array grid, as training did")
 
     tmp = f"{output}.tmp-{uuid.uuid4().hex[:8]}"
     os.makedirs(tmp)

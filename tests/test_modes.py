@@ -195,6 +195,7 @@ def test_loo_mode_on_a_store(stores, tmp_path):
     # The standard recipe smooths the model and the image-based controls over adjacent spots, with the weight
     # each fold's inner validation preferred: the saved model predictions are the unsmoothed ones blended by hand
     # with their 8-neighbourhood (spots 10 px apart).
+    expression = np.asarray(store_lib.open_store(a).expression, np.float64)
     for fold, chosen in res["training"]["smoothing"]["sets"].items():
         assert set(chosen["inner_validation_mse"]) == {"1", "0.75", "0.5", "0.25"}
         assert chosen["inner_validation_mse"][f"{chosen['self_weight']:g}"] == min(
@@ -209,7 +210,7 @@ def test_loo_mode_on_a_store(stores, tmp_path):
         np.testing.assert_allclose(npz[f"pred_{fold}"], wt * raw + (1 - wt) * near @ raw / near.sum(1, keepdims=True),
                                    rtol=1e-4, atol=1e-5)
         # The neighbour reference: each held-out spot against the mean of its 8-neighbourhood's measurements.
-        truth = np.asarray(store_lib.open_store(a).expression, np.float64)[rows]
+        truth = expression[rows]
         around = near @ truth / near.sum(1, keepdims=True)
         expected = np.mean([np.corrcoef(truth[:, g], around[:, g])[0, 1] for g in range(truth.shape[1])])
         ref = res["neighbour_reference"][fold]
