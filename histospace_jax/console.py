@@ -163,7 +163,26 @@ def loo_table(results: dict) -> str:
     draws = random_draw_lines(results)
     if draws:
         table += "\n\n" + "\n".join(draws)
+    beyond = beyond_depth_line(results)
+    if beyond:
+        table += "\n\n" + beyond
     return table
+
+
+def beyond_depth_line(results: dict) -> str:
+    """How many genes each held-out patient's model predicts beyond sequencing depth (results.json
+    genes_beyond_depth), with the best few: the mean depth-adjusted r over 1,000+ genes can be ~0 while a few
+    genes carry real signal, or none."""
+    beyond = results.get("genes_beyond_depth")
+    if not beyond:
+        return ""
+    parts = []
+    for fold, b in beyond.items():
+        best = ", ".join(f"{g['gene']} {g['depth_adjusted_r']:.2f}" for g in b["genes"][:3])
+        parts.append(f"{fold} {b['n_significant']}" + (f" ({best}, ...)" if best else ""))
+    fdr = next(iter(beyond.values()))["fdr"]
+    return (f"Genes predicted beyond sequencing depth (depth-adjusted r, spatial block permutation, {fdr:g} FDR): "
+            + "; ".join(parts) + ". report.md lists them beside the controls.")
 
 
 def external_table(results: dict) -> str:

@@ -120,6 +120,13 @@ def _residualise(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     return y - design @ coef
 
 
+def depth_residuals(y: np.ndarray, log_depth) -> np.ndarray:
+    """Every column of y [N, G] minus its least-squares line in log_depth [N] over the N spots: what the
+    depth-adjusted metrics correlate."""
+    y = np.asarray(y, np.float64)
+    return _residualise(_design_with_intercept(log_depth, y.shape[0]), y)
+
+
 def depth_adjusted_pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray, log_depth) -> np.ndarray:
     """Per-gene r after removing sequencing depth: truth and prediction are each regressed, per gene, on
     [1, log_depth] by least squares over the evaluated spots, and r is taken between the residuals.
@@ -136,9 +143,8 @@ def depth_adjusted_pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray, log_
     n, g = y_true.shape
     if n < 3:  # two fitted parameters leave no residual variation to correlate
         return np.full(g, np.nan)
-    design = _design_with_intercept(log_depth, n)
-    rt = _residualise(design, y_true)
-    rp = _residualise(design, y_pred)
+    rt = depth_residuals(y_true, log_depth)
+    rp = depth_residuals(y_pred, log_depth)
     r = pearson_per_gene(rt, rp)
     # Residuals of an exactly explained column are round-off, not constant, so pearson_per_gene's exact
     # ptp == 0 test misses them; call them undefined when they are tiny relative to the column itself.

@@ -239,3 +239,73 @@ def test_neighbour_reference_is_undefined_without_neighbours():
     table = context.section_table(obs, np.arange(2), context.DEFAULT_RADIUS)
     out = evaluation.neighbour_reference(np.ones((2, 2)), table, None)
     assert out["n_spots_used"] == 0 and np.isnan(out["per_gene_pearson"])
+
+
+def _depth_and_gene_signal(seed=0, side=24, g=12):
+    """A side x side grid (one section) whose every gene follows a smooth depth field, and whose first 4 genes
+    also carry a smooth gene-specific field of their own that depth does not explain."""
+    rng = np.random.default_rng(seed)
+    x, y = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    x, y = x.ravel(), y.ravel()
+    n = side * side
+    log_depth = 7.0 + np.sin(x / 4.0) + 0.1 * rng.normal(size=n)
+    own = np.stack([np.sin(y / 3.0 + k) * np.cos(x / 5.0 - k) for k in range(4)], 1)
+    truth = (np.outer(log_depth, rng.uniform(0.5, 1.5, g)) + 0.3 * rng.normal(size=(n, g)))
+    truth[:, :4] += own
+    obs_rows = {"section": np.array(["s"] * n), "array_x": x, "array_y": y}
+    return truth, log_depth, own, obs_rows, rng
+
+
+def test_depth_adjusted_spatial_significance_counts_only_gene_specific_signal():
+    """A prediction that knows depth alone is significant for every gene by the plain spatial test and for
+    none beyond depth; one that also knows the 4 genes' own fields is significant beyond depth for those 4 only."""
+    truth, log_depth, own, obs_rows, rng = _depth_and_gene_signal()
+    slopes = np.linalg.lstsq(np.column_stack([np.ones_like(log_depth), log_depth]), truth, rcond=None)[0]
+    depth_only = np.column_stack([np.ones_like(log_depth), log_depth]) @ slopes + 0.01 * rng.normal(size=truth.shape)
+    numbers, q = evaluation.model_extras(truth, depth_only, obs_rows, 0.05, 0, log_depth)
+    assert numbers["n_genes_significant_spatial"] == truth.shape[1]
+    assert numbers["n_genes_significant_depth_adjusted_spatial"] == 0
+    knows_genes = depth_only.copy()
+    knows_genes[:, :4] += own
+    numbers, q = evaluation.model_extras(truth, knows_genes, obs_rows, 0.05, 0, log_depth)
+    assert numbers["n_genes_significant_depth_adjusted_spatial"] == 4
+    assert np.all(q["q_depth_adjusted_spatial"][:4] <= 0.05) and np.all(q["q_depth_adjusted_spatial"][4:] > 0.05)
+    # Without library sizes there is no depth test, and it says so rather than counting 0.
+    numbers, q = evaluation.model_extras(truth, knows_genes, obs_rows, 0.05, 0, None)
+    assert numbers["n_genes_significant_depth_adjusted_spatial"] is None
+    assert np.isnan(q["q_depth_adjusted_spatial"]).all()
+
+
+def test_genes_beyond_depth_lists_the_passing_genes_with_their_references():
+    truth, log_depth, own, obs_rows, rng = _depth_and_gene_signal(seed=1)
+    n, g = truth.shape
+    plan = folds.FoldPlan(["A", "B"], np.repeat([0, 1], [n, n]).astype(np.int32), [0, 1])
+    expr = np.vstack([truth, truth + 0.1]).astype(np.float32)
+    obs = {"section": np.array(["a"] * n + ["b"] * n), "patient": np.array(["A"] * n + ["B"] * n),
+           "array_x": np.tile(obs_rows["array_x"], 2), "array_y": np.tile(obs_rows["array_y"], 2),
+           "library_size": np.tile(np.exp(log_depth), 2)}
+    ld = np.log(obs["library_size"])  # as evaluation reads it back from the store's library sizes
+    base = np.outer(ld[:n], np.ones(g))
+    good = base + 0.05 * rng.normal(size=base.shape)
+    # Genes 0-3 predicted beyond depth, less well the more noise each carries: best first.
+    good[:, :4] += own + rng.normal(size=(n, 4)) * np.array([0.1, 0.4, 0.8, 1.6])
+    blind = base + 0.05 * rng.normal(size=base.shape)
+    preds = {0: good, 1: blind}
+    probe = {0: blind, 1: blind}
+    out = evaluation.fold_results(plan, preds, None, expr, obs, {"linear_probe": probe})
+    ceilings = {"A": {"depth_adjusted_ceiling_r_per_gene": np.linspace(0.1, 0.9, g)}}
+    beyond = evaluation.genes_beyond_depth([f"G{i}" for i in range(g)], out, ceilings, {}, fdr=0.05)
+    a, b = beyond["A"], beyond["B"]
+    assert b["n_significant"] == 0 and b["genes"] == []
+    assert a["n_significant"] == 4 and [x["gene"] for x in a["genes"]] == ["G0", "G1", "G2", "G3"]
+    for x in a["genes"]:
+        i = int(x["gene"][1:])
+        # Independent NumPy: residuals on [1, log depth] by polyfit, then r.
+        res = lambda v: v - np.polyval(np.polyfit(ld[:n], v, 1), ld[:n])  # noqa: E731
+        expected = np.corrcoef(res(truth[:, i]), res(good[:, i]))[0, 1]
+        assert np.isclose(x["depth_adjusted_r"], expected, atol=1e-6) and x["q"] <= 0.05
+        assert np.isclose(x["controls_depth_adjusted_r"]["linear_probe"],
+                          np.corrcoef(res(truth[:, i]), res(blind[:, i]))[0, 1], atol=1e-6)
+        assert np.isclose(x["noise_ceiling_depth_adjusted_r"], np.linspace(0.1, 0.9, g)[i])
+        assert np.isnan(x["neighbour_reference_depth_adjusted_r"])
+    assert all(k not in evaluation.PER_GENE_ARRAYS for k in ("per_gene_pearson", "per_gene_pearson_ci95"))

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from histospace_jax import metrics
+from histospace_jax import evaluation, metrics
 from histospace_jax.data import store as store_lib
 from tests.conftest import REPO_ROOT
 
@@ -168,17 +168,27 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     assert (w / "figures" / "external_spatial_maps.png").exists()
     assert json.load(open(w / "model" / "model.json"))["genes"] == ["G1", "G2", "G4"]
     assert "External test" in open(w / "report.md").read()
+    # per_gene.csv: the model's depth-adjusted r per gene, against NumPy on the saved predictions.
+    table = list(csv.DictReader(open(w / "per_gene.csv")))
+    saved = np.load(w / "predictions.npz")
+    ld = np.log(sb.obs["library_size"][rows_b])
+    res_ = lambda v: v - np.polyval(np.polyfit(ld, v, 1), ld)  # noqa: E731
+    expected = [np.corrcoef(res_(saved["truth"][:, j].astype(np.float64)),
+                            res_(saved["pred"][:, j].astype(np.float64)))[0, 1] for j in range(3)]
+    np.testing.assert_allclose([float(x["depth_adjusted_r"] or "nan") for x in table], expected, atol=5e-4)
+    assert {"random_encoder_r", "random_encoder_depth_adjusted_r"} <= set(table[0])
 
 
-def test_loo_mode_on_a_store(stores, tmp_path):
-    root, a, _ = stores
+def test_loo_mode_on_a_store(depth_stores, tmp_path):
+    root, a, _ = depth_stores
     w = tmp_path / "w"
     r = run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
             "--config.loo.random_encoder_draws=2")
     res = json.load(open(w / "results.json"))
     assert [f["held_out"] for f in res["folds"]] == ["E", "F"]
     assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "random_encoder_2",
-                                                "trivial_image", "linear_probe", "model_unsmoothed"}
+                                                "trivial_image", "linear_probe", "model_unsmoothed",
+                                                "depth_oracle", "image_depth"}
     # Two untrained encoders (seeds 12345 and 12346), each with its own heads: different predictions, and the
     # summary of the draws carries each one's per-gene r and the reading of its paired interval.
     npz = np.load(w / "predictions.npz")
@@ -216,6 +226,32 @@ def test_loo_mode_on_a_store(stores, tmp_path):
         ref = res["neighbour_reference"][fold]
         assert ref["n_spots_used"] == len(rows) and ref["radius_spacings"] == 1.5
         assert np.isclose(ref["per_gene_pearson"], expected, atol=1e-9)
+        # per_gene.csv: every gene's figures for this fold, against NumPy on the saved predictions.
+        table = [x for x in csv.DictReader(open(w / "per_gene.csv")) if x["fold"] == fold]
+        assert [x["gene"] for x in table] == store_lib.open_store(a).genes
+        col = lambda name: np.array([float(x[name] or "nan") for x in table])  # noqa: E731  (NaN is written empty)
+        ld = np.log(store_lib.open_store(a).obs["library_size"][rows])
+        res_ = lambda v: v - np.polyval(np.polyfit(ld, v, 1), ld)  # noqa: E731
+        for name, pred in (("depth_adjusted_r", npz[f"pred_{fold}"]), ("linear_probe_depth_adjusted_r",
+                                                                        npz[f"linear_probe_{fold}"])):
+            expected = [np.corrcoef(res_(truth[:, g]), res_(pred[:, g].astype(np.float64)))[0, 1]
+                        for g in range(truth.shape[1])]
+            # predictions.npz keeps float32: the residuals of a prediction that is nearly a line in depth
+            # carry its rounding at ~1e-4 of r.
+            np.testing.assert_allclose(col(name), expected, atol=5e-4)
+        np.testing.assert_allclose(col("neighbour_reference_r"),
+                                   [np.corrcoef(truth[:, g], around[:, g])[0, 1] for g in range(truth.shape[1])],
+                                   atol=1e-5)  # the CSV keeps 6 significant digits
+        np.testing.assert_allclose(col("held_out_mean_expression"), truth.mean(0), rtol=1e-5)
+        assert np.all((col("q_depth_adjusted_spatial") > 0) & (col("q_depth_adjusted_spatial") <= 1))
+        assert np.isfinite(col("noise_ceiling_depth_adjusted_r")).any()
+        fold_block = next(f for f in res["folds"] if f["held_out"] == fold)
+        assert fold_block["n_genes_significant_depth_adjusted_spatial"] == int(
+            np.sum(col("q_depth_adjusted_spatial") <= 0.05)) == res["genes_beyond_depth"][fold]["n_significant"]
+        assert not any(k in fold_block for k in evaluation.PER_GENE_ARRAYS)
+    assert "## Genes predicted beyond sequencing depth" in open(w / "report.md").read()
+    assert "Genes predicted beyond sequencing depth (depth-adjusted r, spatial block permutation, 0.05 FDR): E " in (
+        r.stdout)
     assert "- neighbour smoothing of predictions: each spot's prediction x self_weight" in open(w / "report.md").read()
     assert set(res["training"]["smoothing"]["random_encoder_self_weight"]) == {"E", "F", "E (random_encoder_2)",
                                                                              "F (random_encoder_2)"}

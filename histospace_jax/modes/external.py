@@ -150,7 +150,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         control_blocks["untrained_head"] = block(
             smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
                                                    context=cb)))
-    control_r = {}
+    control_preds = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb, rca, rcb = inputs_of(rv)
@@ -159,7 +159,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         rpred = smooth(folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"],
                                                        context=rcb))
         control_blocks["random_encoder"] = block(rpred)
-        control_r["random_encoder"] = metrics.pearson_per_gene(truth, rpred)
+        control_preds["random_encoder"] = rpred
     if builders.smoothing(config) is not None:
         control_blocks["model_unsmoothed"] = block(unsmoothed)
     results["controls"] = control_blocks
@@ -191,8 +191,16 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                               title="External: head training loss (all training spots)", xlabel="epoch",
                               ylabel="Huber loss", logy=True)
             figures["curve"] = "figures/external_curve.png"
-        rows_csv = [{"gene": g, "pearson_r": float(r), **{f"{k}_r": float(v[i]) for k, v in control_r.items()}}
-                    for i, (g, r) in enumerate(zip(genes, gene_r))]
+        # Per gene: r and depth-adjusted r of the model and of each trained control (NaN without library sizes).
+        def depth_adjusted(p):
+            return (metrics.depth_adjusted_pearson_per_gene(truth, p, log_depth) if log_depth is not None
+                    else np.full(len(genes), np.nan))
+
+        cols = {"pearson_r": gene_r, "depth_adjusted_r": depth_adjusted(pred)}
+        for k, p in control_preds.items():
+            cols[f"{k}_r"] = metrics.pearson_per_gene(truth, p)
+            cols[f"{k}_depth_adjusted_r"] = depth_adjusted(p)
+        rows_csv = [{"gene": g, **{k: float(v[i]) for k, v in cols.items()}} for i, g in enumerate(genes)]
         atomic.write_csv(os.path.join(workdir, "per_gene.csv"), rows_csv)
         atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), rows_B=rows_b, pred=pred,
                          truth=truth)

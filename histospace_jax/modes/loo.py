@@ -10,7 +10,8 @@ Layout of a workdir:
   predictions.npz            held-out predictions of every fold (and of the controls)
   predictions.h5ad           the same for scanpy/squidpy (X = prediction, layers truth and controls, obsm spatial,
                              uns spatial with each section's image), when anndata is installed
-  per_gene.csv               per-gene r of every fold
+  per_gene.csv               per fold and gene: r and depth-adjusted r of the model (with spatial q-values) and
+                             of every control, the noise ceilings and the neighbour reference
   results.json, report.md    the metric tables (see README)
 `loo.folds_per_program` < number of folds runs groups of folds one after another on the same stream (same
 results, less memory).
@@ -56,6 +57,12 @@ METRIC_NOTES = {
                            "expression of its adjacent spots (same section), per-gene r and depth-adjusted r over "
                            "the spots with a neighbour; how much of the patient's (gene-specific) expression "
                            "neighbouring spots share, beside the noise ceiling",
+    "n_genes_significant_depth_adjusted_spatial": "genes whose depth-adjusted r is significant at FDR fdr: the "
+                                                  "block permutation of n_genes_significant_spatial on the "
+                                                  "residuals of truth and prediction on log library size",
+    "genes_beyond_depth": "per held-out patient, the genes that pass that test, best first (at most 10), with the "
+                          "controls' depth-adjusted r, the neighbour reference and the noise ceiling for each; "
+                          "every gene's figures are in per_gene.csv",
     "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
               "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
     "summary": "unweighted mean over folds (NaN when any fold failed or has no value)",
@@ -167,12 +174,32 @@ def _first_view(feats):
     return [f[0] if isinstance(f, np.ndarray) else f.view(0) for f in feats]
 
 
-def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra_controls: dict) -> None:
-    atomic.write_csv(
-        os.path.join(workdir, "per_gene.csv"),
-        [{"fold": f["held_out"], "gene": gname, "pearson_r": float(r),
-          **{f"{c}_r": float(f["per_gene_r_controls"][c][i]) for c in f["per_gene_r_controls"]}}
-         for f in fold_metrics for i, (gname, r) in enumerate(zip(genes, f["per_gene_r"]))])
+def per_gene_rows(genes, fold_metrics: list[dict], held_out_mean: dict, ceilings: dict, neighbours: dict) -> list:
+    """per_gene.csv: one row per held-out patient and gene. The model's per-gene r and depth-adjusted r with their
+    spatial block-permutation q-values, every control's two r, and beside them the gene's references in that
+    patient: the noise ceilings and the neighbour reference (NaN where the store keeps no library sizes)."""
+    nan = np.full(len(genes), np.nan)
+    rows = []
+    for f in fold_metrics:
+        name = f["held_out"]
+        nc, nb = ceilings.get(name, {}), neighbours.get(name, {})
+        cols = {"held_out_mean_expression": held_out_mean[name], "pearson_r": f["per_gene_r"],
+                "depth_adjusted_r": f["per_gene_depth_adjusted_r"], "q_spatial": f["per_gene_q_spatial"],
+                "q_depth_adjusted_spatial": f["per_gene_q_depth_adjusted_spatial"]}
+        for c in f["per_gene_r_controls"]:
+            cols[f"{c}_r"] = f["per_gene_r_controls"][c]
+            cols[f"{c}_depth_adjusted_r"] = f["per_gene_depth_adjusted_r_controls"][c]
+        cols.update({"noise_ceiling_r": nc.get("ceiling_r_per_gene", nan),
+                     "noise_ceiling_depth_adjusted_r": nc.get("depth_adjusted_ceiling_r_per_gene", nan),
+                     "neighbour_reference_r": nb.get("r_per_gene", nan),
+                     "neighbour_reference_depth_adjusted_r": nb.get("depth_adjusted_r_per_gene", nan)})
+        rows += [{"fold": name, "gene": g, **{k: float(v[i]) for k, v in cols.items()}} for i, g in enumerate(genes)]
+    return rows
+
+
+def _write_files(workdir: str, genes, loo: dict, fold_metrics: list[dict], extra_controls: dict,
+                 gene_rows: list) -> None:
+    atomic.write_csv(os.path.join(workdir, "per_gene.csv"), gene_rows)
     plan = loo["plan"]
     arrays = {}
     for k in range(len(plan.folds)):
@@ -319,6 +346,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                            fdr=config.loo.fdr, seed=config.seed)
     extra = _extras(config, workdir, store, loo, expression, encoders[0])
     genes = store.genes
+    ceilings = evaluation.noise_ceilings(plan, expression, store.obs, config.seed, keep_per_gene=True)
+    neighbours = evaluation.neighbour_references(plan, expression, store.obs, keep_per_gene=True)
     results = {
         "mode": "loo",
         "dataset": {**inputs.dataset, "store": store.path, "n_spots": store.n_spots, "n_genes": len(genes),
@@ -326,8 +355,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                     "synthetic": store.synthetic if inputs.dataset.get("synthetic") is None
                     else inputs.dataset["synthetic"]},
         "metric_notes": METRIC_NOTES,
-        "folds": [{k: v for k, v in f.items() if k not in ("per_gene_r", "per_gene_r_controls")}
-                  for f in fold_metrics],
+        "folds": [{k: v for k, v in f.items() if k not in evaluation.PER_GENE_ARRAYS} for f in fold_metrics],
         "summary": evaluation.summarise(fold_metrics),
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
         "evaluated_on": config.loo.evaluate_on,
@@ -340,13 +368,19 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                          loo["smoothing"], store.obs,
                          {plan.name(f): plan.held_out_rows(f) for f in range(len(plan.folds))}, random_smoothing),
                      "augmentation": {"views": features.n_views(config), "stain_jitter": features.stain_jitter(config)}},
-        "noise_ceiling": evaluation.noise_ceilings(plan, expression, store.obs, config.seed),
-        "neighbour_reference": evaluation.neighbour_references(plan, expression, store.obs),
+        "noise_ceiling": {k: evaluation.without_per_gene(v) for k, v in ceilings.items()},
+        "neighbour_reference": {k: evaluation.without_per_gene(v) for k, v in neighbours.items()},
         **({"random_encoder_draws": evaluation.random_encoder_draws(fold_metrics, draw_seeds)} if draw_seeds else {}),
+        "genes_beyond_depth": (evaluation.genes_beyond_depth(genes, fold_metrics, ceilings, neighbours,
+                                                             config.loo.fdr)
+                               if "library_size" in store.obs else None),
         "gene_selection": store.manifest.get("gene_selection", {}).get("pooled_over", "not recorded by the store"),
         **extra,
     }
     if jax.process_index() == 0:
-        _write_files(workdir, genes, loo, fold_metrics, controls)
+        held_out_mean = {plan.name(f): expression[plan.held_out_rows(f)].astype(np.float64).mean(0)
+                         for f in range(len(plan.folds))}
+        _write_files(workdir, genes, loo, fold_metrics, controls,
+                     per_gene_rows(genes, fold_metrics, held_out_mean, ceilings, neighbours))
         _write_h5ad(workdir, store, loo, expression, controls)
     return results, {"per_gene": [(f["held_out"], f["per_gene_r"]) for f in fold_metrics], "genes": genes}
