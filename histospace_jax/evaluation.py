@@ -145,15 +145,7 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
     # coarse for Benjamini-Hochberg to pass the few genes that carry signal among 1,000+ (controls docstring).
     p = controls.block_permutation_pvalues(truth, pred, blocks, n_perm=200, seed=seed, null="normal")
     q = stats.benjamini_hochberg(p)
-    if log_depth is not None:
-        # The same permutations on the residuals of truth and prediction on depth: which genes the model
-        # predicts beyond sequencing depth, with spatial autocorrelation respected.
-        p_adj = controls.block_permutation_pvalues(metrics.depth_residuals(truth, log_depth),
-                                                   metrics.depth_residuals(pred, log_depth), blocks, n_perm=200,
-                                                   seed=seed, null="normal")
-        q_adj = stats.benjamini_hochberg(p_adj)
-    else:
-        q_adj = np.full(truth.shape[1], np.nan)
+    q_adj = depth_adjusted_spatial_q(truth, pred, blocks, log_depth, seed)
     ci = controls.bootstrap_mean_gene_r(truth, pred, units, n_boot=200, seed=seed)
     numbers = {"per_section_pearson": metrics.per_section_pearson(truth, pred, np.asarray(obs_rows["section"])),
                "n_genes_significant_spatial": _n_below(q, fdr),
@@ -165,6 +157,19 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
                "per_gene_pearson_ci95": [ci["low"], ci["high"]],
                "ci_units": f"{ci['n_units']} {unit_kind}"}
     return numbers, {"q_spatial": q, "q_depth_adjusted_spatial": q_adj}
+
+
+def depth_adjusted_spatial_q(truth: np.ndarray, pred: np.ndarray, blocks: np.ndarray,
+                             log_depth: np.ndarray | None, seed: int) -> np.ndarray:
+    """Per gene, the Benjamini-Hochberg q-value of its depth-adjusted r: the block permutation test on the
+    residuals of truth and prediction on log depth (which genes a predictor knows beyond sequencing depth, with
+    spatial autocorrelation respected); NaN without depth."""
+    if log_depth is None:
+        return np.full(truth.shape[1], np.nan)
+    p = controls.block_permutation_pvalues(metrics.depth_residuals(truth, log_depth),
+                                           metrics.depth_residuals(pred, log_depth), blocks, n_perm=200, seed=seed,
+                                           null="normal")
+    return stats.benjamini_hochberg(p)
 
 
 def _n_below(q: np.ndarray, fdr: float) -> int:
@@ -200,6 +205,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         model = block(preds[f])
         obs_rows = {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")}
         numbers, gene_q = model_extras(truth, preds[f], obs_rows, fdr, seed, depth)
+        obs_blocks = bootstrap_units(obs_rows)[1]
         model.update(numbers)
         baseline = mean_profile_metrics(truth, reference, depth, fdr)
         controls_ = {"mean_predictor": baseline}
@@ -210,6 +216,10 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
             controls_[name] = block(ctrl[f], is_trained_control(name))
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
             control_adj[name] = depth_adjusted_r(ctrl[f])
+            if depth is not None:
+                # The same test as the model's, so "the model knows N genes beyond depth" has its controls' N beside it.
+                controls_[name]["n_genes_significant_depth_adjusted_spatial"] = _n_below(
+                    depth_adjusted_spatial_q(truth, ctrl[f], obs_blocks, depth, seed), fdr)
         gaps = model_minus_controls(truth, preds[f], {k: c[f] for k, c in (extra_controls or {}).items()}, obs_rows,
                                     seed)
         out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model, "model_minus_control": gaps,
@@ -384,6 +394,9 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
 
         out[name] = {
             "n_significant": int(len(passing)), "fdr": fdr,
+            "controls_n_significant": {c: b["n_genes_significant_depth_adjusted_spatial"]
+                                       for c, b in f["controls"].items()
+                                       if b.get("n_genes_significant_depth_adjusted_spatial") is not None},
             "genes": [{"gene": genes[i], "depth_adjusted_r": float(adj[i]), "q": float(q[i]),
                        "controls_depth_adjusted_r": {c: at(v, i) for c, v in
                                                      f["per_gene_depth_adjusted_r_controls"].items()},

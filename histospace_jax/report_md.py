@@ -171,9 +171,13 @@ def _beyond_depth_section(beyond: dict | None) -> list[str]:
              "same gene, the mean measured expression of its neighbouring spots (a reference that reads the "
              "held-out counts) and the noise ceiling. All genes: `per_gene.csv`.", ""]
     for name, b in beyond.items():
+        by_control = ", ".join(f"{c} {n}" for c, n in b.get("controls_n_significant", {}).items())
+        controls_line = ([f"The same test on each control's predictions passes: {by_control}.", ""] if by_control
+                         else [])
         if not b["genes"]:
             lines += [f"Held out {name}: **no gene** passes at {b['fdr']:g} FDR: nothing this model predicts "
-                      "about single genes beyond sequencing depth can be told from chance on this patient.", ""]
+                      "about single genes beyond sequencing depth can be told from chance on this patient.", "",
+                      *controls_line]
             continue
         shown = [c for c in BEYOND_DEPTH_CONTROLS if c in b["genes"][0]["controls_depth_adjusted_r"]]
         header = (["gene", "depth-adjusted r", "q"] + [f"{c} (depth-adjusted r)" for c in shown] +
@@ -184,7 +188,7 @@ def _beyond_depth_section(beyond: dict | None) -> list[str]:
                 for g in b["genes"]]
         lines += [f"Held out {name}: {b['n_significant']} gene(s) pass at {b['fdr']:g} FDR"
                   + (f"; the best {len(rows)}:" if b["n_significant"] > len(rows) else ":"), "",
-                  _md_table(header, rows), ""]
+                  _md_table(header, rows), "", *controls_line]
     return lines
 
 

@@ -297,6 +297,11 @@ def test_genes_beyond_depth_lists_the_passing_genes_with_their_references():
     beyond = evaluation.genes_beyond_depth([f"G{i}" for i in range(g)], out, ceilings, {}, fdr=0.05)
     a, b = beyond["A"], beyond["B"]
     assert b["n_significant"] == 0 and b["genes"] == []
+    # The same test on the control, which knows depth alone: nothing passes.
+    assert a["controls_n_significant"] == b["controls_n_significant"] == {"linear_probe": 0}
+    out_good_probe = evaluation.fold_results(plan, preds, None, expr, obs, {"linear_probe": {0: good, 1: good}})
+    assert evaluation.genes_beyond_depth([f"G{i}" for i in range(g)], out_good_probe, {}, {})["A"][
+        "controls_n_significant"] == {"linear_probe": 4}
     assert a["n_significant"] == 4 and [x["gene"] for x in a["genes"]] == ["G0", "G1", "G2", "G3"]
     for x in a["genes"]:
         i = int(x["gene"][1:])

@@ -250,6 +250,10 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
             np.sum(col("q_depth_adjusted_spatial") <= 0.05)) == res["genes_beyond_depth"][fold]["n_significant"]
         assert not any(k in fold_block for k in evaluation.PER_GENE_ARRAYS)
     assert "## Genes predicted beyond sequencing depth" in open(w / "report.md").read()
+    assert "The same test on each control's predictions passes: random_encoder " in open(w / "report.md").read()
+    assert set(res["genes_beyond_depth"]["E"]["controls_n_significant"]) == {
+        "random_encoder", "random_encoder_2", "trivial_image", "linear_probe", "depth_oracle", "image_depth",
+        "model_unsmoothed"}
     assert "Genes predicted beyond sequencing depth (depth-adjusted r, spatial block permutation, 0.05 FDR): E " in (
         r.stdout)
     assert "- neighbour smoothing of predictions: each spot's prediction x self_weight" in open(w / "report.md").read()
