@@ -71,15 +71,20 @@ def log_library_size(obs: dict) -> np.ndarray | None:
     return np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0))
 
 
+def depth_adjusted_r(truth: np.ndarray, pred: np.ndarray, log_depth: np.ndarray | None) -> np.ndarray:
+    """metrics.depth_adjusted_pearson_per_gene, [G]; all NaN for a store that keeps no library sizes."""
+    if log_depth is None:
+        return np.full(np.shape(truth)[1], np.nan)
+    return metrics.depth_adjusted_pearson_per_gene(truth, pred, log_depth)
+
+
 def predictor_metrics(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray, log_depth: np.ndarray | None,
                       fdr: float, trained: bool = True) -> dict:
     """The metric block of one predictor on one held-out set. `reference` is the training mean profile [G].
     `trained`: a trained head, whose flat genes (spread under metrics.FLAT_SPREAD of the measured) count as
     constant; otherwise only exactly constant genes do."""
     out = metrics.full_regression_metrics(truth, pred, fdr)
-    out["depth_adjusted_per_gene_pearson"] = (
-        metrics.nanmean_or_nan(metrics.depth_adjusted_pearson_per_gene(truth, pred, log_depth))
-        if log_depth is not None else float("nan"))
+    out["depth_adjusted_per_gene_pearson"] = metrics.nanmean_or_nan(depth_adjusted_r(truth, pred, log_depth))
     r2 = metrics.r2_per_gene(truth, pred, reference)
     out["r2_mean"] = metrics.nanmean_or_nan(r2)
     out["share_genes_r2_positive"] = metrics.share_positive(r2)
@@ -199,9 +204,6 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         depth = None if log_depth is None else log_depth[rows]
         block = lambda pred, trained=True: predictor_metrics(truth, pred, reference, depth, fdr,  # noqa: E731
                                                              trained)
-        depth_adjusted_r = lambda pred: (  # noqa: E731
-            metrics.depth_adjusted_pearson_per_gene(truth, pred, depth) if depth is not None
-            else np.full(truth.shape[1], np.nan))
         model = block(preds[f])
         obs_rows = {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")}
         numbers, gene_q = model_extras(truth, preds[f], obs_rows, fdr, seed, depth)
@@ -215,7 +217,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
         for name, ctrl in (extra_controls or {}).items():
             controls_[name] = block(ctrl[f], is_trained_control(name))
             control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
-            control_adj[name] = depth_adjusted_r(ctrl[f])
+            control_adj[name] = depth_adjusted_r(truth, ctrl[f], depth)
             if depth is not None:
                 # The same test as the model's, so "the model knows N genes beyond depth" has its controls' N beside it.
                 controls_[name]["n_genes_significant_depth_adjusted_spatial"] = _n_below(
@@ -226,7 +228,7 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
                     "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
                     "controls": controls_,
                     "per_gene_r": metrics.pearson_per_gene(truth, preds[f]),
-                    "per_gene_depth_adjusted_r": depth_adjusted_r(preds[f]),
+                    "per_gene_depth_adjusted_r": depth_adjusted_r(truth, preds[f], depth),
                     "per_gene_q_spatial": gene_q["q_spatial"],
                     "per_gene_q_depth_adjusted_spatial": gene_q["q_depth_adjusted_spatial"],
                     "per_gene_r_controls": control_r,
@@ -313,10 +315,10 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
     return preds, alphas
 
 
-def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0, keep_per_gene: bool = False) -> dict:
+def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0) -> dict:
     """Per held-out patient: how well one half of its counts predicts the other (controls.noise_ceiling), from
-    the counts the stored expression and library sizes imply; the per-gene arrays (keys ending "per_gene") only
-    with `keep_per_gene`. Empty without library sizes in the store."""
+    the counts the stored expression and library sizes imply, per-gene arrays included (results.json keeps
+    `without_per_gene` of each). Empty without library sizes in the store."""
     if "library_size" not in obs:
         return {}
     lib = np.asarray(obs["library_size"], np.float64)
@@ -325,7 +327,7 @@ def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0, keep_
         rows = plan.held_out_rows(f)
         counts = controls.counts_from_expression(expression[rows], lib[rows])
         nc = controls.noise_ceiling(counts, lib[rows].astype(np.int64), seed=seed)
-        out[plan.name(f)] = nc if keep_per_gene else without_per_gene(nc)
+        out[plan.name(f)] = nc
     return out
 
 
@@ -346,29 +348,27 @@ def neighbour_reference(truth: np.ndarray, table: np.ndarray, log_depth: np.ndar
     truth = np.asarray(truth, np.float64)
     has = (np.asarray(table) >= 0).any(axis=1)
     out = {"n_spots_used": int(has.sum()), "n_without_neighbours": int((~has).sum())}
-    g = truth.shape[1]
     if has.sum() < 3:
-        r = adj = np.full(g, np.nan)
+        r = adj = np.full(truth.shape[1], np.nan)
     else:
         pred = context.neighbour_mean(truth, table)[has]
         r = metrics.pearson_per_gene(truth[has], pred)
-        adj = (metrics.depth_adjusted_pearson_per_gene(truth[has], pred, log_depth[has]) if log_depth is not None
-               else np.full(g, np.nan))
+        adj = depth_adjusted_r(truth[has], pred, None if log_depth is None else log_depth[has])
     return {**out, "per_gene_pearson": metrics.nanmean_or_nan(r),
             "depth_adjusted_per_gene_pearson": metrics.nanmean_or_nan(adj), "r_per_gene": r,
             "depth_adjusted_r_per_gene": adj}
 
 
-def neighbour_references(plan, expression: np.ndarray, obs: dict, keep_per_gene: bool = False) -> dict:
-    """neighbour_reference of every held-out patient, neighbours within context.DEFAULT_RADIUS spot spacings in
-    the same section (the adjacent ring), plus that radius; the per-gene arrays only with `keep_per_gene`."""
+def neighbour_references(plan, expression: np.ndarray, obs: dict) -> dict:
+    """neighbour_reference of every held-out patient (per-gene arrays included), neighbours within
+    context.DEFAULT_RADIUS spot spacings in the same section (the adjacent ring), plus that radius."""
     log_depth = log_library_size(obs)
     out = {}
     for f in range(len(plan.folds)):
         rows = plan.held_out_rows(f)
         table = context.section_table(obs, rows, context.DEFAULT_RADIUS)
-        ref = neighbour_reference(np.asarray(expression)[rows], table, None if log_depth is None else log_depth[rows])
-        out[plan.name(f)] = {**(ref if keep_per_gene else without_per_gene(ref)),
+        out[plan.name(f)] = {**neighbour_reference(np.asarray(expression)[rows], table,
+                                                   None if log_depth is None else log_depth[rows]),
                              "radius_spacings": context.DEFAULT_RADIUS}
     return out
 
@@ -388,19 +388,20 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
         passing = np.flatnonzero(np.isfinite(q) & (q <= fdr) & np.isfinite(adj))
         order = passing[np.argsort(-adj[passing], kind="stable")][:k]
         nc, nb = ceilings.get(name, {}), neighbours.get(name, {})
-
-        def at(values, i):
-            return float(np.asarray(values, np.float64)[i]) if values is not None else float("nan")
-
         out[name] = {
             "n_significant": int(len(passing)), "fdr": fdr,
             "controls_n_significant": {c: b["n_genes_significant_depth_adjusted_spatial"]
                                        for c, b in f["controls"].items()
                                        if b.get("n_genes_significant_depth_adjusted_spatial") is not None},
             "genes": [{"gene": genes[i], "depth_adjusted_r": float(adj[i]), "q": float(q[i]),
-                       "controls_depth_adjusted_r": {c: at(v, i) for c, v in
+                       "controls_depth_adjusted_r": {c: _value_at(v, i) for c, v in
                                                      f["per_gene_depth_adjusted_r_controls"].items()},
-                       "noise_ceiling_depth_adjusted_r": at(nc.get("depth_adjusted_ceiling_r_per_gene"), i),
-                       "neighbour_reference_depth_adjusted_r": at(nb.get("depth_adjusted_r_per_gene"), i)}
+                       "noise_ceiling_depth_adjusted_r": _value_at(nc.get("depth_adjusted_ceiling_r_per_gene"), i),
+                       "neighbour_reference_depth_adjusted_r": _value_at(nb.get("depth_adjusted_r_per_gene"), i)}
                       for i in order]}
     return out
+
+
+def _value_at(values, i: int) -> float:
+    """Entry i of a per-gene array, NaN where the reference is missing (a store without library sizes)."""
+    return float(np.asarray(values, np.float64)[i]) if values is not None else float("nan")

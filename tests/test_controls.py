@@ -260,6 +260,15 @@ def _square_grid(side, block):
     return controls.grid_blocks(xs.ravel(), ys.ravel(), np.zeros(side * side), block=block)
 
 
+def _smooth_unrelated_fields(rng, side, genes):
+    """Truth and prediction: two independent, spatially smooth random fields on a side x side grid."""
+    def field():
+        return ndimage.gaussian_filter(rng.normal(size=(side, side, genes)), sigma=(1.5, 1.5, 0),
+                                       mode="wrap").reshape(side * side, genes)
+
+    return field(), field()
+
+
 def test_perfect_predictor_gets_the_smallest_permutation_pvalue():
     rng = np.random.default_rng(8)
     y = rng.normal(size=(400, 30))
@@ -281,14 +290,8 @@ def test_independent_predictor_pvalues_are_roughly_uniform():
 def test_block_permutation_controls_false_positives_of_smooth_unrelated_maps():
     # Truth and prediction are independent, spatially smooth random fields: the t test (independent spots)
     # calls many genes significant; the block permutation null keeps the smoothness and calls far fewer.
-    rng = np.random.default_rng(10)
-    side, genes = 30, 300
-
-    def field():
-        return ndimage.gaussian_filter(rng.normal(size=(side, side, genes)), sigma=(1.5, 1.5, 0),
-                                       mode="wrap").reshape(side * side, genes)
-
-    y, pred = field(), field()
+    side = 30
+    y, pred = _smooth_unrelated_fields(np.random.default_rng(10), side, 300)
     r = metrics.pearson_per_gene(y, pred)
     t_rate = np.mean(stats.pearson_pvalues(r, side * side) < 0.05)
     p = controls.block_permutation_pvalues(y, pred, _square_grid(side, 5), n_perm=199)
@@ -474,14 +477,8 @@ def test_normal_null_resolves_pvalues_below_the_monte_carlo_floor():
 
 
 def test_normal_null_keeps_the_false_positives_of_smooth_unrelated_maps_down():
-    rng = np.random.default_rng(13)
-    side, genes = 30, 300
-
-    def field():
-        return ndimage.gaussian_filter(rng.normal(size=(side, side, genes)), sigma=(1.5, 1.5, 0),
-                                       mode="wrap").reshape(side * side, genes)
-
-    y, pred = field(), field()
+    side = 30
+    y, pred = _smooth_unrelated_fields(np.random.default_rng(13), side, 300)
     r = metrics.pearson_per_gene(y, pred)
     t_rate = np.mean(stats.pearson_pvalues(r, side * side) < 0.05)
     p = controls.block_permutation_pvalues(y, pred, _square_grid(side, 5), n_perm=199, null="normal")

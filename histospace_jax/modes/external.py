@@ -192,14 +192,10 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                               ylabel="Huber loss", logy=True)
             figures["curve"] = "figures/external_curve.png"
         # Per gene: r and depth-adjusted r of the model and of each trained control (NaN without library sizes).
-        def depth_adjusted(p):
-            return (metrics.depth_adjusted_pearson_per_gene(truth, p, log_depth) if log_depth is not None
-                    else np.full(len(genes), np.nan))
-
-        cols = {"pearson_r": gene_r, "depth_adjusted_r": depth_adjusted(pred)}
+        cols = {"pearson_r": gene_r, "depth_adjusted_r": evaluation.depth_adjusted_r(truth, pred, log_depth)}
         for k, p in control_preds.items():
             cols[f"{k}_r"] = metrics.pearson_per_gene(truth, p)
-            cols[f"{k}_depth_adjusted_r"] = depth_adjusted(p)
+            cols[f"{k}_depth_adjusted_r"] = evaluation.depth_adjusted_r(truth, p, log_depth)
         rows_csv = [{"gene": g, **{k: float(v[i]) for k, v in cols.items()}} for i, g in enumerate(genes)]
         atomic.write_csv(os.path.join(workdir, "per_gene.csv"), rows_csv)
         atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), rows_B=rows_b, pred=pred,

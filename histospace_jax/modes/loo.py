@@ -346,8 +346,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                            fdr=config.loo.fdr, seed=config.seed)
     extra = _extras(config, workdir, store, loo, expression, encoders[0])
     genes = store.genes
-    ceilings = evaluation.noise_ceilings(plan, expression, store.obs, config.seed, keep_per_gene=True)
-    neighbours = evaluation.neighbour_references(plan, expression, store.obs, keep_per_gene=True)
+    ceilings = evaluation.noise_ceilings(plan, expression, store.obs, config.seed)
+    neighbours = evaluation.neighbour_references(plan, expression, store.obs)
     results = {
         "mode": "loo",
         "dataset": {**inputs.dataset, "store": store.path, "n_spots": store.n_spots, "n_genes": len(genes),
