@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from histospace_jax import checkpointing
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
@@ -62,6 +64,10 @@ VARIANTS = {
     # Pretraining: each fold's autoencoder on its training patients' tiles for 30 epochs instead of 3 (the fold
     # holding out a one-section patient otherwise pretrains for ~20 steps).
     "ae_epochs_30": ["--config.ae.epochs=30"],
+    # The paper's other two autoencoders (encoder blocks conv -> maxpool, and conv -> ReLU -> maxpool; the
+    # standard is conv -> BN -> ReLU -> maxpool), each pretrained and used frozen as in the paper.
+    "encoder_pool": ["--config.model.variant=pool"],
+    "encoder_relu": ["--config.model.variant=relu"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 
@@ -78,9 +84,11 @@ def link_tree(src: str, dst: str) -> None:
 
 
 def borrows_autoencoders(name: str, extra: list[str]) -> bool:
-    """Whether a variant may reuse the first variant's autoencoders and feature caches: not when it changes
-    the autoencoder's own settings (its checkpoints would not match)."""
-    return not any(a.startswith("--config.ae.") for a in VARIANTS[name] + list(extra))
+    """Whether a variant may reuse the first variant's autoencoders and feature caches: not when it sets a key the
+    autoencoder's checkpoints are signed with (checkpointing.AE_KEYS, e.g. model.variant) or any ae.* key: the
+    checkpoints would not match and resume would refuse them."""
+    keys = [a[len("--config."):].split("=", 1)[0] for a in VARIANTS[name] + list(extra) if a.startswith("--config.")]
+    return not any(k.startswith("ae.") or k in checkpointing.AE_KEYS for k in keys)
 
 
 def run_variant(name: str, store: str, workdir: str, extra: list[str], seed_from: str | None) -> dict:

@@ -71,6 +71,16 @@ def log_library_size(obs: dict) -> np.ndarray | None:
     return np.log(np.maximum(np.asarray(obs["library_size"], np.float64), 1.0))
 
 
+def sampling_scale(manifest: dict) -> float | None:
+    """The counts-per-`scale` of a store whose expression is log1p (natural log) of library-size-normalised counts
+    (as `prepare` writes by default), or None for any other expression (the synthetic demo, another log base): the
+    sampling controls need the counts the expression came from."""
+    e = manifest.get("expression", {}) if isinstance(manifest, dict) else {}
+    if e.get("normalisation") != "library_size" or e.get("log") != "log1p" or e.get("log_base", "e") != "e":
+        return None
+    return float(e.get("scale", 1e4))
+
+
 def depth_adjusted_r(truth: np.ndarray, pred: np.ndarray, log_depth: np.ndarray | None) -> np.ndarray:
     """metrics.depth_adjusted_pearson_per_gene, [G]; all NaN for a store that keeps no library sizes."""
     if log_depth is None:
@@ -282,19 +292,27 @@ def alpha_groups(obs: dict, rows: np.ndarray) -> np.ndarray:
 
 
 def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: np.ndarray,
-                      feature_maps: list[np.ndarray], encoder_of_fold: list[int]) -> tuple[dict, dict]:
+                      feature_maps: list[np.ndarray], encoder_of_fold: list[int], sampling: float | None = None
+                      ) -> tuple[dict, dict]:
     """The controls a sceptical reviewer asks for, per fold, fitted on the training patients only:
     trivial_image (ridge on colour and H/E/D statistics of each tile), linear_probe (ridge on the top principal
     components of the same frozen features the heads see, pooled) and, when the store keeps each spot's
     library size, depth_oracle (per gene, a line in log library size) and image_depth (the same lines at the
-    log library size the linear probe's ridge reads from the features). Penalties are chosen by leave-one-group-
-    out on the training rows. Returns ({control: {fold: predictions}}, {control: {fold name: alpha}})."""
+    log library size the linear probe's ridge reads from the features); with `sampling` (the store's
+    counts-per scale, `sampling_scale`) also depth_oracle_sampling and image_depth_sampling: the same two depths
+    through the counting model (controls.sampling_depth_oracle) instead of the lines. Penalties are chosen by
+    leave-one-group-out on the training rows. Returns ({control: {fold: predictions}}, {control: {fold name:
+    alpha}})."""
     preds = {"trivial_image": {}, "linear_probe": {}}
     alphas = {"trivial_image": {}, "linear_probe": {}}
     log_depth = log_library_size(obs)
     has_depth = log_depth is not None
+    with_sampling = has_depth and sampling is not None
     if has_depth:
         preds["depth_oracle"], preds["image_depth"], alphas["image_depth"] = {}, {}, {}
+    if with_sampling:
+        preds["depth_oracle_sampling"], preds["image_depth_sampling"] = {}, {}
+        library = np.asarray(obs["library_size"], np.float64)
     for f in range(len(plan.folds)):
         tr, te = plan.training_rows(f), plan.held_out_rows(f)
         y = expression[tr].astype(np.float64)
@@ -310,8 +328,13 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
         alphas["linear_probe"][plan.name(f)] = float(a)
         if has_depth:
             preds["depth_oracle"][f] = controls.depth_oracle(log_depth[tr], y, log_depth[te])
-            preds["image_depth"][f], a = controls.image_depth(z_train, z_test, log_depth[tr], y, groups)
+            depth_from_image, a = controls.image_log_depth(z_train, z_test, log_depth[tr], groups)
+            preds["image_depth"][f] = controls.depth_oracle(log_depth[tr], y, depth_from_image)
             alphas["image_depth"][plan.name(f)] = float(a)
+            if with_sampling:
+                shares = controls.library_shares(y, library[tr], sampling)
+                preds["depth_oracle_sampling"][f] = controls.sampling_expectation(log_depth[te], shares, sampling)
+                preds["image_depth_sampling"][f] = controls.sampling_expectation(depth_from_image, shares, sampling)
     return preds, alphas
 
 

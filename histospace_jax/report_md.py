@@ -26,6 +26,11 @@ CONTROL_NOTES = {
                     "per-gene r is sequencing depth?)",
     "image_depth": "the depth oracle's lines at the log library size a ridge reads from the frozen features (has "
                    "the model learnt more than how deep the image says the spot is?)",
+    "depth_oracle_sampling": "the spot's library size through the counting model: each gene at its training "
+                             "share of the library, the log-normalised value Poisson counting gives at that depth "
+                             "(depth without lines fitted to the training patients' tissue)",
+    "image_depth_sampling": "the counting model at the log library size a ridge reads from the frozen features "
+                            "(a rank-one predictor: how deep the image says the spot is, and nothing about genes)",
     "model_unsmoothed": "the model's own predictions before the neighbour smoothing (model.smoothing; what the "
                         "smoothing adds). Not a control: the model and every image-based control are smoothed alike",
 }

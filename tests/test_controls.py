@@ -485,3 +485,66 @@ def test_normal_null_keeps_the_false_positives_of_smooth_unrelated_maps_down():
     assert t_rate > 0.2 and np.mean(p < 0.05) < 0.5 * t_rate
     with pytest.raises(ValueError, match="null must be one of"):
         controls.block_permutation_pvalues(y, pred, _square_grid(side, 5), n_perm=9, null="exact")
+
+
+# ------------------------------------------------------------------------------------------- counting model
+
+
+def _poisson_expectation_by_sum(lam, a):
+    """E[log1p(a c)] for c ~ Poisson(lam), summed with scipy's pmf far into the tail."""
+    c = np.arange(0, int(lam + 40 * np.sqrt(lam) + 60))
+    return float(np.sum(scipy.stats.poisson.pmf(c, lam) * np.log1p(a * c)))
+
+
+def test_sampling_expectation_matches_a_poisson_sum_on_both_sides_of_the_exact_range():
+    depth = np.array([50.0, 300.0, 2000.0, 30000.0])
+    share = np.array([0.0, 1e-5, 1e-3, 0.0033, 0.0334, 0.05, 0.2])  # means from 0 to 6,000, across 100
+    got = controls.sampling_expectation(np.log(depth), share, scale=1e4)
+    want = [[_poisson_expectation_by_sum(d * s, 1e4 / d) for s in share] for d in depth]
+    np.testing.assert_allclose(got, want, atol=2e-6)
+    assert np.all(got[:, 0] == 0.0)
+    # Deeper spots show more of every expressed gene (fewer zeros), approaching log1p(scale * share).
+    assert np.all(np.diff(got[:, 1:], axis=0) > 0)
+    np.testing.assert_allclose(controls.sampling_expectation([np.log(1e9)], share, 1e4)[0], np.log1p(1e4 * share),
+                               rtol=1e-4)
+    with pytest.raises(ValueError, match="shares must be >= 0"):
+        controls.sampling_expectation([5.0], [-0.1])
+    with pytest.raises(ValueError, match="finite"):
+        controls.sampling_expectation([np.nan], [0.1])
+
+
+def test_library_shares_are_total_counts_over_total_library():
+    counts = np.array([[3, 0, 10], [1, 2, 0], [0, 0, 5]])
+    library = np.array([100.0, 40.0, 400.0])
+    expression = np.log1p(counts / library[:, None] * 1e4)
+    np.testing.assert_allclose(controls.library_shares(expression, library), counts.sum(0) / 540.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="sum to 0"):
+        controls.library_shares(expression, np.zeros(3))
+
+
+def test_sampling_depth_oracle_transfers_depth_where_training_lines_do_not():
+    """Counts drawn at fixed library shares, a deep training patient and a shallow held-out one: the lines the
+    depth oracle fits on the deep patient are nearly flat for the abundant genes and miss how counting lowers
+    every gene of a shallow spot; the counting model needs no fitting and predicts the held-out means."""
+    rng = np.random.default_rng(31)
+    shares = np.geomspace(2e-5, 2e-2, 40)
+    lib_train, lib_test = rng.uniform(5000, 40000, 400), rng.uniform(150, 1500, 300)
+    # A tissue factor that tilts half the genes with depth in the training patient only.
+    tilt = np.where(np.arange(40) % 2 == 0, 1.0, -1.0) * 0.4
+    z = (np.log(lib_train) - np.log(lib_train).mean()) / np.log(lib_train).std()
+    train_shares = shares * np.exp(np.outer(z, tilt))
+    def log_norm(counts, lib):
+        return np.log1p(counts / lib[:, None] * 1e4)
+    x_train = log_norm(rng.poisson(lib_train[:, None] * train_shares), lib_train)
+    x_test = log_norm(rng.poisson(lib_test[:, None] * shares), lib_test)
+    sampling = controls.sampling_depth_oracle(x_train, lib_train, np.log(lib_test))
+    lines = controls.depth_oracle(np.log(lib_train), x_train, np.log(lib_test))
+    r_sampling = np.nanmean(metrics.pearson_per_gene(x_test, sampling))
+    r_lines = np.nanmean(metrics.pearson_per_gene(x_test, lines))
+    assert r_sampling > r_lines + 0.1, (r_sampling, r_lines)
+    # Trained where shares do not move with depth, the expectation averaged over the held-out spots matches their
+    # means within their noise.
+    untilted = log_norm(rng.poisson(lib_train[:, None] * shares), lib_train)
+    expected = controls.sampling_depth_oracle(untilted, lib_train, np.log(lib_test))
+    standard_error = x_test.std(0) / np.sqrt(len(x_test))
+    assert np.all(np.abs(expected.mean(0) - x_test.mean(0)) < 4 * standard_error + 1e-3)

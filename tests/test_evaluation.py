@@ -3,7 +3,7 @@ controls are fitted on training patients only."""
 
 import numpy as np
 
-from histospace_jax import console, context, evaluation, folds, metrics
+from histospace_jax import console, context, controls, evaluation, folds, metrics
 
 
 def _plan_and_data(seed=0, n_per=30, g=6):
@@ -91,6 +91,48 @@ def test_reviewer_controls_never_see_the_held_out_patient():
     preds2, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0])
     for name in preds:
         np.testing.assert_array_equal(preds[name][0], preds2[name][0])
+
+
+def test_sampling_controls_use_the_training_shares_and_the_two_depths():
+    """With the store's counts-per scale, depth_oracle_sampling is the counting model at each held-out spot's
+    true depth and image_depth_sampling at the depth image_depth read from the features, both from the shares
+    of the training patients' counts (by hand: total count over total library); the held-out patient's
+    expression changes neither."""
+    plan, expr, obs, signal = _plan_and_data()
+    expr = np.abs(expr)  # log1p values are never negative
+    maps = np.random.default_rng(3).normal(size=(len(signal), 4, 4, 2)).astype(np.float32)
+    maps[..., 0] += np.log(obs["library_size"])[:, None, None]
+    colour = np.random.default_rng(4).normal(size=(len(signal), 3))
+    preds, _ = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0], sampling=1e4)
+    assert set(preds) == {"trivial_image", "linear_probe", "depth_oracle", "image_depth", "depth_oracle_sampling",
+                          "image_depth_sampling"}
+    lib = obs["library_size"]
+    for f in range(3):
+        tr, te = plan.training_rows(f), plan.held_out_rows(f)
+        counts = np.rint(np.expm1(expr[tr].astype(np.float64)) * lib[tr, None] / 1e4)
+        shares = counts.sum(0) / lib[tr].sum()
+        np.testing.assert_allclose(preds["depth_oracle_sampling"][f],
+                                   controls.sampling_expectation(np.log(lib[te]), shares), rtol=1e-12)
+        # image_depth's lines are the depth oracle's at the image's depth: invert them to read that depth.
+        lines = np.polyfit(np.log(lib[tr]), expr[tr].astype(np.float64), 1)
+        depth_from_image = (preds["image_depth"][f][:, 0] - lines[1, 0]) / lines[0, 0]
+        np.testing.assert_allclose(preds["image_depth_sampling"][f],
+                                   controls.sampling_expectation(depth_from_image, shares), rtol=1e-6, atol=1e-9)
+    e2 = expr.copy()
+    e2[plan.held_out_rows(0)] = 7.0
+    preds2, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0], sampling=1e4)
+    for name in ("depth_oracle_sampling", "image_depth_sampling"):
+        np.testing.assert_array_equal(preds[name][0], preds2[name][0])
+
+
+def test_sampling_scale_only_for_log1p_of_library_normalised_counts():
+    prepared = {"expression": {"normalisation": "library_size", "scale": 1e4, "log": "log1p", "log_base": "e"}}
+    assert evaluation.sampling_scale(prepared) == 1e4
+    assert evaluation.sampling_scale({"expression": {**prepared["expression"], "scale": 1e6}}) == 1e6
+    assert evaluation.sampling_scale({"expression": {**prepared["expression"], "log_base": "2"}}) is None
+    assert evaluation.sampling_scale({"expression": {**prepared["expression"], "log": "none"}}) is None
+    assert evaluation.sampling_scale({"expression": {"normalisation": "synthetic log-scale expression"}}) is None
+    assert evaluation.sampling_scale({}) is None
 
 
 def test_gene_ranking_averages_defined_folds_and_leaves_out_genes_without_r():

@@ -450,3 +450,7 @@ def test_every_ablation_variant_changes_what_a_run_trains_with():
     assert not ablation.borrows_autoencoders("ae_epochs_30", [])
     assert ablation.borrows_autoencoders("no_refit", [])
     assert not ablation.borrows_autoencoders("standard", ["--config.ae.learning_rate=3e-4"])
+    # A different encoder architecture signs its checkpoints differently: borrowing them would be refused.
+    assert not ablation.borrows_autoencoders("encoder_pool", [])
+    assert not ablation.borrows_autoencoders("standard", ["--config.model.variant=relu"])
+    assert ablation.borrows_autoencoders("standard", ["--config.model.dropout_rate=0.5"])

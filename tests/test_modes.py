@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from histospace_jax import evaluation, metrics
 from histospace_jax.data import store as store_lib
@@ -26,23 +27,27 @@ TINY = ["--config.data.tile_size=16", "--config.model.encoder_features=(4,4,8)",
 
 
 def _store(path, patients, genes, fmt, seed, depth=False):
-    """Random tiles and expression; with `depth`, each spot also has a library size and every gene follows its
-    log with a gene's own slope plus noise (what the depth-oracle control reads)."""
+    """Random tiles and expression; with `depth`, each spot also has a library size, and its expression is log1p
+    of counts per 10k drawn by Poisson at a share of the library that follows the log library size with a gene's
+    own slope (what the depth-oracle controls read), recorded in the manifest as a prepared store does."""
     rng = np.random.default_rng(seed)
     n = len(patients)
     tiles = rng.integers(0, 255, size=(n, 16, 16, 3), dtype=np.uint8)
     expr = rng.normal(size=(n, len(genes))).astype(np.float32)
     obs = {"section": np.array([f"{p}1" for p in patients]), "patient": np.array(patients),
            "array_x": np.arange(n) % 6, "array_y": np.arange(n) // 6, "pixel_x": np.arange(n) % 6 * 10.0, "pixel_y": np.arange(n) // 6 * 10.0}
+    manifest = {"source_format": fmt, "microns_per_pixel": 1.0, "tile_size": 16, "colour_cast": {"enabled": False},
+                "stain_normalisation": {"method": "none"}}
     if depth:
         obs["library_size"] = rng.integers(200, 20000, size=n)
         obs["n_genes_detected"] = obs["library_size"] // 4
         slopes = np.array([0.9, -0.5, 0.3, 0.7, 0.1])[[int(g[1:]) % 5 for g in genes]]
-        expr = (np.log(obs["library_size"])[:, None] * slopes + 0.3 * expr).astype(np.float32)
-    return store_lib.write_store(str(path), tiles, expr, list(genes), obs,
-                                 manifest={"source_format": fmt, "microns_per_pixel": 1.0, "tile_size": 16,
-                                           "colour_cast": {"enabled": False},
-                                           "stain_normalisation": {"method": "none"}})
+        log_lib = np.log(obs["library_size"])
+        shares = 2e-3 * np.exp(np.outer(log_lib - log_lib.mean(), slopes) + 0.3 * expr)
+        counts = rng.poisson(obs["library_size"][:, None] * shares)
+        expr = np.log1p(counts / obs["library_size"][:, None] * 1e4).astype(np.float32)
+        manifest["expression"] = {"normalisation": "library_size", "scale": 1e4, "log": "log1p", "log_base": "e"}
+    return store_lib.write_store(str(path), tiles, expr, list(genes), obs, manifest=manifest)
 
 
 @pytest.fixture(scope="module")
@@ -137,14 +142,27 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
     assert e["train"]["refit"] is True and 0 < e["train"]["live_units"] <= 1
-    assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "random_encoder", "model_unsmoothed"}
+    assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "depth_oracle_sampling", "random_encoder",
+                                  "model_unsmoothed"}
     sa, sb = store_lib.open_store(str(a)), store_lib.open_store(str(b))
     rows_b = np.flatnonzero(sb.obs["patient"] == "X")
-    truth, depth_oracle_r = sb.expression[rows_b][:, sb.gene_index(["G1", "G2", "G4"])], []
+    truth, depth_oracle_r, sampling_r = sb.expression[rows_b][:, sb.gene_index(["G1", "G2", "G4"])], [], []
+    lib_a, lib_b = sa.obs["library_size"].astype(np.float64), sb.obs["library_size"][rows_b].astype(np.float64)
     for j, g in enumerate(["G1", "G2", "G4"]):
-        slope, icpt = np.polyfit(np.log(sa.obs["library_size"]), sa.expression[:, sa.gene_index([g])[0]], 1)
-        depth_oracle_r.append(np.corrcoef(icpt + slope * np.log(sb.obs["library_size"][rows_b]), truth[:, j])[0, 1])
+        x_a = sa.expression[:, sa.gene_index([g])[0]].astype(np.float64)
+        slope, icpt = np.polyfit(np.log(lib_a), x_a, 1)
+        depth_oracle_r.append(np.corrcoef(icpt + slope * np.log(lib_b), truth[:, j])[0, 1])
+        # The counting model by hand: the gene's share of A's libraries, each test spot's expected log1p value
+        # summed over the Poisson distribution of its count.
+        share = np.rint(np.expm1(x_a) * lib_a / 1e4).sum() / lib_a.sum()
+        expected = []
+        for L in lib_b:
+            c = np.arange(0, int(L * share + 40 * np.sqrt(L * share) + 60))
+            expected.append(np.sum(scipy.stats.poisson.pmf(c, L * share) * np.log1p(1e4 * c / L)))
+        sampling_r.append(np.corrcoef(expected, truth[:, j])[0, 1])
     np.testing.assert_allclose(e["controls"]["depth_oracle"]["per_gene_pearson"], np.mean(depth_oracle_r), rtol=1e-4)
+    np.testing.assert_allclose(e["controls"]["depth_oracle_sampling"]["per_gene_pearson"], np.mean(sampling_r),
+                               rtol=1e-4)
     # Depth-adjusted r is undefined for predictors that are lines in depth (or constant), defined otherwise.
     for name in ("depth_oracle", "mean_predictor"):
         assert np.isnan(e["controls"][name]["depth_adjusted_per_gene_pearson"])
@@ -188,7 +206,8 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
     assert [f["held_out"] for f in res["folds"]] == ["E", "F"]
     assert set(res["folds"][0]["controls"]) == {"mean_predictor", "random_encoder", "random_encoder_2",
                                                 "trivial_image", "linear_probe", "model_unsmoothed",
-                                                "depth_oracle", "image_depth"}
+                                                "depth_oracle", "image_depth", "depth_oracle_sampling",
+                                                "image_depth_sampling"}
     # Two untrained encoders (seeds 12345 and 12346), each with its own heads: different predictions, and the
     # summary of the draws carries each one's per-gene r and the reading of its paired interval.
     npz = np.load(w / "predictions.npz")
@@ -253,7 +272,7 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
     assert "The same test on each control's predictions passes: random_encoder " in open(w / "report.md").read()
     assert set(res["genes_beyond_depth"]["E"]["controls_n_significant"]) == {
         "random_encoder", "random_encoder_2", "trivial_image", "linear_probe", "depth_oracle", "image_depth",
-        "model_unsmoothed"}
+        "depth_oracle_sampling", "image_depth_sampling", "model_unsmoothed"}
     assert "Genes predicted beyond sequencing depth (depth-adjusted r, spatial block permutation, 0.05 FDR): E " in (
         r.stdout)
     assert "- neighbour smoothing of predictions: each spot's prediction x self_weight" in open(w / "report.md").read()

@@ -146,6 +146,12 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A.
         control_blocks["depth_oracle"] = evaluation.predictor_metrics(
             truth, controls.depth_oracle(log_depth_a, expr_a, log_depth), reference, log_depth, fdr, trained=False)
+        scale = evaluation.sampling_scale(store_a.manifest)
+        if scale is not None and scale == evaluation.sampling_scale(store_b.manifest):
+            control_blocks["depth_oracle_sampling"] = evaluation.predictor_metrics(
+                truth, controls.sampling_depth_oracle(expr_a, np.asarray(store_a.obs["library_size"],
+                                                                         np.float64)[rows_a], log_depth, scale),
+                reference, log_depth, fdr, trained=False)
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
         control_blocks["untrained_head"] = block(
             smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],

@@ -49,7 +49,9 @@ METRIC_NOTES = {
                 "colour and H/E/D statistics of each tile. linear_probe: ridge on the top 256 principal "
                 "components of the pooled frozen features. depth_oracle: per gene, a line in log library size. "
                 "image_depth: the same lines at the log library size a ridge on the "
-                "pooled frozen features predicts. untrained_head (paper recipe only): the heads at initialisation. All "
+                "pooled frozen features predicts. depth_oracle_sampling and image_depth_sampling (stores of "
+                "log1p counts per 10k): the same two depths through the counting model instead of the lines, each "
+                "gene at its training share of the library, E[log1p(scale c / L)] for c ~ Poisson(L share). untrained_head (paper recipe only): the heads at initialisation. All "
                 "fitted on the training patients only. With neighbour smoothing (model.smoothing; the standard recipe "
                 "chooses each fold's weight on inner validation) the fold's model and image-based controls are "
                 "smoothed alike over adjacent spots (training.smoothing); model_unsmoothed is the model before it",
@@ -327,7 +329,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                  for fold, choice in random_run["smoothing"].items()})
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
     reviewer, alphas = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
-                                                    _first_view(feats), encoder_of_fold)
+                                                    _first_view(feats), encoder_of_fold,
+                                                    sampling=evaluation.sampling_scale(store.manifest))
     # The reviewer's controls take their fold's smoothing as the model chose it (the random-encoder control
     # chose its own on its own inner validation).
     for name in folds.SMOOTHED_CONTROLS:
