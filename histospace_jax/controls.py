@@ -707,9 +707,9 @@ def noise_ceiling(counts, library_size, seed: int = 0, scale: float = 1e4) -> di
     noisy near-zero reliability is biased upward, so the ceiling is generous for barely detected genes.)
 
     The depth-adjusted reliability ("depth_adjusted_*") reads the same split the way the depth-adjusted metric
-    reads a prediction: both halves residualised per gene on the spot's log library size, then r. It is the
-    ceiling for depth-adjusted per-gene r. On the shallow HER2ST section B4 the split-half r is 0.20 but its
-    depth-adjusted part only 0.07: most of what the section agrees with itself on is depth.
+    reads a prediction: both halves residualised per gene on a cubic in the spot's log library size, then r. It
+    is the ceiling for depth-adjusted per-gene r. On the shallow HER2ST section B4 the split-half r is 0.20 but
+    its depth-adjusted part only 0.06: most of what the section agrees with itself on is depth.
 
     Returns {"split_half_r_per_gene" [G], "split_half_r_mean", "spearman_brown_r_per_gene" [G],
     "spearman_brown_r_mean", "ceiling_r_per_gene" [G], "ceiling_r_mean", "depth_adjusted_split_half_r_per_gene"
@@ -739,10 +739,10 @@ def noise_ceiling(counts, library_size, seed: int = 0, scale: float = 1e4) -> di
     e2 = np.log1p(c2[used] / lib2[used, None] * scale)
     r = metrics.pearson_per_gene(e1, e2) if used.sum() >= 2 else np.full(c.shape[1], np.nan)
     sb, ceiling = _spearman_brown_ceiling(r)
-    # The same split read by the depth-adjusted metric: each half residualised per gene on [1, log library]
+    # The same split read by the depth-adjusted metric: each half residualised per gene on a cubic in log library
     # (the spot's full library, as metrics.depth_adjusted_pearson_per_gene does), so the depth both halves share
     # no longer counts as agreement.
-    r_depth = metrics.depth_adjusted_pearson_per_gene(e1, e2, np.log(lib[used])) if used.sum() >= 3 \
+    r_depth = metrics.depth_adjusted_pearson_per_gene(e1, e2, np.log(lib[used])) if used.sum() >= 6 \
         else np.full(c.shape[1], np.nan)
     sb_depth, ceiling_depth = _spearman_brown_ceiling(r_depth)
     return {

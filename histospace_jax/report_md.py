@@ -337,12 +337,14 @@ def _fold_details(results: dict) -> list[str]:
                         "noise ceiling of per-gene r", "noise ceiling of depth-adjusted r",
                         "neighbours' measurements: per-gene r", "neighbours' measurements: depth-adjusted r"],
                        rows), "",
-             "- Depth-adjusted r: truth and prediction residualised per gene on the spot's log library size within "
-             "the held-out patient, then per-gene r: gene-specific signal beyond sequencing depth.",
+             "- Depth-adjusted r: truth and prediction residualised per gene on a cubic in the spot's log library "
+             "size within the held-out patient, then per-gene r: gene-specific signal beyond sequencing depth (a "
+             "cubic, because counting makes expression a curved function of depth that a line leaves behind).",
              "- Noise ceiling: the mean over genes of sqrt(split-half reliability, Spearman-Brown corrected) from a "
              "binomial split of each spot's counts: about the best per-gene r any predictor could reach against "
-             "this noisy measurement. Its depth-adjusted twin residualises both halves on log library size first: "
-             "the ceiling for depth-adjusted r, low on shallow sections where depth is most of the agreement.",
+             "this noisy measurement. Its depth-adjusted twin residualises both halves on the cubic in log library "
+             "size first: the ceiling for depth-adjusted r, low on shallow sections where depth is most of the "
+             "agreement.",
              "- Neighbours' measurements (a reference, not a predictor: it reads the held-out counts): each spot "
              "scored against the mean measured expression of its adjacent spots. How much of the patient's "
              "expression, and of its gene-specific part beyond depth, neighbouring spots share; a tile that "

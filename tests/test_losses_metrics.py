@@ -74,13 +74,30 @@ def test_depth_adjusted_pearson_matches_scipy_residual_correlation():
     depth = rng.normal(8.0, 0.7, 60)
     y = np.outer(depth, [1.0, 0.3, -0.5, 0.0]) + rng.normal(size=(60, 4))
     p = np.outer(depth, [0.8, 0.0, 1.0, 0.2]) + 0.5 * y + rng.normal(size=(60, 4))
+    y[:, 3] += 0.8 * (depth - 8.0) ** 2  # a curved depth effect, as counting gives
     r = metrics.depth_adjusted_pearson_per_gene(y, p, depth)
+    cubic = lambda v: v - np.polyval(np.polyfit(depth, v, 3), depth)  # noqa: E731
     for g in range(4):
-        fy = scipy.stats.linregress(depth, y[:, g])
-        fp = scipy.stats.linregress(depth, p[:, g])
-        ref = scipy.stats.pearsonr(y[:, g] - fy.intercept - fy.slope * depth,
-                                   p[:, g] - fp.intercept - fp.slope * depth)[0]
-        assert r[g] == pytest.approx(ref, rel=1e-9)
+        ref = scipy.stats.pearsonr(cubic(y[:, g]), cubic(p[:, g]))[0]
+        assert r[g] == pytest.approx(ref, rel=1e-7)
+    np.testing.assert_allclose(metrics.depth_residuals(y, depth), np.stack([cubic(c) for c in y.T], 1), atol=1e-9)
+
+
+def test_depth_adjusted_pearson_removes_the_curvature_counting_gives_depth():
+    """Counts at fixed library shares, spots from 150 to 20,000 UMIs: the counting model at each spot's true
+    depth knows nothing else, yet a line in log depth leaves its curvature in both residuals (r well above 0);
+    the cubic removes it."""
+    from histospace_jax import controls
+
+    rng = np.random.default_rng(5)
+    lib = np.exp(rng.uniform(np.log(150), np.log(20000), 400))
+    shares = np.geomspace(1e-4, 2e-2, 30)
+    truth = np.log1p(rng.poisson(lib[:, None] * shares) / lib[:, None] * 1e4)
+    depth_only = controls.sampling_expectation(np.log(lib), shares)
+    line = lambda v: v - np.polyval(np.polyfit(np.log(lib), v, 1), np.log(lib))  # noqa: E731
+    r_line = np.mean([np.corrcoef(line(truth[:, g]), line(depth_only[:, g]))[0, 1] for g in range(30)])
+    r_cubic = np.nanmean(metrics.depth_adjusted_pearson_per_gene(truth, depth_only, np.log(lib)))
+    assert r_line > 0.1 and abs(r_cubic) < 0.05, (r_line, r_cubic)
 
 
 def test_depth_adjusted_pearson_removes_a_depth_only_predictor():
@@ -92,7 +109,10 @@ def test_depth_adjusted_pearson_removes_a_depth_only_predictor():
     assert np.all(np.isnan(metrics.depth_adjusted_pearson_per_gene(y, depth_only, depth)))
     noisy = depth_only + 0.1 * rng.normal(size=(200, 3))
     assert np.all(np.abs(metrics.depth_adjusted_pearson_per_gene(y, noisy, depth)) < 0.25)
-    assert np.all(np.isnan(metrics.depth_adjusted_pearson_per_gene(y[:2], noisy[:2], depth[:2])))
+    assert np.all(np.isnan(metrics.depth_adjusted_pearson_per_gene(y[:5], noisy[:5], depth[:5])))
+    # A depth-only predictor curved in log depth (a cubic) is removed as exactly as a line.
+    curved = depth_only + (0.3 * (depth - 8.0) ** 2 - 0.05 * (depth - 8.0) ** 3)[:, None]
+    assert np.all(np.isnan(metrics.depth_adjusted_pearson_per_gene(y, curved, depth)))
 
 
 def test_r2_per_gene_by_hand():

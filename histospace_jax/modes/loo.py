@@ -40,8 +40,9 @@ METRIC_NOTES = {
                            "(n - 2 df), Benjamini-Hochberg over the genes with a defined r",
     "per_spot_pearson": "the HistoSPACE paper's metric: r across genes within a spot, mean over spots; "
                         "compare with controls.mean_predictor (training-mean profile for every spot)",
-    "depth_adjusted_per_gene_pearson": "per gene, truth and prediction residualised on the spot's log library "
-                                       "size within the held-out patient, then r: signal beyond sequencing depth",
+    "depth_adjusted_per_gene_pearson": "per gene, truth and prediction residualised on a cubic in the spot's log "
+                                       "library size within the held-out patient, then r: signal beyond sequencing "
+                                       "depth",
     "controls": "mean_predictor: training patients' mean profile for every spot (image-blind; per-gene r "
                 "undefined). random_encoder: the same heads on a randomly initialised, untrained encoder (what "
                 "pretraining buys); random_encoder_2, ...: further draws (loo.random_encoder_draws, seeds counting "
