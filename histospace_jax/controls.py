@@ -742,8 +742,7 @@ def noise_ceiling(counts, library_size, seed: int = 0, scale: float = 1e4) -> di
     # The same split read by the depth-adjusted metric: each half residualised per gene on a cubic in log library
     # (the spot's full library, as metrics.depth_adjusted_pearson_per_gene does), so the depth both halves share
     # no longer counts as agreement.
-    r_depth = metrics.depth_adjusted_pearson_per_gene(e1, e2, np.log(lib[used])) if used.sum() >= 6 \
-        else np.full(c.shape[1], np.nan)
+    r_depth = metrics.depth_adjusted_pearson_per_gene(e1, e2, np.log(lib[used]))  # NaN with too few spots
     sb_depth, ceiling_depth = _spearman_brown_ceiling(r_depth)
     return {
         "split_half_r_per_gene": r,

@@ -779,7 +779,8 @@ def smoothing_summary(choices: dict, obs: dict, rows_by_name: dict, random_encod
     return {"what": "each spot's prediction x self_weight + the mean prediction of the spots within radius spot "
                     "spacings of it (same section) x (1 - self_weight); self_weight 1 = not smoothed",
             "applied_to": ["model", *SMOOTHED_CONTROLS],
-            "not_applied_to": ["mean_predictor", "depth_oracle", "depth_oracle_sampling", "model_unsmoothed"], "sets": sets,
+            "not_applied_to": ["mean_predictor", "depth_oracle", "depth_oracle_sampling", "model_unsmoothed"],
+            "sets": sets,
             "random_encoder_self_weight": {name: c["self_weight"] for name, c in (random_encoder or {}).items()
                                            if c is not None},
             "note": "the model chooses each fold's self_weight on its inner validation, and the fold's trivial-image, "

@@ -52,7 +52,8 @@ METRIC_NOTES = {
                 "image_depth: the same lines at the log library size a ridge on the "
                 "pooled frozen features predicts. depth_oracle_sampling and image_depth_sampling (stores of "
                 "log1p counts per 10k): the same two depths through the counting model instead of the lines, each "
-                "gene at its training share of the library, E[log1p(scale c / L)] for c ~ Poisson(L share). untrained_head (paper recipe only): the heads at initialisation. All "
+                "gene at its training share of the library, E[log1p(scale c / L)] for c ~ Poisson(L share). "
+                "untrained_head (paper recipe only): the heads at initialisation. All "
                 "fitted on the training patients only. With neighbour smoothing (model.smoothing; the standard recipe "
                 "chooses each fold's weight on inner validation) the fold's model and image-based controls are "
                 "smoothed alike over adjacent spots (training.smoothing); model_unsmoothed is the model before it",
