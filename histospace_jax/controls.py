@@ -364,13 +364,13 @@ def depth_oracle(log_depth_train, y_train, log_depth_test) -> np.ndarray:
 _EXACT_POISSON_MEAN = 100.0
 
 
-def sampling_expectation(log_depth, proportions, scale: float = 1e4) -> np.ndarray:
+def sampling_expectation(log_depth, shares, scale: float = 1e4) -> np.ndarray:
     """E[log(1 + scale * c / L)] for c ~ Poisson(L * p): the log-normalised value a spot of library size L =
     exp(log_depth) is expected to show for a gene that makes up a share p of its library, from counting noise
     alone. [N] log depths x [G] shares -> [N, G] float64. Increasing in L for every p > 0 (deeper spots have
     fewer zero counts), and tends to log(1 + scale * p)."""
     depth = np.exp(np.asarray(log_depth, np.float64).reshape(-1))[:, None]
-    share = np.asarray(proportions, np.float64).reshape(-1)[None, :]
+    share = np.asarray(shares, np.float64).reshape(-1)[None, :]
     if not (np.all(np.isfinite(depth)) and np.all(np.isfinite(share))):
         raise ValueError("sampling_expectation: log depths and shares must be finite")
     if np.any(share < 0) or np.any(depth <= 0):

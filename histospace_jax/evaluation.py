@@ -167,8 +167,8 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
                "n_genes_significant_depth_adjusted_spatial": _n_below(q_adj, fdr) if log_depth is not None else None,
                "spatial_test": "one-sided block permutation (4x4-spot blocks of the grid, 200 permutations; p from "
                                "a normal with each gene's permutation mean and SD), Benjamini-Hochberg; "
-                               "depth-adjusted: the same on the residuals of truth and prediction on log library "
-                               "size",
+                               "depth-adjusted: the same on the residuals of truth and prediction on a cubic in "
+                               "log library size",
                "per_gene_pearson_ci95": [ci["low"], ci["high"]],
                "ci_units": f"{ci['n_units']} {unit_kind}"}
     return numbers, {"q_spatial": q, "q_depth_adjusted_spatial": q_adj}
@@ -177,7 +177,7 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
 def depth_adjusted_spatial_q(truth: np.ndarray, pred: np.ndarray, blocks: np.ndarray,
                              log_depth: np.ndarray | None, seed: int) -> np.ndarray:
     """Per gene, the Benjamini-Hochberg q-value of its depth-adjusted r: the block permutation test on the
-    residuals of truth and prediction on log depth (which genes a predictor knows beyond sequencing depth, with
+    residuals of truth and prediction on a cubic in log depth (which genes a predictor knows beyond sequencing depth, with
     spatial autocorrelation respected); NaN without depth."""
     if log_depth is None:
         return np.full(truth.shape[1], np.nan)

@@ -63,7 +63,8 @@ METRIC_NOTES = {
                            "neighbouring spots share, beside the noise ceiling",
     "n_genes_significant_depth_adjusted_spatial": "genes whose depth-adjusted r is significant at FDR fdr: the "
                                                   "block permutation of n_genes_significant_spatial on the "
-                                                  "residuals of truth and prediction on log library size",
+                                                  "residuals of truth and prediction on a cubic in log "
+                                                  "library size",
     "genes_beyond_depth": "per held-out patient, the genes that pass that test, best first (at most 10), with the "
                           "controls' depth-adjusted r, the neighbour reference and the noise ceiling for each; "
                           "every gene's figures are in per_gene.csv",
