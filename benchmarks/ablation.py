@@ -68,6 +68,8 @@ VARIANTS = {
     # standard is conv -> BN -> ReLU -> maxpool), each pretrained and used frozen as in the paper.
     "encoder_pool": ["--config.model.variant=pool"],
     "encoder_relu": ["--config.model.variant=relu"],
+    # The heads' output on the counting model at the depth read from the image instead of the training mean.
+    "output_base_counting": ["--config.model.output_base=counting"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 

@@ -124,7 +124,7 @@ def _paired_with_labels(y_true, y_pred, labels, name: str):
     return y_true, y_pred, labels
 
 
-def _standardiser(x: np.ndarray, standardise: bool) -> tuple[np.ndarray, np.ndarray]:
+def column_standardiser(x: np.ndarray, standardise: bool) -> tuple[np.ndarray, np.ndarray]:
     mean = x.mean(axis=0)
     if not standardise:
         return mean, np.ones(x.shape[1])
@@ -155,7 +155,7 @@ def ridge_fit(x, y, alpha: float, standardise: bool = True) -> RidgeModel:
         raise ValueError("ridge_fit needs at least one row")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    mean, scale = _standardiser(x, standardise)
+    mean, scale = column_standardiser(x, standardise)
     xs = (x - mean) / scale
     y_mean = y.mean(axis=0)
     yc = y - y_mean
@@ -211,7 +211,7 @@ def choose_ridge_alpha(x, y, groups, alphas=DEFAULT_ALPHAS, fallback_groups=None
     for k, g in enumerate(labels):
         val = groups == g
         xt, yt, xv, yv = x[~val], y[~val], x[val], y[val]
-        mean, scale = _standardiser(xt, standardise)
+        mean, scale = column_standardiser(xt, standardise)
         xts = (xt - mean) / scale
         xvs = (xv - mean) / scale
         y_mean = yt.mean(axis=0)
@@ -303,7 +303,7 @@ def probe_scores(feats_train, feats_test, n_components: int = 256) -> tuple[np.n
     inner-validation rows' features (never their expression), which is unsupervised only."""
     p_train = pooled_feature_maps(feats_train)
     p_test = pooled_feature_maps(feats_test)
-    mean, scale = _standardiser(p_train, True)
+    mean, scale = column_standardiser(p_train, True)
     pca = fit_pca((p_train - mean) / scale, n_components)
     return pca_transform(pca, (p_train - mean) / scale), pca_transform(pca, (p_test - mean) / scale)
 

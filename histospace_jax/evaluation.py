@@ -338,18 +338,20 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
     return preds, alphas
 
 
-def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0) -> dict:
+def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0, scale: float | None = 1e4) -> dict:
     """Per held-out patient: how well one half of its counts predicts the other (controls.noise_ceiling), from
-    the counts the stored expression and library sizes imply, per-gene arrays included (results.json keeps
-    `without_per_gene` of each). Empty without library sizes in the store."""
-    if "library_size" not in obs:
+    the counts the stored expression (log1p of counts per `scale`, `sampling_scale` of the store's manifest) and
+    library sizes imply, per-gene arrays included (results.json keeps `without_per_gene` of each). Empty without
+    library sizes, or when `scale` is None: expression that is not log1p counts per scale gives no counts to
+    split."""
+    if "library_size" not in obs or scale is None:
         return {}
     lib = np.asarray(obs["library_size"], np.float64)
     out = {}
     for f in range(len(plan.folds)):
         rows = plan.held_out_rows(f)
-        counts = controls.counts_from_expression(expression[rows], lib[rows])
-        nc = controls.noise_ceiling(counts, lib[rows].astype(np.int64), seed=seed)
+        counts = controls.counts_from_expression(expression[rows], lib[rows], scale)
+        nc = controls.noise_ceiling(counts, lib[rows].astype(np.int64), seed=seed, scale=scale)
         out[plan.name(f)] = nc
     return out
 

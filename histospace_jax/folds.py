@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import builders, checkpointing, console, controls, features, loop, metrics, steps, xla_tuning
+from histospace_jax import (builders, checkpointing, console, controls, counting_base, evaluation, features, loop,
+                            metrics, steps, xla_tuning)
 from histospace_jax import context as context_lib
 from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
@@ -683,25 +684,50 @@ def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, ke
 
 
 def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
-                          encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None) -> dict:
+                          encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None,
+                          base_scale: float | None = None) -> dict:
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows; with train.refit, the heads are then refitted on every row). Returns {'states': member states
     stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'live_units',
-    'untrained_states', 'smoothing' (choose_smoothing's choice on the inner validation)}.
+    'untrained_states', 'smoothing' (choose_smoothing's choice on the inner validation), 'counting_base'}.
     `context` ([1, V, N, C]): the rows' neighbourhood context when it was computed on more spots than these
-    (default: from `feats` and `obs`)."""
+    (default: from `feats` and `obs`). With `base_scale` (counting_base.scale_for; `obs` then holds library_size
+    and patient) the heads learn counting_base.residual_targets, and 'counting_base' is the counting base of
+    every row (counting_base.fit on the untransformed view): a prediction is its value plus the heads' (None
+    without)."""
     tr, va, how = training_split(config, obs, np.arange(len(expression)))
     ctx = context if context is not None else store_context(config, [feats], obs)
+    targets, base, pooled = expression, None, None
+    if base_scale is not None:
+        library = np.asarray(obs["library_size"], np.float64)
+        targets = counting_base.residual_targets(expression, library, obs["patient"], base_scale)
+        pooled = counting_base.pooled_rows(feats[0], np.arange(len(expression)))
+        all_rows = np.arange(len(expression))
+        base = counting_base.fit(pooled, expression, library, evaluation.alpha_groups(obs, all_rows), base_scale)
     data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
-                    expression=expression, encoder_variables=[encoder_variables], context=ctx)
+                    expression=targets, encoder_variables=[encoder_variables], context=ctx)
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
-    smoothing = choose_smoothing(config, obs, expression, tr, va, res["selected_predict"]([va])[0] if len(va) and
-                                 builders.smoothing(config) else None)
+    val_pred = res["selected_predict"]([va])[0] if len(va) and builders.smoothing(config) else None
+    if val_pred is not None and base is not None:
+        inner = counting_base.fit(pooled[tr], expression[tr], library[tr], evaluation.alpha_groups(obs, tr),
+                                  base_scale)
+        val_pred = val_pred + counting_base.predict(inner, pooled[va])
+    smoothing = choose_smoothing(config, obs, expression, tr, va, val_pred)
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
             "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how, "refit": res["refit"],
             "live_units": res["live_units"]["(all)"], "untrained_states": res["initial_states"],
-            "smoothing": smoothing}
+            "smoothing": smoothing, "counting_base": base}
+
+
+def predict_with_base(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray, base,
+                      context: np.ndarray | None = None) -> np.ndarray:
+    """ensemble_predict_features plus, with a counting base (train_one_fold_on_all's 'counting_base'), its value
+    at the rows' untransformed view."""
+    pred = ensemble_predict_features(states, feats, mean, sd, context=context)
+    if base is None:
+        return pred
+    return pred + counting_base.predict(base, counting_base.pooled_rows(feats[0], np.arange(feats.shape[1])))
 
 
 def store_context(config, features_per_encoder, obs: dict) -> np.ndarray | None:

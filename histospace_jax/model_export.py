@@ -15,10 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from histospace_jax import atomic, builders, checkpointing, features
+from histospace_jax import atomic, builders, checkpointing, counting_base, features
 from histospace_jax.errors import BadInputError
 
 MODEL_JSON = "model.json"
+COUNTING_NPZ = "counting_base.npz"
 
 
 def dir_bytes(path: str) -> int:
@@ -33,10 +34,11 @@ def dir_bytes(path: str) -> int:
 
 
 def export(model_dir: str, config, states, genes: list[str], store, encoder_source: str, *, mean, sd,
-           views: int, smoothing: dict | None = None) -> dict:
+           views: int, smoothing: dict | None = None, counting: counting_base.CountingBase | None = None) -> dict:
     """Writes `model_dir` from trained HistoSpace train states stacked over ensemble members; returns
     model.json's content (+ size). `smoothing` ({"radius", "self_weight"}, folds.exported_smoothing): how
-    `predict` blends each position's prediction with its neighbours', as the training run chose."""
+    `predict` blends each position's prediction with its neighbours', as the training run chose. `counting`:
+    the counting base the heads' output is added to (COUNTING_NPZ beside model.json), or None (training mean)."""
     variables = {"params": states.params}
     if states.batch_stats:
         variables["batch_stats"] = states.batch_stats
@@ -48,6 +50,13 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
     ckpt.save(0, variables, meta={"genes": len(genes)})
     ckpt.close()
     m = store.manifest
+    if counting is not None:
+        atomic.write_npz(os.path.join(model_dir, COUNTING_NPZ), **counting.arrays())
+    else:
+        try:
+            os.remove(os.path.join(model_dir, COUNTING_NPZ))  # a re-export without a base
+        except FileNotFoundError:
+            pass
     info = {
         "format": "histospace-model", "version": 2, "genes": list(genes),
         "model": {**builders.architecture(config), "smoothing": smoothing},
@@ -56,6 +65,9 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
         "stain_jitter": features.stain_jitter(config), "jitter_seed": int(config.seed),
         "target_mean": np.asarray(mean, np.float64).round(6).tolist(),
         "target_sd": np.asarray(sd, np.float64).round(6).tolist(),
+        # "counting": a prediction is the counting model at the depth read from the untransformed view's pooled
+        # features (COUNTING_NPZ) plus mean + sd * the heads' output; "mean": mean + sd * the heads' output.
+        "output_base": "mean" if counting is None else "counting",
         "tile_size": int(m.get("tile_size", config.data.tile_size)),
         "microns_per_pixel": m.get("microns_per_pixel"),
         "colour_cast": m.get("colour_cast"), "stain_normalisation": m.get("stain_normalisation"),
@@ -68,6 +80,19 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
     atomic.write_json(os.path.join(model_dir, MODEL_JSON), info)
     info["checkpoint_bytes"] = dir_bytes(model_dir)
     return info
+
+
+def load_counting_base(model_dir: str, info: dict) -> counting_base.CountingBase | None:
+    """The counting base of a model whose model.json says output_base "counting" (None for "mean")."""
+    if info.get("output_base", "mean") != "counting":
+        return None
+    path = os.path.join(model_dir, COUNTING_NPZ)
+    try:
+        with np.load(path) as z:
+            return counting_base.CountingBase.from_arrays(z)
+    except (OSError, KeyError, ValueError) as e:
+        raise BadInputError(f"{path}: missing or unreadable ({e}), but {MODEL_JSON} says the model adds the "
+                            "counting base; export the model again.") from e
 
 
 def load(model_dir: str):

@@ -49,7 +49,8 @@ import numpy as np
 import tensorstore as ts
 from absl import app, flags
 
-from histospace_jax import atomic, console, context as context_lib, features, model_export, models, plots
+from histospace_jax import atomic, console, context as context_lib, controls, counting_base, features, model_export
+from histospace_jax import models, plots
 from histospace_jax import spatial_anndata
 from histospace_jax.errors import EXIT_BAD_INPUT, BadInputError
 from histospace_jax.ingest import build, common, slide_io, stain, wsi
@@ -65,10 +66,12 @@ class PredictError(BadInputError):
 # ------------------------------------------------------------------------------------------------ model
 
 
-def make_predict_fn(model, variables, info: dict):
+def make_predict_fn(model, variables, info: dict, base: counting_base.CountingBase | None = None):
     """(uint8 tiles, their neighbourhood context [V, B, C] or None, their ids) -> expression: the mean over the
     ensemble's members and the model's views (`_view_fn`: dihedral, stain-jittered as in training) of the heads'
-    standardised outputs, mapped back with the training store's per-gene mean and sd."""
+    standardised outputs, mapped back with the training store's per-gene mean and sd; with a counting `base`
+    (model_export.load_counting_base), plus its value at the depth read from the untransformed tiles' pooled
+    encoder feature maps."""
     mean = np.asarray(info["target_mean"], np.float32)
     sd = np.asarray(info["target_sd"], np.float32)
     view_of = _view_fn(info)
@@ -88,10 +91,20 @@ def make_predict_fn(model, variables, info: dict):
                               in_axes=(0, None, None)))
         apply = lambda x, c: fn(variables, x, c)  # noqa: E731
 
+    maps_fn = None
+    if base is not None:
+        encoder = _member_subtree(variables, "encoder", member=0)
+        encode = jax.jit(lambda e, x: model.apply(e, models.to_unit_range(x), method="encode"))
+        maps_fn = lambda x: np.asarray(encode(encoder, x), np.float32)  # noqa: E731
+
     def predict(tiles, context=None, ids=None):
         z = sum(np.asarray(apply(view_of(tiles, v, ids), None if context is None else context[v]))
                 for v in range(views)) / views
-        return mean + sd * z.mean(0)
+        out = mean + sd * z.mean(0)
+        if maps_fn is not None:
+            # The base read the untransformed view in training (the cached features' view 0), never a jittered one.
+            out = out + counting_base.predict(base, controls.pooled_feature_maps(maps_fn(tiles))).astype(np.float32)
+        return out
 
     predict.encoder_shared = shared
     return predict
@@ -292,7 +305,7 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
     if pos is not None:
         check_spots_inside(pos, width, height, spots_csv, image)
     info, model, variables = model_export.load(model_dir)
-    predict = make_predict_fn(model, variables, info)
+    predict = make_predict_fn(model, variables, info, model_export.load_counting_base(model_dir, info))
     gene_names = list(info["genes"])
     mpp = float(info["microns_per_pixel"] or 100.0 / info["tile_size"])
     t = int(info["tile_size"])

@@ -356,6 +356,13 @@ def _fold_details(results: dict) -> list[str]:
         loss = t.get("loss")
         if loss:
             lines.append(f"- loss: Huber, delta {loss['delta']:g} ({loss['units']})")
+        base = t.get("output_base")
+        if base:
+            lines.append(f"- output base: {base['base']} ({base['what']})")
+            for name, b in (base.get("per_fold") or {}).items():
+                lines.append(f"  - holding out {name}: the depth ridge (alpha {b['depth_ridge_alpha']:g}) reads the "
+                             f"held-out spots' log library size at r {b['held_out_depth_r']:.3f} (a diagnostic; "
+                             "nothing is chosen on it)")
         if t.get("refit"):
             lines.append("- refit: after inner validation chose each head's epoch, the head was trained again from "
                          "the same initialisation on every training spot of its fold (inner-validation spots "

@@ -23,7 +23,7 @@ LAYERS = [
     {"errors", "atomic", "layers", "stats", "config"},
     {"models", "losses", "metrics", "context", "console", "metric_log", "distributed", "xla_tuning"},
     {"steps", "plots", "data", "ingest", "checkpointing", "preemption", "workdir", "spatial_anndata"},
-    {"builders", "features", "datasets", "evaluation", "clustering", "controls"},
+    {"builders", "features", "datasets", "evaluation", "clustering", "controls", "counting_base"},
     {"loop"},
     {"autoencoder", "folds", "model_export"},
     {"modes", "report_md"},

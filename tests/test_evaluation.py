@@ -2,6 +2,7 @@
 controls are fitted on training patients only."""
 
 import numpy as np
+import pytest
 
 from histospace_jax import console, context, controls, evaluation, folds, metrics
 
@@ -356,3 +357,26 @@ def test_genes_beyond_depth_lists_the_passing_genes_with_their_references():
         assert np.isclose(x["noise_ceiling_depth_adjusted_r"], np.linspace(0.1, 0.9, g)[i])
         assert np.isnan(x["neighbour_reference_depth_adjusted_r"])
     assert all(k not in evaluation.PER_GENE_ARRAYS for k in ("per_gene_pearson", "per_gene_pearson_ci95"))
+
+
+def test_noise_ceilings_read_counts_at_the_stores_scale_and_skip_other_expression():
+    """The split-half ceiling recovers the counts with the store's own counts-per scale (here per million): the
+    same figures as the ceiling of the true counts; read at another scale they are impossible; expression that
+    is not log1p counts gets none."""
+    rng = np.random.default_rng(3)
+    n, g = 80, 6
+    lib = rng.integers(2000, 9000, n)
+    counts = rng.poisson(lib[:, None] * rng.dirichlet(np.ones(g))[None] * 0.3)
+    obs = {"library_size": lib}
+    plan = folds.FoldPlan(["A", "B"], np.repeat([0, 1], n // 2).astype(np.int32), [0, 1])
+    per_million = np.log1p(counts / lib[:, None] * 1e6)
+    got = evaluation.noise_ceilings(plan, per_million, obs, 0, 1e6)
+    assert set(got) == {"A", "B"}
+    for f, name in enumerate(("A", "B")):
+        rows = plan.held_out_rows(f)
+        truth = controls.noise_ceiling(counts[rows], lib[rows], seed=0, scale=1e6)
+        np.testing.assert_allclose(got[name]["split_half_r_per_gene"], truth["split_half_r_per_gene"])
+    # Read per 10k, per-million values imply 100x the counts: more molecules than the spot's library.
+    with pytest.raises(ValueError, match="library_size is smaller than the sum"):
+        evaluation.noise_ceilings(plan, per_million, obs, 0, 1e4)
+    assert evaluation.noise_ceilings(plan, np.log1p(counts), obs, 0, None) == {}

@@ -131,19 +131,24 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
 def test_external_mode_on_two_stores(depth_stores, tmp_path):
     """Evaluated on the shared genes; a re-released patient (HER2ST E == STNet BC23567) is left out of the
     evaluation; controls present (the depth oracle against NumPy lines fitted on A); a flat model is FAILED
-    in results.json, the printed table and report.md; model exported."""
+    in results.json, the printed table and report.md; model exported (with model.output_base=counting)."""
     root, a, b = depth_stores
     w = tmp_path / "w"
     r = run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
-            f"--config.external.store={b}", "--config.external.map_genes=G2,G404", *TINY)
+            f"--config.external.store={b}", "--config.external.map_genes=G2,G404",
+            "--config.model.output_base=counting", *TINY)
     assert "External test" in r.stdout
     e = json.load(open(w / "results.json"))["external"]
+    # On the counting base (the heads and the random-encoder control's heads alike), exported with the model.
+    assert e["train"]["output_base"]["base"] == "counting" and e["train"]["output_base"]["depth_ridge_alpha"] > 0
+    assert json.load(open(w / "model" / "model.json"))["output_base"] == "counting"
     assert e["n_shared_genes"] == 3  # G1, G2, G4 in A's order
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
     assert e["train"]["refit"] is True and 0 < e["train"]["live_units"] <= 1
-    assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "depth_oracle_sampling", "random_encoder",
-                                  "model_unsmoothed"}
+    assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "depth_oracle_sampling", "image_depth_sampling",
+                                  "random_encoder", "model_unsmoothed"}
+    assert -1 <= e["test_image_depth_r"] <= 1
     sa, sb = store_lib.open_store(str(a)), store_lib.open_store(str(b))
     rows_b = np.flatnonzero(sb.obs["patient"] == "X")
     truth, depth_oracle_r, sampling_r = sb.expression[rows_b][:, sb.gene_index(["G1", "G2", "G4"])], [], []
@@ -289,6 +294,9 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
     # The standard recipe's loss, in the per-gene SDs of the standardised targets, is recorded and reported.
     assert res["training"]["loss"] == {"name": "huber", "delta": 3.0, "targets": "on",
                                        "units": "standard deviations of each gene on the fold's training rows"}
+    # The standard recipe adds the heads' output to the training mean (its inner validation's choice).
+    assert res["training"]["output_base"]["base"] == "mean"
+    assert "- output base: mean (the heads' output is added to the training mean" in open(w / "report.md").read()
     assert res["evaluated_on"] == "held_out" and res["training"]["refit"] is True
     assert "- refit: after inner validation chose each head's epoch" in open(w / "report.md").read()
     live = res["training"]["live_units"]
@@ -371,3 +379,108 @@ def test_prepare_command_on_real_her2st_sections(shared_data, tmp_path):
     s = store_lib.open_store(str(out))
     assert s.patients == ["B", "C"] and s.n_spots == 281 + 179
     assert {"library_size", "n_genes_detected"} <= set(s.obs)
+
+
+def _poisson_log1p(depth: float, share: float) -> float:
+    lam = depth * share
+    c = np.arange(0, int(lam + 40 * np.sqrt(lam) + 60))
+    return float(np.sum(scipy.stats.poisson.pmf(c, lam) * np.log1p(1e4 * c / depth)))
+
+
+def _residual_mean_by_hand(expr: np.ndarray, lib: np.ndarray, patients: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The mean over `rows` of what the heads learn under the counting base: expression minus the Poisson
+    expectation at each spot's depth with its own patient's library shares (counts recovered by hand)."""
+    out = np.zeros((len(rows), expr.shape[1]))
+    for k, i in enumerate(rows):
+        mine = np.flatnonzero(patients == patients[i])
+        counts = np.rint(np.expm1(expr[mine].astype(np.float64)) * lib[mine, None] / 1e4)
+        shares = counts.sum(0) / lib[mine].sum()
+        out[k] = [expr[i, j] - _poisson_log1p(lib[i], shares[j]) for j in range(expr.shape[1])]
+    return out.mean(0)
+
+
+# The heads barely move (learning rate 1e-12 with a zero output layer), so each prediction is the training mean
+# of their targets plus the counting base: both can be computed by hand.
+FROZEN_HEADS = ["--config.model.output_base=counting", "--config.train.learning_rate=1e-12",
+                "--config.model.smoothing=none"]
+
+
+def test_loo_with_the_counting_base_adds_it_to_the_heads(depth_stores, tmp_path):
+    """model.output_base=counting in leave-one-patient-out: the heads learn expression minus the counting model at
+    each training spot's measured depth (own patient's shares), and every held-out prediction is the fold's
+    counting model at the depth read from the image (the image_depth_sampling control, computed independently by
+    the reviewer's controls) plus the heads' output."""
+    root, a, _ = depth_stores
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+        *FROZEN_HEADS, "--config.loo.random_encoder_control=off")
+    res = json.load(open(w / "results.json"))
+    base = res["training"]["output_base"]
+    assert base["base"] == "counting" and base["scale"] == 1e4 and set(base["per_fold"]) == {"E", "F"}
+    assert all(-1 <= v["held_out_depth_r"] <= 1 and v["depth_ridge_alpha"] > 0 for v in base["per_fold"].values())
+    s = store_lib.open_store(str(a))
+    expr, lib, patients = np.asarray(s.expression), s.obs["library_size"].astype(np.float64), s.obs["patient"]
+    npz = np.load(w / "predictions.npz")
+    for fold, other in (("E", "F"), ("F", "E")):
+        mu = _residual_mean_by_hand(expr, lib, patients, np.flatnonzero(patients == other))
+        heads = npz[f"pred_{fold}"].astype(np.float64) - npz[f"image_depth_sampling_{fold}"]
+        np.testing.assert_allclose(heads, np.broadcast_to(mu, heads.shape), atol=2e-4)
+    report = open(w / "report.md").read()
+    assert "- output base: counting (each prediction is the counting model at the depth" in report
+    assert "  - holding out E: the depth ridge (alpha " in report
+
+
+def test_train_with_the_counting_base_exports_it_and_predict_adds_it(depth_stores, tmp_path):
+    """The README's train -> predict path with model.output_base=counting: model.json says so, the base's arrays
+    sit beside it, and predict's value for each spot is the heads' (the training mean of their targets) plus the
+    counting model at the depth the exported ridge reads from that spot's tile, by hand."""
+    from PIL import Image
+
+    from histospace_jax import controls, model_export, models
+
+    root, a, _ = depth_stores
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("train.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+        *FROZEN_HEADS)
+    res = json.load(open(w / "results.json"))
+    assert res["train"]["output_base"] == "counting"
+    info = json.load(open(w / "model" / "model.json"))
+    assert info["output_base"] == "counting" and (w / "model" / model_export.COUNTING_NPZ).exists()
+    s = store_lib.open_store(str(a))
+    expr, lib, patients = np.asarray(s.expression), s.obs["library_size"].astype(np.float64), s.obs["patient"]
+    base = model_export.load_counting_base(str(w / "model"), info)
+    counts = np.rint(np.expm1(expr.astype(np.float64)) * lib[:, None] / 1e4)
+    np.testing.assert_allclose(base.shares, counts.sum(0) / lib.sum(), rtol=1e-9)  # every training spot's
+    # A slide with six of the store's tiles at known centres, predicted as the README writes it.
+    picked = np.array([0, 5, 11, 24, 30, 47])
+    tiles = np.asarray(s.tiles[picked])
+    slide = np.full((40, 120, 3), 235, np.uint8)
+    centres = [(10 + 20 * k, 20) for k in range(len(picked))]
+    for (x, y), t in zip(centres, tiles):
+        slide[y - 8:y + 8, x - 8:x + 8] = t
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    with open(tmp_path / "spots.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["spot_id", "pixel_x", "pixel_y"])
+        wr.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
+    out = tmp_path / "out"
+    run(tmp_path, "histospace_jax.predict", f"--checkpoint={w}/model", f"--image={tmp_path}/slide.png",
+        f"--spots={tmp_path}/spots.csv", f"--output={out}", "--source_mpp=1.0")
+    with open(out / "predictions.csv") as f:
+        got = np.array([[float(r[g]) for g in info["genes"]] for r in csv.DictReader(f)])
+    _, model, variables = model_export.load(str(w / "model"))
+    encoder = {k: {"encoder": jax_tree_first(v["encoder"])} for k, v in variables.items() if "encoder" in v}
+    maps = np.asarray(model.apply(encoder, models.to_unit_range(tiles), method="encode"))
+    pooled = controls.pooled_feature_maps(maps)
+    depth = np.exp((((pooled - base.feature_mean) / base.feature_scale) - base.pca_mean) @ base.components.T
+                   @ base.depth_coef + base.depth_intercept)
+    by_hand = np.array([[_poisson_log1p(d, sh) for sh in base.shares] for d in depth])
+    mu = _residual_mean_by_hand(expr, lib, patients, np.arange(len(expr)))
+    np.testing.assert_allclose(got, mu + by_hand, atol=3e-4)
+
+
+def jax_tree_first(tree):
+    """Member 0 of variables stacked over ensemble members."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda x: x[0], tree)

@@ -8,9 +8,11 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import tensorstore as ts
 
 from histospace_jax import checkpointing, models, predict
+from histospace_jax.errors import BadInputError
 
 
 def _model_dir(path, genes=("G0", "G1", "G2")):
@@ -232,3 +234,51 @@ def test_predict_with_smoothing_blends_each_spot_with_its_neighbours_in_a_second
     np.testing.assert_allclose(zarr.read().result(), expected, rtol=1e-4, atol=1e-5)
     assert np.abs(expected - own).max() > 1e-3  # the smoothing changed the numbers
     assert not (out / "unsmoothed.zarr").exists()
+
+
+def test_predict_adds_the_counting_base_read_from_the_untransformed_tiles(tmp_path):
+    """A model whose output sits on the counting base (model.output_base=counting): each prediction is
+    mean + sd * the heads' view-averaged output plus the counting model at the log depth the exported ridge reads
+    from the pooled encoder maps of the tile itself (view 0, never a jittered or rotated view), computed here
+    from the saved arrays with NumPy and a SciPy Poisson sum."""
+    import scipy.stats
+
+    from histospace_jax import controls, counting_base, features, model_export
+
+    model, variables = _model_dir(str(tmp_path))
+    info = json.load(open(tmp_path / "model.json"))
+    info.update(views=8, target_mean=[0.5, 1.0, 1.5], target_sd=[1.0, 2.0, 0.5], output_base="counting",
+                stain_jitter=0.2, jitter_seed=3)
+    with open(tmp_path / "model.json", "w") as f:
+        json.dump(info, f)
+    rng = np.random.default_rng(5)
+    tiles = rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    maps = np.asarray(model.apply(variables, models.to_unit_range(tiles), method="encode"))
+    p = controls.pooled_feature_maps(maps).shape[1]
+    base = counting_base.CountingBase(
+        scale=1e4, shares=np.array([1e-3, 2e-4, 0.0]), feature_mean=rng.normal(size=p),
+        feature_scale=rng.uniform(0.5, 2.0, p), pca_mean=rng.normal(size=p) * 0.1,
+        components=rng.normal(size=(3, p)) / np.sqrt(p), depth_coef=np.array([0.2, -0.1, 0.05]),
+        depth_intercept=7.5, alpha=10.0)
+    np.savez(tmp_path / model_export.COUNTING_NPZ, **base.arrays())
+    loaded_info, m2, v2 = model_export.load(str(tmp_path))
+    loaded = model_export.load_counting_base(str(tmp_path), loaded_info)
+    fn = predict.make_predict_fn(m2, v2, loaded_info, loaded)
+    ids = np.arange(4)
+    z = np.mean([np.asarray(model.apply(variables, models.to_unit_range(
+        features.augmented_view(tiles, view, stain_jitter=0.2, seed=3, ids=ids)), False)) for view in range(8)], 0)
+    pooled = controls.pooled_feature_maps(maps)
+    depth = np.exp((((pooled - base.feature_mean) / base.feature_scale) - base.pca_mean) @ base.components.T
+                   @ base.depth_coef + base.depth_intercept)
+    expected_base = np.array([[sum(scipy.stats.poisson.pmf(c, d * s) * np.log1p(1e4 * c / d)
+                                   for c in range(0, int(d * s + 40 * np.sqrt(d * s) + 60))) for s in base.shares]
+                              for d in depth])
+    assert expected_base[:, :2].std(0).min() > 1e-3  # the tiles' depths differ, so the base varies
+    np.testing.assert_allclose(fn(tiles, ids=ids),
+                               np.array([0.5, 1.0, 1.5]) + np.array([1.0, 2.0, 0.5]) * z + expected_base,
+                               rtol=1e-4, atol=1e-4)
+    # model.json says counting but the arrays are gone: an error naming the file, not a silent mean-only model.
+    os.remove(tmp_path / model_export.COUNTING_NPZ)
+    with pytest.raises(BadInputError, match="counting_base.npz.*export the model again"):
+        model_export.load_counting_base(str(tmp_path), loaded_info)
+    assert model_export.load_counting_base(str(tmp_path), {**loaded_info, "output_base": "mean"}) is None

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, controls,
-                            evaluation, features, folds, metrics, model_export, plots)
+                            counting_base, evaluation, features, folds, metrics, model_export, plots)
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError, ConfigError
@@ -127,12 +127,18 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     fdr = config.loo.fdr
     fa, fb, ca, cb = inputs_of(ae["variables"])
     obs_a = {k: v[rows_a] for k, v in store_a.obs.items()}
+    base_scale = counting_base.scale_for(config, store_a.manifest, store_a.obs, store_a.path)
+    if base_scale is not None and evaluation.sampling_scale(store_b.manifest) != base_scale:
+        raise BadInputError(f"{store_b.path}: its expression is not log1p counts per {base_scale:g} as "
+                            f"{store_a.path}'s is, which the counting base (model.output_base) predicts; prepare "
+                            "both stores alike or use --config.model.output_base=mean")
     heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external",
-                                        context=ca)
+                                        context=ca, base_scale=base_scale)
     curve = heads["curve"]
     # The test store is smoothed as inner validation on the training store chose.
     smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
-    unsmoothed = folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb)
+    unsmoothed = folds.predict_with_base(heads["states"], fb, heads["mean"], heads["sd"], heads["counting_base"],
+                                         context=cb)
     pred = smooth(unsmoothed)
     # The same metric block as a leave-one-patient-out fold: depth-adjusted r, R² against the training mean and
     # a failed flag for a collapsed head (flat predictions), so the headline never hides a collapse.
@@ -141,6 +147,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         (evaluation.log_library_size(store_a.obs), rows_a), (evaluation.log_library_size(store_b.obs), rows_b)))
     block = lambda p: evaluation.predictor_metrics(truth, p, reference, log_depth, fdr)  # noqa: E731
     results = {"model": block(pred)}
+    image_depth_r = None
     control_blocks = {"mean_predictor": evaluation.mean_profile_metrics(truth, reference, log_depth, fdr)}
     if log_depth is not None and log_depth_a is not None:
         # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A.
@@ -148,22 +155,31 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
             truth, controls.depth_oracle(log_depth_a, expr_a, log_depth), reference, log_depth, fdr, trained=False)
         scale = evaluation.sampling_scale(store_a.manifest)
         if scale is not None and scale == evaluation.sampling_scale(store_b.manifest):
+            lib_a = np.asarray(store_a.obs["library_size"], np.float64)[rows_a]
             control_blocks["depth_oracle_sampling"] = evaluation.predictor_metrics(
-                truth, controls.sampling_depth_oracle(expr_a, np.asarray(store_a.obs["library_size"],
-                                                                         np.float64)[rows_a], log_depth, scale),
+                truth, controls.sampling_depth_oracle(expr_a, lib_a, log_depth, scale),
                 reference, log_depth, fdr, trained=False)
+            # The same counting model at the depth a ridge on A's frozen features reads from B's tiles: the
+            # counting base itself (with output_base=counting the model is this plus the heads' output).
+            base = heads["counting_base"] or counting_base.fit(
+                counting_base.pooled_rows(fa[0], np.arange(len(rows_a))), expr_a, lib_a,
+                evaluation.alpha_groups(obs_a, np.arange(len(rows_a))), scale)
+            pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
+            control_blocks["image_depth_sampling"] = block(smooth(counting_base.predict(base, pooled_b)))
+            read = counting_base.image_log_depth(base, pooled_b)
+            image_depth_r = float(np.corrcoef(read, log_depth)[0, 1])
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
         control_blocks["untrained_head"] = block(
-            smooth(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"], heads["sd"],
-                                                   context=cb)))
+            smooth(folds.predict_with_base(heads["untrained_states"], fb, heads["mean"], heads["sd"],
+                                           heads["counting_base"], context=cb)))
     control_preds = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb, rca, rcb = inputs_of(rv)
         rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
-                                             context=rca)
-        rpred = smooth(folds.ensemble_predict_features(rheads["states"], rb, rheads["mean"], rheads["sd"],
-                                                       context=rcb))
+                                             context=rca, base_scale=base_scale)
+        rpred = smooth(folds.predict_with_base(rheads["states"], rb, rheads["mean"], rheads["sd"],
+                                               rheads["counting_base"], context=rcb))
         control_blocks["random_encoder"] = block(rpred)
         control_preds["random_encoder"] = rpred
     if builders.smoothing(config) is not None:
@@ -214,11 +230,18 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         model_info = model_export.export(os.path.join(workdir, "model"), config, heads["states"], genes, store_a,
                                          ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae"),
                                          mean=heads["mean"], sd=heads["sd"], views=fa.shape[0],
-                                         smoothing=folds.exported_smoothing(heads["smoothing"]))
+                                         smoothing=folds.exported_smoothing(heads["smoothing"]),
+                                         counting=heads["counting_base"])
     external = {
         "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
                   "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic, "refit": heads["refit"],
-                  "live_units": heads["live_units"]},
+                  "live_units": heads["live_units"],
+                  "output_base": ({"base": "mean"} if heads["counting_base"] is None else
+                                  {"base": "counting", "scale": base_scale,
+                                   "depth_ridge_alpha": heads["counting_base"].alpha})},
+        # r between the log library size a ridge on A's features reads from B's tiles and B's measured one
+        # (the image_depth_sampling control's depth; a diagnostic, nothing is chosen on it).
+        "test_image_depth_r": image_depth_r,
         "test": {"store": store_b.path, "patients": sorted(set(store_b.obs["patient"][rows_b].tolist())),
                  "n_spots": int(len(rows_b)), "synthetic": store_b.synthetic},
         "n_shared_genes": len(genes), "overlap": overlap, "warnings": warnings, **results,

@@ -28,6 +28,7 @@ import numpy as np
 from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, evaluation,
                             features, folds, metrics, plots, spatial_anndata)
 from histospace_jax import controls as controls_lib
+from histospace_jax import counting_base
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError
@@ -111,11 +112,58 @@ def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict]
     return encoders, list(range(len(plan.folds))), summaries
 
 
+def fold_counting_bases(store, plan, feats, encoder_of_fold: list[int], train_rows: list[np.ndarray],
+                        scale: float) -> tuple[list, list, dict]:
+    """Per fold, the counting base (counting_base.fit) of its inner-training rows and of all its training rows,
+    from the untransformed view of its encoder's features, and what results.json records of them: the depth
+    ridge's alpha and how well the full base reads the held-out spots' depth (r of log library size, a
+    diagnostic: nothing is chosen on it)."""
+    expression = np.asarray(store.expression, np.float32)
+    library = np.asarray(store.obs["library_size"], np.float64)
+    n = len(expression)
+    pooled = [counting_base.pooled_rows(m, np.arange(n)) for m in _first_view(feats)]
+    inner, full, summary = [], [], {}
+    for f in range(len(plan.folds)):
+        p = pooled[encoder_of_fold[f]]
+        bases = []
+        for rows in (train_rows[f], plan.training_rows(f)):
+            bases.append(counting_base.fit(p[rows], expression[rows], library[rows],
+                                           evaluation.alpha_groups(store.obs, rows), scale))
+        inner.append((bases[0], p))
+        full.append((bases[1], p))
+        held = plan.held_out_rows(f)
+        read = counting_base.image_log_depth(bases[1], p[held])
+        measured = np.log(np.maximum(library[held], 1.0))
+        summary[plan.name(f)] = {"depth_ridge_alpha": bases[1].alpha,
+                                 "held_out_depth_r": float(np.corrcoef(read, measured)[0, 1]) if len(held) > 2
+                                 else None}
+    return inner, full, summary
+
+
+def _with_base(bases, f: int, rows: np.ndarray, pred):
+    if bases is None or pred is None:
+        return pred
+    base, pooled = bases[f]
+    return np.asarray(pred, np.float64) + counting_base.predict(base, pooled[rows])
+
+
+def output_base_summary(scale: float | None, per_fold: dict | None) -> dict:
+    """results.json's record of what the heads' output was added to."""
+    if scale is None:
+        return {"base": "mean", "what": "the heads' output is added to the training mean (they learn everything)"}
+    return {"base": "counting", "scale": scale, "per_fold": per_fold,
+            "what": "each prediction is the counting model at the depth a ridge reads from the frozen features "
+                    "(the training patients' library shares; the image_depth_sampling control) plus the heads' "
+                    "output; the heads learnt expression minus the counting model at each training spot's "
+                    "measured depth with its own patient's shares"}
+
+
 def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], encoder_of_fold: list[int], writer, *,
-                    tag: str = "main", feats: np.ndarray | None = None) -> dict:
+                    tag: str = "main", feats: np.ndarray | None = None, base_scale: float | None = None) -> dict:
     """Every fold's heads (train.ensemble per fold) on the frozen features ([E, V, N, h, w, C], computed from
     `encoders` when not given); returns per-fold held-out predictions of the trained and the untrained heads,
-    the curves, best epochs and inner-validation splits."""
+    the curves, best epochs and inner-validation splits. With `base_scale` (counting_base.scale_for) the heads
+    learn counting_base.residual_targets and every prediction is the fold's counting base plus theirs."""
     expression = np.asarray(store.expression, np.float32)
     if feats is None:
         feats = encoder_features(config, workdir, store, encoders)
@@ -132,12 +180,18 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
     out = {"plan": plan, "preds": {}, "unsmoothed": {}, "smoothing": {}, "untrained": {}, "curve": [],
            "best_epoch": {}, "inner_validation": splits, "inner_validation_score": {}, "refit": False,
-           "live_units": {}}
+           "live_units": {}, "output_base": None}
+    targets, inner_bases, full_bases = expression, None, None
+    if base_scale is not None:
+        targets = counting_base.residual_targets(expression, store.obs["library_size"], store.obs["patient"],
+                                                 base_scale)
+        inner_bases, full_bases, out["output_base"] = fold_counting_bases(store, plan, feats, encoder_of_fold,
+                                                                          train_rows, base_scale)
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
                               encoder_of_fold=[encoder_of_fold[f] for f in group], features=feats,
-                              expression=expression, encoder_variables=encoders, context=ctx)
+                              expression=targets, encoder_variables=encoders, context=ctx)
         res = folds.train_heads(config, workdir, data, tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}",
                                 writer=writer)
         held = [plan.held_out_rows(f) for f in group]
@@ -146,6 +200,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         # predictions choose each fold's smoothing, and the score is of the smoothed ones.
         selected = (res["selected_predict"]([val_rows[f] for f in group]) if any(len(val_rows[f]) for f in group)
                     else [None] * len(group))
+        selected = [_with_base(inner_bases, f, val_rows[f], p) for f, p in zip(group, selected)]
         for f, p in zip(group, selected):
             choice = folds.choose_smoothing(config, store.obs, expression, train_rows[f], val_rows[f], p)
             out["smoothing"][plan.name(f)] = choice
@@ -154,11 +209,13 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
                 out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
                     expression, train_rows[f], val_rows[f], smoothed)
         for f, rows, p in zip(group, held, res["predict"](held)):
+            p = _with_base(full_bases, f, rows, p)
             out["unsmoothed"][f] = p
             out["preds"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
         # With a zero output layer the untrained heads predict the training mean: not worth a pass.
         untrained = res["untrained"](held) if config.model.output_init != "zeros" else [None] * len(group)
         for f, rows, p in zip(group, held, untrained):
+            p = _with_base(full_bases, f, rows, p)
             out["untrained"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
         out["curve"].extend(res["curve"])
         out["best_epoch"].update(res["best_epoch"])
@@ -318,7 +375,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         console.log("[loo] loo.evaluate_on=inner_validation: every fold is scored on its inner-validation spots "
                     "(training patients only); no held-out patient is read")
     feats = encoder_features(config, workdir, store, encoders)
-    loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats)
+    base_scale = counting_base.scale_for(config, store.manifest, store.obs, store.path)
+    loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats,
+                          base_scale=base_scale)
     expression = np.asarray(store.expression, np.float32)
     controls, random_smoothing = {}, {}
     draw_seeds = ([config.loo.random_encoder_seed + k for k in range(config.loo.random_encoder_draws)]
@@ -326,7 +385,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     for k, (name, seed) in enumerate(zip(evaluation.random_encoder_control_names(len(draw_seeds)), draw_seeds)):
         console.log(f"[loo] control {name}: the same heads on a randomly initialised (untrained) encoder, seed {seed}")
         random_run = train_all_folds(config, workdir, store, plan, [builders.random_encoder_variables(config, seed)],
-                                     [0] * len(plan.folds), inputs.writer, tag=name)
+                                     [0] * len(plan.folds), inputs.writer, tag=name, base_scale=base_scale)
         controls[name] = random_run["preds"]
         random_smoothing.update({fold if k == 0 else f"{fold} ({name})": choice
                                  for fold, choice in random_run["smoothing"].items()})
@@ -352,7 +411,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                            fdr=config.loo.fdr, seed=config.seed)
     extra = _extras(config, workdir, store, loo, expression, encoders[0])
     genes = store.genes
-    ceilings = evaluation.noise_ceilings(plan, expression, store.obs, config.seed)
+    ceilings = evaluation.noise_ceilings(plan, expression, store.obs, config.seed,
+                                         evaluation.sampling_scale(store.manifest))
     neighbours = evaluation.neighbour_references(plan, expression, store.obs)
     results = {
         "mode": "loo",
@@ -365,7 +425,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "summary": evaluation.summarise(fold_metrics),
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
         "evaluated_on": config.loo.evaluate_on,
-        "training": {"recipe": config.recipe, "loss": _loss_summary(config), "best_epoch": loo["best_epoch"],
+        "training": {"recipe": config.recipe, "loss": _loss_summary(config),
+                     "output_base": output_base_summary(base_scale, loo["output_base"]),
+                     "best_epoch": loo["best_epoch"],
                      "refit": loo["refit"], "live_units": loo["live_units"],
                      "inner_validation": loo["inner_validation"],
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
