@@ -39,7 +39,8 @@ _NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory", "model.smooth
 # Settings added after checkpoints were already being written, with the value that reproduces the old behaviour:
 # a checkpoint that does not record one was written with that value, so it resumes under it.
 ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5, "train.head_seed": None,
-               "train.stain_jitter": 0.0, "train.refit": "off", "model.output_base": "mean"}
+               "train.stain_jitter": 0.0, "train.refit": "off", "model.output_base": "mean",
+               "train.inner_split": "sections"}
 
 
 class Checkpointer:

@@ -115,7 +115,11 @@ def get_config() -> ml_collections.ConfigDict:
     # (benchmarks/ablation.py --head_seeds).
     c.train.head_seed = config_dict.placeholder(int)
     c.train.select_epoch = "auto"  # "on": keep each head's best epoch on inner validation | "off" | "auto"
-    c.train.inner_val_fraction = 0.2  # share of spatial blocks held out for inner validation (one-section patients)
+    c.train.inner_val_fraction = 0.2  # share of a fold's training spots held back for inner validation
+    # Inner-validation units. "patients": whole training patients when a fold has at least 3 (a new patient is
+    # what leave-one-patient-out scores, so that is what inner validation holds back), else as "sections":
+    # whole sections of patients with several, grid blocks (4 x 4 spots) of one-section patients.
+    c.train.inner_split = "patients"
     # "on": after each head's epoch is chosen on inner validation, train it again from the same initialisation on
     # every training row (inner-validation rows included) and keep it at that epoch, so no training spot is
     # left out of the final heads | "off" | "auto" (recipe). Needs select_epoch=on; doubles the heads' training.
@@ -232,6 +236,7 @@ CHOICES = {
     "recipe": ("standard", "paper"),
     "model.output_init": ("zeros", "lecun", "auto"),
     "model.output_base": ("counting", "mean", "auto"),
+    "train.inner_split": ("patients", "sections"),
     "train.standardise_targets": ("on", "centre", "off", "auto"),
     "train.augment": ("dihedral", "none", "auto"),
     "train.select_epoch": ("on", "off", "auto"),

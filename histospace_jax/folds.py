@@ -35,6 +35,9 @@ from histospace_jax.data import pipeline
 from histospace_jax.errors import BadInputError
 
 BLOCK_CELLS = 4  # inner-validation blocks: 4 x 4 spots of the array grid
+# Inner validation by whole patients needs at least this many training patients (one or more held back, two
+# or more left to learn from); with fewer it falls back to sections and grid blocks.
+MIN_PATIENTS_TO_SPLIT = 3
 _NO_SCORE = 1e30  # "not evaluated yet" (checkpoints refuse non-finite arrays)
 # Live hidden units are counted on a fold's inner-validation spots, or on this many of its training spots
 # (evenly spread) when it has none.
@@ -79,7 +82,8 @@ class InnerValidationPlan(FoldPlan):
 
 def inner_validation_plan(config, obs: dict, plan: FoldPlan) -> InnerValidationPlan:
     """`plan`'s folds, each scored on its inner split's validation spots instead of its held-out patient."""
-    splits = [inner_split(obs, plan.training_rows(f), config.train.inner_val_fraction, config.seed)
+    splits = [inner_split(obs, plan.training_rows(f), config.train.inner_val_fraction, config.seed,
+                          config.train.inner_split)
               for f in range(len(plan.folds))]
     return InnerValidationPlan(plan.patients, plan.spot_patient, plan.folds, held=[v for _, v, _ in splits],
                                train=[t for t, _, _ in splits])
@@ -97,30 +101,41 @@ def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
     return FoldPlan(patients, pidx, [patients.index(p) for p in wanted])
 
 
-def inner_split(obs: dict, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+def inner_split(obs: dict, rows: np.ndarray, fraction: float, seed: int, by: str = "patients"
+                ) -> tuple[np.ndarray, np.ndarray, str]:
     """(inner-train rows, inner-validation rows, how) of a fold's training rows.
 
-    Units are whole sections of patients with several sections (a patient's last remaining section always
-    stays in training) and grid blocks of single-section patients; units are drawn at random until at least
+    With `by`="patients" and at least MIN_PATIENTS_TO_SPLIT training patients, units are whole patients (at
+    least two always stay in training): the inner split then asks what the held-out patient's fold asks, how
+    the heads do on a patient they never saw, so the epochs and settings it chooses are the ones that transfer
+    between patients, not between sections of the same patient. Otherwise ("sections", or too few patients)
+    units are whole sections of patients with several sections (a patient's last remaining section always stays
+    in training) and grid blocks of single-section patients. Units are drawn at random until at least
     `fraction` of the rows are in validation. Spatial units, not random spots: neighbouring spots are
     correlated, so random spots would make validation look better than a new patient will."""
     patients, sections = obs["patient"][rows], obs["section"][rows]
-    blocks = controls.grid_blocks(obs["array_x"][rows], obs["array_y"][rows], sections, BLOCK_CELLS)
+    names = list(dict.fromkeys(patients.tolist()))
     units: list[np.ndarray] = []
     kinds = set()
-    for p in dict.fromkeys(patients.tolist()):
-        mine = patients == p
-        secs = list(dict.fromkeys(sections[mine].tolist()))
-        if len(secs) > 1:
-            units += [np.flatnonzero(mine & (sections == s)) for s in secs[1:]]
-            kinds.add("sections")
-        else:
-            units += [np.flatnonzero(mine & (blocks == b)) for b in np.unique(blocks[mine])]
-            kinds.add("blocks")
+    by_patient = by == "patients" and len(names) >= MIN_PATIENTS_TO_SPLIT
+    if by_patient:
+        units = [np.flatnonzero(patients == p) for p in names]
+        kinds.add("patients")
+    else:
+        blocks = controls.grid_blocks(obs["array_x"][rows], obs["array_y"][rows], sections, BLOCK_CELLS)
+        for p in names:
+            mine = patients == p
+            secs = list(dict.fromkeys(sections[mine].tolist()))
+            if len(secs) > 1:
+                units += [np.flatnonzero(mine & (sections == s)) for s in secs[1:]]
+                kinds.add("sections")
+            else:
+                units += [np.flatnonzero(mine & (blocks == b)) for b in np.unique(blocks[mine])]
+                kinds.add("blocks")
     order = np.random.default_rng([seed, 7]).permutation(len(units))
     val, n_val = [], 0
     for u in order:
-        if n_val >= fraction * len(rows):
+        if n_val >= fraction * len(rows) or (by_patient and len(val) >= len(units) - 2):
             break
         val.append(units[u])
         n_val += len(units[u])
@@ -135,7 +150,7 @@ def training_split(config, obs: dict, rows: np.ndarray) -> tuple[np.ndarray, np.
     """(rows the heads learn from, inner-validation rows, how) of a fold's training rows: the inner split when
     train.select_epoch is on, else every training row and no validation."""
     if config.train.select_epoch == "on":
-        return inner_split(obs, rows, config.train.inner_val_fraction, config.seed)
+        return inner_split(obs, rows, config.train.inner_val_fraction, config.seed, config.train.inner_split)
     return rows, rows[:0], "none (train.select_epoch=off: final epoch, all training spots)"
 
 

@@ -189,6 +189,12 @@ def test_checkpoint_from_before_a_setting_existed_resumes_only_under_its_old_beh
     path = str(tmp_path / "ck")
     _tiny_checkpoint(path, old)
     ck = Checkpointer(path)
+    # Inner validation by whole patients came with a new default: an old checkpoint resumes only under the old
+    # units (--config.train.inner_split=sections), and the refusal says which setting to restore.
+    with pytest.raises(errors.ConfigMismatchError, match="train.inner_split: checkpoint 'sections' vs now 'patients'"):
+        ck.restore_checked({"w": np.ones(4, np.float32)}, dict(sig))
+    config.train.inner_split = "sections"
+    sig = checkpointing.compat_signature(config, checkpointing.HEAD_KEYS, n_rows=96)
     ck.restore_checked({"w": np.ones(4, np.float32)}, dict(sig))
     other = ml_collections.ConfigDict(config.to_dict())
     other.model.context = "neighbours"

@@ -199,6 +199,33 @@ def test_inner_split_uses_sections_or_blocks_of_training_patients():
     assert "sections" in how or "blocks" in how
 
 
+def test_inner_split_holds_back_whole_patients_when_a_fold_has_enough():
+    """With >= 3 training patients the units are whole patients (as leave-one-patient-out's own), at least two
+    stay in training, and a patient is never split; with 2 it falls back to sections and blocks, and
+    by="sections" keeps the old units whatever the count."""
+    sizes = {"P": 10, "Q": 12, "R": 8, "S": 14, "T": 6}
+    patients = np.concatenate([[p] * n for p, n in sizes.items()])
+    sections = np.array([f"{p}{i % 2}" for i, p in enumerate(patients)])
+    n = len(patients)
+    obs = {"patient": patients, "section": sections, "array_x": np.arange(n) % 5, "array_y": np.arange(n) // 5}
+    rows = np.arange(n)
+    for seed in range(6):
+        tr, va, how = folds.inner_split(obs, rows, 0.2, seed)
+        assert how.endswith("by patients") and len(va) >= 0.2 * n
+        assert not set(patients[tr]) & set(patients[va])  # whole patients
+        assert len(set(patients[tr])) >= 2
+        assert sorted(np.r_[tr, va].tolist()) == rows.tolist()
+    # A large fraction still leaves two patients to learn from.
+    tr, va, _ = folds.inner_split(obs, rows, 0.9, 0)
+    assert len(set(patients[tr])) == 2 and len(set(patients[va])) == 3
+    # Two training patients: sections and blocks, as before.
+    two = np.isin(patients, ["P", "Q"])
+    _, va2, how2 = folds.inner_split(obs, rows[two], 0.2, 0)
+    assert how2.endswith("by sections") and set(sections[va2]) <= {"P1", "Q1"}  # never a patient's first
+    _, va3, how3 = folds.inner_split(obs, rows, 0.2, 0, by="sections")
+    assert "patients" not in how3 and "sections" in how3
+
+
 def test_pathology_clustering_on_known_predictions(tmp_path):
     n = 20
     labels = np.array(["invasive cancer"] * 8 + ["connective tissue"] * 10 + ["", "cancer in situ"])
