@@ -272,6 +272,13 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
         lines += [f"Overlap check: `{json.dumps(e['overlap'])}`", ""]
         lines += [_md_table(METRIC_HEADER, _metric_rows("test set", _ext_block(e), e["test"]["n_spots"])), ""]
         lines += [f"- {k}: {v}" for k, v in CONTROL_NOTES.items() if k in e.get("controls", {})]
+        base = e["train"].get("output_base") or {}
+        if base.get("base") == "counting":
+            lines.append("- output base: counting (the model is the counting model at the depth read from each test "
+                         "tile, image_depth_sampling, plus the heads' output)")
+        if e.get("test_image_depth_r") is not None:
+            lines.append(f"- the depth ridge, fitted on the training store's features, reads the test spots' log "
+                         f"library size at r {e['test_image_depth_r']:.3f}")
         lines += smoothing_lines(e.get("smoothing")) + [""]
         lines += ["## Genes by per-gene r", "", "Top 10:", "", _md_table(["gene", "r"], e["top_genes"]), "",
                   "Bottom 10:", "", _md_table(["gene", "r"], e["bottom_genes"]), "",

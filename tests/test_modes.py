@@ -149,6 +149,9 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "depth_oracle_sampling", "image_depth_sampling",
                                   "random_encoder", "model_unsmoothed"}
     assert -1 <= e["test_image_depth_r"] <= 1
+    report = open(w / "report.md").read()
+    assert "- output base: counting (the model is the counting model" in report
+    assert f"reads the test spots' log library size at r {e['test_image_depth_r']:.3f}" in report
     sa, sb = store_lib.open_store(str(a)), store_lib.open_store(str(b))
     rows_b = np.flatnonzero(sb.obs["patient"] == "X")
     truth, depth_oracle_r, sampling_r = sb.expression[rows_b][:, sb.gene_index(["G1", "G2", "G4"])], [], []
