@@ -293,7 +293,7 @@ def alpha_groups(obs: dict, rows: np.ndarray) -> np.ndarray:
 
 def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: np.ndarray,
                       feature_maps: list[np.ndarray], encoder_of_fold: list[int], sampling: float | None = None
-                      ) -> tuple[dict, dict]:
+                      ) -> tuple[dict, dict, dict]:
     """The controls a sceptical reviewer asks for, per fold, fitted on the training patients only:
     trivial_image (ridge on colour and H/E/D statistics of each tile), linear_probe (ridge on the top principal
     components of the same frozen features the heads see, pooled) and, when the store keeps each spot's
@@ -302,9 +302,11 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
     counts-per scale, `sampling_scale`) also depth_oracle_sampling and image_depth_sampling: the same two depths
     through the counting model (controls.sampling_depth_oracle) instead of the lines. Penalties are chosen by
     leave-one-group-out on the training rows. Returns ({control: {fold: predictions}}, {control: {fold name:
-    alpha}})."""
+    alpha}}, {fold name: r between the log library size the image_depth ridge reads from the held-out tiles and
+    the measured one} (empty without library sizes; a diagnostic, nothing is chosen on it))."""
     preds = {"trivial_image": {}, "linear_probe": {}}
     alphas = {"trivial_image": {}, "linear_probe": {}}
+    depth_read = {}
     log_depth = log_library_size(obs)
     has_depth = log_depth is not None
     with_sampling = has_depth and sampling is not None
@@ -331,11 +333,13 @@ def reviewer_controls(plan, expression: np.ndarray, obs: dict, colour_features: 
             depth_from_image, a = controls.image_log_depth(z_train, z_test, log_depth[tr], groups)
             preds["image_depth"][f] = controls.depth_oracle(log_depth[tr], y, depth_from_image)
             alphas["image_depth"][plan.name(f)] = float(a)
+            depth_read[plan.name(f)] = (float(np.corrcoef(depth_from_image, log_depth[te])[0, 1])
+                                        if len(te) > 2 and np.ptp(log_depth[te]) > 0 else None)
             if with_sampling:
                 shares = controls.library_shares(y, library[tr], sampling)
                 preds["depth_oracle_sampling"][f] = controls.sampling_expectation(log_depth[te], shares, sampling)
                 preds["image_depth_sampling"][f] = controls.sampling_expectation(depth_from_image, shares, sampling)
-    return preds, alphas
+    return preds, alphas, depth_read
 
 
 def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0, scale: float | None = 1e4) -> dict:

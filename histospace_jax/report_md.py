@@ -401,6 +401,10 @@ def _fold_details(results: dict) -> list[str]:
                              f"{score['per_gene_pearson']:.4f}: the score settings are compared on")
         for control, by_fold in t.get("control_ridge_alpha", {}).items():
             lines.append(f"- {control} ridge penalty (leave-one-group-out on training patients): {by_fold}")
+        read = {k: round(v, 3) for k, v in (t.get("image_depth_read_r") or {}).items() if v is not None}
+        if read:
+            lines.append(f"- how well the frozen features tell sequencing depth: r between the log library size the "
+                         f"image_depth ridge reads from the held-out tiles and the measured one, {read}")
         lines.append("")
     ae = results.get("autoencoder", {})
     if ae:

@@ -80,8 +80,9 @@ def test_reviewer_controls_never_see_the_held_out_patient():
     colour = np.concatenate([signal, np.random.default_rng(2).normal(size=(len(signal), 3))], 1)
     maps = np.random.default_rng(3).normal(size=(len(signal), 4, 4, 2)).astype(np.float32)
     maps[..., 0] += signal[:, :, None]
-    preds, alphas = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0])
+    preds, alphas, depth_read = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0])
     assert set(preds) == {"trivial_image", "linear_probe", "depth_oracle", "image_depth"}
+    assert set(depth_read) == set("ABC") and all(-1 <= v <= 1 for v in depth_read.values())
     assert set(alphas["linear_probe"]) == set(alphas["image_depth"]) == set("ABC")
     # The colour features carry the signal: the trivial control predicts the held-out patient well.
     r = metrics.pearson_per_gene(expr[plan.held_out_rows(0)], preds["trivial_image"][0])
@@ -89,7 +90,7 @@ def test_reviewer_controls_never_see_the_held_out_patient():
     # Changing the held-out patient's expression changes nothing the controls predict for it.
     e2 = expr.copy()
     e2[plan.held_out_rows(0)] = -50.0
-    preds2, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0])
+    preds2, _, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0])
     for name in preds:
         np.testing.assert_array_equal(preds[name][0], preds2[name][0])
 
@@ -104,7 +105,7 @@ def test_sampling_controls_use_the_training_shares_and_the_two_depths():
     maps = np.random.default_rng(3).normal(size=(len(signal), 4, 4, 2)).astype(np.float32)
     maps[..., 0] += np.log(obs["library_size"])[:, None, None]
     colour = np.random.default_rng(4).normal(size=(len(signal), 3))
-    preds, _ = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0], sampling=1e4)
+    preds, _, depth_read = evaluation.reviewer_controls(plan, expr, obs, colour, [maps], [0, 0, 0], sampling=1e4)
     assert set(preds) == {"trivial_image", "linear_probe", "depth_oracle", "image_depth", "depth_oracle_sampling",
                           "image_depth_sampling"}
     lib = obs["library_size"]
@@ -119,9 +120,11 @@ def test_sampling_controls_use_the_training_shares_and_the_two_depths():
         depth_from_image = (preds["image_depth"][f][:, 0] - lines[1, 0]) / lines[0, 0]
         np.testing.assert_allclose(preds["image_depth_sampling"][f],
                                    controls.sampling_expectation(depth_from_image, shares), rtol=1e-6, atol=1e-9)
+        # The diagnostic: how well that depth follows the measured one on the held-out spots.
+        assert np.isclose(depth_read[plan.name(f)], np.corrcoef(depth_from_image, np.log(lib[te]))[0, 1], atol=1e-6)
     e2 = expr.copy()
     e2[plan.held_out_rows(0)] = 7.0
-    preds2, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0], sampling=1e4)
+    preds2, _, _ = evaluation.reviewer_controls(plan, e2, obs, colour, [maps], [0, 0, 0], sampling=1e4)
     for name in ("depth_oracle_sampling", "image_depth_sampling"):
         np.testing.assert_array_equal(preds[name][0], preds2[name][0])
 

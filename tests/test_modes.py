@@ -299,6 +299,8 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
                                        "units": "standard deviations of each gene on the fold's training rows"}
     # The standard recipe adds the heads' output to the training mean (its inner validation's choice).
     assert res["training"]["output_base"]["base"] == "mean"
+    assert set(res["training"]["image_depth_read_r"]) == {"E", "F"}
+    assert "- how well the frozen features tell sequencing depth: r between" in open(w / "report.md").read()
     assert "- output base: mean (the heads' output is added to the training mean" in open(w / "report.md").read()
     assert res["evaluated_on"] == "held_out" and res["training"]["refit"] is True
     assert "- refit: after inner validation chose each head's epoch" in open(w / "report.md").read()

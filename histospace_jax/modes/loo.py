@@ -390,7 +390,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         random_smoothing.update({fold if k == 0 else f"{fold} ({name})": choice
                                  for fold, choice in random_run["smoothing"].items()})
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
-    reviewer, alphas = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
+    reviewer, alphas, depth_read = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
                                                     _first_view(feats), encoder_of_fold,
                                                     sampling=evaluation.sampling_scale(store.manifest))
     # The reviewer's controls take their fold's smoothing as the model chose it (the random-encoder control
@@ -431,6 +431,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                      "refit": loo["refit"], "live_units": loo["live_units"],
                      "inner_validation": loo["inner_validation"],
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
+                     "image_depth_read_r": depth_read,
                      "context": folds.context_summary(config, store.obs),
                      "smoothing": folds.smoothing_summary(
                          loo["smoothing"], store.obs,
