@@ -124,7 +124,7 @@ def _paired_with_labels(y_true, y_pred, labels, name: str):
     return y_true, y_pred, labels
 
 
-def column_standardiser(x: np.ndarray, standardise: bool) -> tuple[np.ndarray, np.ndarray]:
+def _standardiser(x: np.ndarray, standardise: bool) -> tuple[np.ndarray, np.ndarray]:
     mean = x.mean(axis=0)
     if not standardise:
         return mean, np.ones(x.shape[1])
@@ -155,7 +155,7 @@ def ridge_fit(x, y, alpha: float, standardise: bool = True) -> RidgeModel:
         raise ValueError("ridge_fit needs at least one row")
     if alpha < 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")
-    mean, scale = column_standardiser(x, standardise)
+    mean, scale = _standardiser(x, standardise)
     xs = (x - mean) / scale
     y_mean = y.mean(axis=0)
     yc = y - y_mean
@@ -211,7 +211,7 @@ def choose_ridge_alpha(x, y, groups, alphas=DEFAULT_ALPHAS, fallback_groups=None
     for k, g in enumerate(labels):
         val = groups == g
         xt, yt, xv, yv = x[~val], y[~val], x[val], y[val]
-        mean, scale = column_standardiser(xt, standardise)
+        mean, scale = _standardiser(xt, standardise)
         xts = (xt - mean) / scale
         xvs = (xv - mean) / scale
         y_mean = yt.mean(axis=0)
@@ -297,15 +297,33 @@ def linear_probe(feats_train, y_train, groups_train, feats_test, n_components: i
                            alphas, fallback_groups)
 
 
+@dataclasses.dataclass(frozen=True)
+class ProbeProjection:
+    """The linear probe's input map, fitted on training rows: pooled feature maps standardised with `mean` /
+    `scale` [P], then projected on `pca`'s axes."""
+
+    mean: np.ndarray
+    scale: np.ndarray
+    pca: PCAModel
+
+    def scores(self, pooled) -> np.ndarray:
+        return pca_transform(self.pca, (_as_2d(pooled, "pooled") - self.mean) / self.scale)
+
+
+def fit_probe_projection(pooled_train, n_components: int = 256) -> ProbeProjection:
+    """Standardiser and top principal components of the training rows' pooled feature maps ([N, P])."""
+    pooled_train = _as_2d(pooled_train, "pooled_train")
+    mean, scale = _standardiser(pooled_train, True)
+    return ProbeProjection(mean, scale, fit_pca((pooled_train - mean) / scale, n_components))
+
+
 def probe_scores(feats_train, feats_test, n_components: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """The linear probe's inputs: pooled feature maps, standardised on the training rows, projected on the
-    training rows' top principal components -> (train scores, test scores). The PCA has seen the
-    inner-validation rows' features (never their expression), which is unsupervised only."""
+    training rows' top principal components (fit_probe_projection) -> (train scores, test scores). The PCA has
+    seen the inner-validation rows' features (never their expression), which is unsupervised only."""
     p_train = pooled_feature_maps(feats_train)
-    p_test = pooled_feature_maps(feats_test)
-    mean, scale = column_standardiser(p_train, True)
-    pca = fit_pca((p_train - mean) / scale, n_components)
-    return pca_transform(pca, (p_train - mean) / scale), pca_transform(pca, (p_test - mean) / scale)
+    projection = fit_probe_projection(p_train, n_components)
+    return projection.scores(p_train), projection.scores(pooled_feature_maps(feats_test))
 
 
 def ridge_on_scores(z_train, z_test, y_train, groups_train, alphas=DEFAULT_ALPHAS, fallback_groups=None

@@ -66,20 +66,20 @@ def fit(pooled_train: np.ndarray, expression_train: np.ndarray, library_train: n
         scale: float) -> CountingBase:
     """The counting base of training rows: their genes' library shares (controls.library_shares) and a ridge
     from their pooled feature maps ([N, P], `pooled_rows`) to their log library size, on the linear probe's
-    inputs (controls.probe_scores: standardised, top PCA_COMPONENTS principal components)."""
+    inputs (controls.fit_probe_projection: standardised, top PCA_COMPONENTS principal components)."""
     pooled_train = np.asarray(pooled_train, np.float64)
     library_train = np.asarray(library_train, np.float64).reshape(-1)
     if len(pooled_train) != len(library_train) or len(library_train) != len(expression_train):
         raise ValueError(f"counting_base.fit: {len(pooled_train)} feature rows, {len(expression_train)} expression "
                          f"rows and {len(library_train)} library sizes; they must be the same spots")
-    mean, spread = controls.column_standardiser(pooled_train, True)
-    pca = controls.fit_pca((pooled_train - mean) / spread, PCA_COMPONENTS)
-    z = controls.pca_transform(pca, (pooled_train - mean) / spread)
+    projection = controls.fit_probe_projection(pooled_train, PCA_COMPONENTS)
+    z = projection.scores(pooled_train)
     log_depth = np.log(np.maximum(library_train, 1.0)).reshape(-1, 1)
     alpha, _ = controls.choose_ridge_alpha(z, log_depth, groups, standardise=False)
     ridge = controls.ridge_fit(z, log_depth, alpha, standardise=False)
     return CountingBase(scale=float(scale), shares=controls.library_shares(expression_train, library_train, scale),
-                        feature_mean=mean, feature_scale=spread, pca_mean=pca.mean, components=pca.components,
+                        feature_mean=projection.mean, feature_scale=projection.scale,
+                        pca_mean=projection.pca.mean, components=projection.pca.components,
                         depth_coef=np.asarray(ridge.coef, np.float64)[:, 0],
                         depth_intercept=float(np.asarray(ridge.intercept).reshape(-1)[0]), alpha=float(alpha))
 

@@ -80,6 +80,22 @@ def config(name):
     return f"--config={os.path.join(REPO_ROOT, 'configs', name)}"
 
 
+def _predict_slide(tmp_path, workdir, slide: np.ndarray, centres, *args):
+    """slide.png and spots.csv (spots s0, s1, ... at `centres`) under tmp_path, then predict as the README writes
+    it with workdir's model at 1 um/px; returns the output directory."""
+    from PIL import Image
+
+    Image.fromarray(slide).save(tmp_path / "slide.png")
+    with open(tmp_path / "spots.csv", "w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(["spot_id", "pixel_x", "pixel_y"])
+        wr.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
+    out = tmp_path / "out"
+    run(tmp_path, "histospace_jax.predict", f"--checkpoint={workdir}/model", f"--image={tmp_path}/slide.png",
+        f"--spots={tmp_path}/spots.csv", f"--output={out}", "--source_mpp=1.0", *args)
+    return out
+
+
 def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
     root, a, _ = stores
     w = tmp_path / "w"
@@ -98,19 +114,10 @@ def test_train_mode_exports_a_model_that_predict_reads(stores, tmp_path):
                                           {"radius": 1.5, "self_weight": chosen["self_weight"]})
     assert "Trained model" in open(w / "report.md").read()
     # predict, as the README writes it, on a slide with spots
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     slide = rng.integers(40, 200, size=(80, 96, 3), dtype=np.uint8)
-    Image.fromarray(slide).save(tmp_path / "slide.png")
     centres = [(16 + 20 * i, 16 + 20 * j) for j in range(3) for i in range(4)]
-    with open(tmp_path / "spots.csv", "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["spot_id", "pixel_x", "pixel_y"])
-        wr.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
-    out = tmp_path / "out"
-    run(tmp_path, "histospace_jax.predict", f"--checkpoint={w}/model", f"--image={tmp_path}/slide.png",
-        f"--spots={tmp_path}/spots.csv", f"--output={out}", "--source_mpp=1.0", "--genes=G2")
+    out = _predict_slide(tmp_path, w, slide, centres, "--genes=G2")
     with open(out / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["spot_id"] for r in rows] == [f"s{k}" for k in range(len(centres))]
@@ -439,8 +446,6 @@ def test_train_with_the_counting_base_exports_it_and_predict_adds_it(depth_store
     """The README's train -> predict path with model.output_base=counting: model.json says so, the base's arrays
     sit beside it, and predict's value for each spot is the heads' (the training mean of their targets) plus the
     counting model at the depth the exported ridge reads from that spot's tile, by hand."""
-    from PIL import Image
-
     from histospace_jax import controls, model_export, models
 
     root, a, _ = depth_stores
@@ -463,14 +468,7 @@ def test_train_with_the_counting_base_exports_it_and_predict_adds_it(depth_store
     centres = [(10 + 20 * k, 20) for k in range(len(picked))]
     for (x, y), t in zip(centres, tiles):
         slide[y - 8:y + 8, x - 8:x + 8] = t
-    Image.fromarray(slide).save(tmp_path / "slide.png")
-    with open(tmp_path / "spots.csv", "w", newline="") as f:
-        wr = csv.writer(f)
-        wr.writerow(["spot_id", "pixel_x", "pixel_y"])
-        wr.writerows([f"s{k}", x, y] for k, (x, y) in enumerate(centres))
-    out = tmp_path / "out"
-    run(tmp_path, "histospace_jax.predict", f"--checkpoint={w}/model", f"--image={tmp_path}/slide.png",
-        f"--spots={tmp_path}/spots.csv", f"--output={out}", "--source_mpp=1.0")
+    out = _predict_slide(tmp_path, w, slide, centres)
     with open(out / "predictions.csv") as f:
         got = np.array([[float(r[g]) for g in info["genes"]] for r in csv.DictReader(f)])
     _, model, variables = model_export.load(str(w / "model"))

@@ -137,8 +137,13 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     curve = heads["curve"]
     # The test store is smoothed as inner validation on the training store chose.
     smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
-    unsmoothed = folds.predict_with_base(heads["states"], fb, heads["mean"], heads["sd"], heads["counting_base"],
-                                         context=cb)
+    # B's tiles pooled once, for the counting base (with output_base=counting) and its image_depth_sampling control.
+    pooled_b, base_b = None, None
+    if heads["counting_base"] is not None:
+        pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
+        base_b = counting_base.predict(heads["counting_base"], pooled_b)
+    on_base = lambda p: p if base_b is None else p + base_b  # noqa: E731
+    unsmoothed = on_base(folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb))
     pred = smooth(unsmoothed)
     # The same metric block as a leave-one-patient-out fold: depth-adjusted r, R² against the training mean and
     # a failed flag for a collapsed head (flat predictions), so the headline never hides a collapse.
@@ -164,14 +169,16 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
             base = heads["counting_base"] or counting_base.fit(
                 counting_base.pooled_rows(fa[0], np.arange(len(rows_a))), expr_a, lib_a,
                 evaluation.alpha_groups(obs_a, np.arange(len(rows_a))), scale)
-            pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
-            control_blocks["image_depth_sampling"] = block(smooth(counting_base.predict(base, pooled_b)))
+            if pooled_b is None:
+                pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
+            sampled = base_b if base_b is not None else counting_base.predict(base, pooled_b)
+            control_blocks["image_depth_sampling"] = block(smooth(sampled))
             read = counting_base.image_log_depth(base, pooled_b)
             image_depth_r = float(np.corrcoef(read, log_depth)[0, 1])
     if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
         control_blocks["untrained_head"] = block(
-            smooth(folds.predict_with_base(heads["untrained_states"], fb, heads["mean"], heads["sd"],
-                                           heads["counting_base"], context=cb)))
+            smooth(on_base(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"],
+                                                           heads["sd"], context=cb))))
     control_preds = {}
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
