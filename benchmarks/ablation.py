@@ -70,6 +70,8 @@ VARIANTS = {
     "encoder_relu": ["--config.model.variant=relu"],
     # The heads' output on the counting model at the depth read from the image instead of the training mean.
     "output_base_counting": ["--config.model.output_base=counting"],
+    # The heads' predictions alone, without the blend with the counting model that inner validation weighs.
+    "no_counting_blend": ["--config.model.counting_blend=none"],
 }
 KEYS = ("per_gene_pearson", "depth_adjusted_per_gene_pearson", "per_spot_pearson", "mse", "failed")
 

@@ -33,9 +33,9 @@ AE_KEYS = ("seed", "data.tile_size", "model.variant", "model.encoder_features", 
            "ae.epochs", "ae.batch_size", "ae.learning_rate", "ae.weight_decay", "ae.val_fraction")
 HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
 # Paths, where the features are read from (memory or the on-disk cache: the same batches either way), and the
-# smoothing of finished predictions (it never touches what the heads learn).
+# smoothing of finished predictions and their blend with the counting model (neither touches what the heads learn).
 _NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory", "model.smoothing", "model.smoothing_weight",
-          "model.smoothing_weights", "model.smoothing_radius")
+          "model.smoothing_weights", "model.smoothing_radius", "model.counting_blend", "model.counting_blend_weights")
 # Settings added after checkpoints were already being written, with the value that reproduces the old behaviour:
 # a checkpoint that does not record one was written with that value, so it resumes under it.
 ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5, "train.head_seed": None,

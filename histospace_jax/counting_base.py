@@ -18,7 +18,7 @@ import dataclasses
 import numpy as np
 
 from histospace_jax import config as config_lib
-from histospace_jax import controls, evaluation
+from histospace_jax import controls, evaluation, metrics
 from histospace_jax.errors import ConfigError
 
 PCA_COMPONENTS = 256  # as the linear probe: the base at held-out spots is the image_depth_sampling control
@@ -136,3 +136,54 @@ def scale_for(config, manifest: dict, obs: dict, where: str) -> float | None:
                           f"{'with' if 'library_size' in obs else 'without'} library sizes. Use "
                           "--config.model.output_base=mean.")
     return None
+
+
+def blend_weights(config, manifest: dict, obs: dict, where: str) -> tuple[float, ...] | None:
+    """The candidate weights of the counting model in the final prediction (model.counting_blend), or None for
+    no blend: "none", a counting base (which adds the counting model in full), or "auto" on a store without
+    counts or under a recipe without the blend. Asked for explicitly where it cannot apply, it is an error that
+    says why."""
+    choice = config.model.get("counting_blend", "none")
+    explicit = choice != "auto"
+    if not explicit:
+        choice = config_lib.RECIPES[config.recipe].counting_blend
+    if choice == "none":
+        return None
+    if scale_for(config, manifest, obs, where) is not None:
+        if explicit:
+            raise ConfigError("model.counting_blend=validated blends the heads with the counting model, but "
+                              "model.output_base=counting already adds it in full; use one: "
+                              "--config.model.counting_blend=none or --config.model.output_base=mean.")
+        return None
+    if evaluation.sampling_scale(manifest) is None or "library_size" not in obs:
+        if explicit:
+            raise ConfigError(f"model.counting_blend=validated needs a store of log1p counts per scale with each "
+                              f"spot's library size (prepare's default for real data); {where} holds "
+                              f"{manifest.get('expression', {}) or 'no counts (synthetic)'} "
+                              f"{'with' if 'library_size' in obs else 'without'} library sizes. Use "
+                              "--config.model.counting_blend=none.")
+        return None
+    return tuple(float(w) for w in config.model.counting_blend_weights)
+
+
+def blend(heads: np.ndarray, counting: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) x the heads' predictions + weight x the counting model's, both [N, G] in expression units."""
+    return (1.0 - weight) * np.asarray(heads, np.float64) + weight * np.asarray(counting, np.float64)
+
+
+def choose_blend(truth: np.ndarray, heads: np.ndarray, counting: np.ndarray, train_sd: np.ndarray,
+                 weights) -> dict:
+    """The blend weight of `weights` whose predictions of inner-validation spots (`heads`, `counting`, [N, G])
+    have the lowest MSE against `truth` in the training rows' per-gene SDs² (ties go to the smaller weight):
+    {"weight", "inner_validation_mse": {weight: MSE}, "inner_validation_per_gene_r": {weight: mean per-gene r, a
+    record; nothing is chosen on it}, "n_spots"}."""
+    truth = np.asarray(truth, np.float64)
+    sd = np.asarray(train_sd, np.float64)
+    scores, gene_r = {}, {}
+    for w in sorted(set(float(w) for w in weights)):
+        pred = blend(heads, counting, w)
+        scores[w] = float(np.mean(((truth - pred) / sd) ** 2))
+        gene_r[f"{w:g}"] = metrics.nanmean_or_nan(metrics.pearson_per_gene(truth, pred))
+    best = min(scores, key=lambda w: (scores[w], w))
+    return {"weight": best, "inner_validation_mse": {f"{w:g}": v for w, v in scores.items()},
+            "inner_validation_per_gene_r": gene_r, "n_spots": len(truth)}

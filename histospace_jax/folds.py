@@ -700,7 +700,8 @@ def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, ke
 
 def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
                           encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None,
-                          base_scale: float | None = None) -> dict:
+                          base_scale: float | None = None, blend_weights: tuple | None = None,
+                          blend_scale: float | None = None) -> dict:
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows; with train.refit, the heads are then refitted on every row). Returns {'states': member states
     stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'live_units',
@@ -709,40 +710,66 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     (default: from `feats` and `obs`). With `base_scale` (counting_base.scale_for; `obs` then holds library_size
     and patient) the heads learn counting_base.residual_targets, and 'counting_base' is the counting base of
     every row (counting_base.fit on the untransformed view): a prediction is its value plus the heads' (None
-    without)."""
+    without). With `blend_weights` (counting_base.blend_weights) and `blend_scale` (the store's counts-per scale),
+    'counting_weight' is the blend weight inner validation chose (counting_base.choose_blend; 'counting_blend'
+    says how) and a prediction is counting_base.blend of the heads' and the counting base's ('counting_weight' is
+    None for a counting base, which is added in full)."""
     tr, va, how = training_split(config, obs, np.arange(len(expression)))
     ctx = context if context is not None else store_context(config, [feats], obs)
     targets, base, pooled = expression, None, None
-    if base_scale is not None:
+    scale = base_scale if base_scale is not None else (blend_scale if blend_weights is not None else None)
+    if scale is not None:
         library = np.asarray(obs["library_size"], np.float64)
-        targets = counting_base.residual_targets(expression, library, obs["patient"], base_scale)
         pooled = counting_base.pooled_rows(feats[0], np.arange(len(expression)))
         all_rows = np.arange(len(expression))
-        base = counting_base.fit(pooled, expression, library, evaluation.alpha_groups(obs, all_rows), base_scale)
+        base = counting_base.fit(pooled, expression, library, evaluation.alpha_groups(obs, all_rows), scale)
+    if base_scale is not None:
+        targets = counting_base.residual_targets(expression, library, obs["patient"], base_scale)
     data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
                     expression=targets, encoder_variables=[encoder_variables], context=ctx)
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
-    val_pred = res["selected_predict"]([va])[0] if len(va) and builders.smoothing(config) else None
+    blending = base is not None and base_scale is None
+    wants_val = builders.smoothing(config) is not None or blending
+    val_pred = res["selected_predict"]([va])[0] if len(va) and wants_val else None
+    weight, blend_choice = None, None
+    if blending:
+        weight, blend_choice = 0.0, {"weight": 0.0, "chosen_by": "no inner validation: the heads alone"}
     if val_pred is not None and base is not None:
-        inner = counting_base.fit(pooled[tr], expression[tr], library[tr], evaluation.alpha_groups(obs, tr),
-                                  base_scale)
-        val_pred = val_pred + counting_base.predict(inner, pooled[va])
+        inner = counting_base.fit(pooled[tr], expression[tr], library[tr], evaluation.alpha_groups(obs, tr), scale)
+        inner_counting = counting_base.predict(inner, pooled[va])
+        if blending:
+            blend_choice = counting_base.choose_blend(expression[va], val_pred, inner_counting,
+                                                      metrics.gene_mean_and_sd(expression[tr])[1], blend_weights)
+            weight = blend_choice["weight"]
+        val_pred = on_counting_base(val_pred, inner_counting, weight)
     smoothing = choose_smoothing(config, obs, expression, tr, va, val_pred)
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
             "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how, "refit": res["refit"],
             "live_units": res["live_units"]["(all)"], "untrained_states": res["initial_states"],
-            "smoothing": smoothing, "counting_base": base}
+            "smoothing": smoothing, "counting_base": base, "counting_weight": weight, "counting_blend": blend_choice}
+
+
+def on_counting_base(pred: np.ndarray, counting: np.ndarray | None, weight: float | None) -> np.ndarray:
+    """The heads' predictions `pred` with the counting model's `counting` (same rows) added in full (`weight`
+    None: output_base=counting) or blended at `weight` (model.counting_blend); `pred` itself without one."""
+    if counting is None:
+        return pred
+    if weight is None:
+        return np.asarray(pred, np.float64) + counting
+    return counting_base.blend(pred, counting, weight)
 
 
 def predict_with_base(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray, base,
-                      context: np.ndarray | None = None) -> np.ndarray:
-    """ensemble_predict_features plus, with a counting base (train_one_fold_on_all's 'counting_base'), its value
-    at the rows' untransformed view."""
+                      context: np.ndarray | None = None, weight: float | None = None) -> np.ndarray:
+    """ensemble_predict_features with a counting base (train_one_fold_on_all's 'counting_base'; None: none) at
+    the rows' untransformed view, on_counting_base at `weight` ('counting_weight')."""
     pred = ensemble_predict_features(states, feats, mean, sd, context=context)
     if base is None:
         return pred
-    return pred + counting_base.predict(base, counting_base.pooled_rows(feats[0], np.arange(feats.shape[1])))
+    return on_counting_base(pred, counting_base.predict(base, counting_base.pooled_rows(feats[0],
+                                                                                         np.arange(feats.shape[1]))),
+                            weight)
 
 
 def store_context(config, features_per_encoder, obs: dict) -> np.ndarray | None:

@@ -34,11 +34,14 @@ def dir_bytes(path: str) -> int:
 
 
 def export(model_dir: str, config, states, genes: list[str], store, encoder_source: str, *, mean, sd,
-           views: int, smoothing: dict | None = None, counting: counting_base.CountingBase | None = None) -> dict:
+           views: int, smoothing: dict | None = None, counting: counting_base.CountingBase | None = None,
+           counting_weight: float | None = None) -> dict:
     """Writes `model_dir` from trained HistoSpace train states stacked over ensemble members; returns
     model.json's content (+ size). `smoothing` ({"radius", "self_weight"}, folds.exported_smoothing): how
     `predict` blends each position's prediction with its neighbours', as the training run chose. `counting`:
-    the counting base the heads' output is added to (COUNTING_NPZ beside model.json), or None (training mean)."""
+    the counting base the heads' output is added to (COUNTING_NPZ beside model.json), or None (training mean);
+    with `counting_weight`, the counting model the heads' predictions are blended with at that weight
+    (model.counting_blend) instead."""
     variables = {"params": states.params}
     if states.batch_stats:
         variables["batch_stats"] = states.batch_stats
@@ -50,6 +53,8 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
     ckpt.save(0, variables, meta={"genes": len(genes)})
     ckpt.close()
     m = store.manifest
+    if counting is not None and counting_weight == 0:
+        counting = None  # a blend at weight 0 is the heads alone: predict need not read depth from the tiles
     if counting is not None:
         atomic.write_npz(os.path.join(model_dir, COUNTING_NPZ), **counting.arrays())
     else:
@@ -66,8 +71,11 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
         "target_mean": np.asarray(mean, np.float64).round(6).tolist(),
         "target_sd": np.asarray(sd, np.float64).round(6).tolist(),
         # "counting": a prediction is the counting model at the depth read from the untransformed view's pooled
-        # features (COUNTING_NPZ) plus mean + sd * the heads' output; "mean": mean + sd * the heads' output.
-        "output_base": "mean" if counting is None else "counting",
+        # features (COUNTING_NPZ) plus mean + sd * the heads' output; "mean": mean + sd * the heads' output;
+        # "blend": (1 - counting_weight) x (mean + sd * the heads' output) + counting_weight x the counting model.
+        "output_base": "mean" if counting is None else "counting" if counting_weight is None else "blend",
+        **({"counting_weight": float(counting_weight)} if counting is not None and counting_weight is not None
+           else {}),
         "tile_size": int(m.get("tile_size", config.data.tile_size)),
         "microns_per_pixel": m.get("microns_per_pixel"),
         "colour_cast": m.get("colour_cast"), "stain_normalisation": m.get("stain_normalisation"),
@@ -83,8 +91,8 @@ def export(model_dir: str, config, states, genes: list[str], store, encoder_sour
 
 
 def load_counting_base(model_dir: str, info: dict) -> counting_base.CountingBase | None:
-    """The counting base of a model whose model.json says output_base "counting" (None for "mean")."""
-    if info.get("output_base", "mean") != "counting":
+    """The counting model of a model whose model.json says output_base "counting" or "blend" (None for "mean")."""
+    if info.get("output_base", "mean") not in ("counting", "blend"):
         return None
     path = os.path.join(model_dir, COUNTING_NPZ)
     try:

@@ -71,7 +71,8 @@ def make_predict_fn(model, variables, info: dict, base: counting_base.CountingBa
     ensemble's members and the model's views (`_view_fn`: dihedral, stain-jittered as in training) of the heads'
     standardised outputs, mapped back with the training store's per-gene mean and sd; with a counting `base`
     (model_export.load_counting_base), plus its value at the depth read from the untransformed tiles' pooled
-    encoder feature maps."""
+    encoder feature maps, or blended with it at model.json's counting_weight (output_base "blend")."""
+    weight = info.get("counting_weight") if info.get("output_base") == "blend" else None
     mean = np.asarray(info["target_mean"], np.float32)
     sd = np.asarray(info["target_sd"], np.float32)
     view_of = _view_fn(info)
@@ -103,7 +104,9 @@ def make_predict_fn(model, variables, info: dict, base: counting_base.CountingBa
         out = mean + sd * z.mean(0)
         if maps_fn is not None:
             # The base read the untransformed view in training (the cached features' view 0), never a jittered one.
-            out = out + counting_base.predict(base, controls.pooled_feature_maps(maps_fn(tiles))).astype(np.float32)
+            counting = counting_base.predict(base, controls.pooled_feature_maps(maps_fn(tiles)))
+            out = np.asarray(
+                counting_base.blend(out, counting, weight) if weight is not None else out + counting, np.float32)
         return out
 
     predict.encoder_shared = shared
@@ -306,6 +309,9 @@ def _predict(slide, model_dir, image, output, *, spots_csv, grid_step_um, source
         check_spots_inside(pos, width, height, spots_csv, image)
     info, model, variables = model_export.load(model_dir)
     predict = make_predict_fn(model, variables, info, model_export.load_counting_base(model_dir, info))
+    if info.get("output_base") == "blend":
+        log(f"[predict] the model blends its heads' predictions with the counting model at the depth read from each "
+            f"tile: weight {info['counting_weight']:g} (chosen on inner validation in training)")
     gene_names = list(info["genes"])
     mpp = float(info["microns_per_pixel"] or 100.0 / info["tile_size"])
     t = int(info["tile_size"])

@@ -54,6 +54,26 @@ def smoothing_lines(smooth: dict | None) -> list[str]:
     return lines
 
 
+def counting_blend_lines(blend: dict | None) -> list[str]:
+    """report.md's account of the blend with the counting model (results.json training.counting_blend, or the
+    external test's and train's {"weight", ...} of one fold)."""
+    if not blend:
+        return []
+    lines = [f"- blend with the counting model: {blend['what']}"]
+    for name, c in blend.get("per_fold", {}).items():
+        scores = c.get("inner_validation_mse")
+        tried = (" (inner-validation MSE " + ", ".join(f"w {w}: {v:.4f}" for w, v in scores.items()) + ")"
+                 if scores else f" ({c['chosen_by']})")
+        gene_r = c.get("inner_validation_per_gene_r")
+        if gene_r:
+            tried += "; their per-gene r, not chosen on: " + ", ".join(f"w {w}: {_f(v)}" for w, v in gene_r.items())
+        lines.append(f"  - {name}: weight {c['weight']:g}{tried}")
+    if blend.get("random_encoder_weight"):
+        lines.append("  - the random-encoder control, on its own inner validation: weight " + ", ".join(
+            f"{k} {v:g}" for k, v in blend["random_encoder_weight"].items()))
+    return lines
+
+
 def _f(v, digits: int = 4) -> str:
     if v is None:
         return "-"
@@ -276,6 +296,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
         if base.get("base") == "counting":
             lines.append("- output base: counting (the model is the counting model at the depth read from each test "
                          "tile, image_depth_sampling, plus the heads' output)")
+        lines += counting_blend_lines(e.get("counting_blend"))
         if e.get("test_image_depth_r") is not None:
             lines.append(f"- the depth ridge, fitted on the training store's features, reads the test spots' log "
                          f"library size at r {e['test_image_depth_r']:.3f}")
@@ -386,6 +407,7 @@ def _fold_details(results: dict) -> list[str]:
             lines.append(f"- neighbourhood context: {ctx['input']}, within {ctx['radius_spacings']:g} spot spacings "
                          f"(median {ctx['neighbours_median']:g} neighbours, {ctx['n_without_neighbours']} spots "
                          "without one use their own)")
+        lines += counting_blend_lines(t.get("counting_blend"))
         lines += smoothing_lines(t.get("smoothing"))
         for name, how in t.get("inner_validation", {}).items():
             lines.append(f"- holding out {name}: inner validation {how}; best epoch per head "

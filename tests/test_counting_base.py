@@ -133,3 +133,60 @@ def test_scale_for_follows_the_recipe_and_the_store(monkeypatch):
     bad.model.output_base = "depth"
     with pytest.raises(ConfigError, match="model.output_base"):
         config_lib.validate(bad)
+
+
+def _blend_config(blend: str, base: str = "mean", recipe: str = "standard",
+                  weights=(0.0, 0.2, 0.4, 0.6, 0.8)):
+    return ml_collections.ConfigDict({"recipe": recipe, "model": {"output_base": base, "counting_blend": blend,
+                                                                  "counting_blend_weights": weights}})
+
+
+def test_blend_weights_follow_the_recipe_the_store_and_the_base():
+    obs = {"library_size": np.ones(3)}
+    assert counting_base.blend_weights(_blend_config("auto"), COUNTS, obs, "s") == (0.0, 0.2, 0.4, 0.6, 0.8)
+    assert counting_base.blend_weights(_blend_config("validated", weights=(0.5,)), COUNTS, obs, "s") == (0.5,)
+    assert counting_base.blend_weights(_blend_config("none"), COUNTS, obs, "s") is None
+    assert counting_base.blend_weights(_blend_config("auto", recipe="paper"), COUNTS, obs, "s") is None
+    # auto where it cannot apply: a store without counts or library sizes, or a counting base (added in full)
+    assert counting_base.blend_weights(_blend_config("auto"), {}, obs, "s") is None
+    assert counting_base.blend_weights(_blend_config("auto"), COUNTS, {}, "s") is None
+    assert counting_base.blend_weights(_blend_config("auto", base="counting"), COUNTS, obs, "s") is None
+    # asked for explicitly there, an error that names the store or the clash, and the way out
+    with pytest.raises(ConfigError, match=r"/data/demo.*counting_blend=none"):
+        counting_base.blend_weights(_blend_config("validated"), {}, obs, "/data/demo")
+    with pytest.raises(ConfigError, match="output_base=counting already adds it"):
+        counting_base.blend_weights(_blend_config("validated", base="counting"), COUNTS, obs, "s")
+    for key, value in (("counting_blend", "always"), ("counting_blend_weights", (0.5, 1.5))):
+        bad = config_lib.get_config()
+        bad.model[key] = value
+        with pytest.raises(ConfigError, match=f"model.{key}"):
+            config_lib.validate(bad)
+
+
+def test_choose_blend_takes_the_weight_with_the_lowest_mse_in_training_sds():
+    rng = np.random.default_rng(3)
+    truth = rng.normal(size=(40, 6))
+    heads = truth + rng.normal(scale=1.0, size=truth.shape)
+    counting = truth + rng.normal(scale=0.7, size=truth.shape)
+    sd = rng.uniform(0.5, 2.0, size=6)
+    weights = (0.0, 0.25, 0.5, 0.75, 1.0)
+    got = counting_base.choose_blend(truth, heads, counting, sd, weights)
+    by_hand = {}
+    for w in weights:
+        total = 0.0
+        for i in range(40):
+            for j in range(6):
+                total += (((1 - w) * heads[i, j] + w * counting[i, j] - truth[i, j]) / sd[j]) ** 2
+        by_hand[w] = total / 240
+    assert got["weight"] == min(by_hand, key=by_hand.get) and got["n_spots"] == 40
+    for w in weights:
+        assert got["inner_validation_mse"][f"{w:g}"] == pytest.approx(by_hand[w], rel=1e-12)
+        pred = (1 - w) * heads + w * counting
+        r = np.mean([np.corrcoef(truth[:, j], pred[:, j])[0, 1] for j in range(6)])
+        assert got["inner_validation_per_gene_r"][f"{w:g}"] == pytest.approx(r, rel=1e-9)
+    # noise variances 1 and 0.49 put the optimum near 1 / (1 + 0.49) = 0.67, strictly inside the grid
+    assert got["weight"] in (0.5, 0.75)
+    # a tie goes to the smaller weight (less of the counting model)
+    zeros = np.zeros_like(truth)
+    assert counting_base.choose_blend(truth, zeros, zeros, sd, (0.6, 0.2))["weight"] == 0.2
+    np.testing.assert_allclose(counting_base.blend(heads, counting, 0.25), 0.75 * heads + 0.25 * counting)

@@ -446,7 +446,7 @@ def test_train_with_the_counting_base_exports_it_and_predict_adds_it(depth_store
     """The README's train -> predict path with model.output_base=counting: model.json says so, the base's arrays
     sit beside it, and predict's value for each spot is the heads' (the training mean of their targets) plus the
     counting model at the depth the exported ridge reads from that spot's tile, by hand."""
-    from histospace_jax import controls, model_export, models
+    from histospace_jax import model_export
 
     root, a, _ = depth_stores
     w = tmp_path / "w"
@@ -462,24 +462,127 @@ def test_train_with_the_counting_base_exports_it_and_predict_adds_it(depth_store
     counts = np.rint(np.expm1(expr.astype(np.float64)) * lib[:, None] / 1e4)
     np.testing.assert_allclose(base.shares, counts.sum(0) / lib.sum(), rtol=1e-9)  # every training spot's
     # A slide with six of the store's tiles at known centres, predicted as the README writes it.
-    picked = np.array([0, 5, 11, 24, 30, 47])
-    tiles = np.asarray(s.tiles[picked])
-    slide = np.full((40, 120, 3), 235, np.uint8)
-    centres = [(10 + 20 * k, 20) for k in range(len(picked))]
-    for (x, y), t in zip(centres, tiles):
-        slide[y - 8:y + 8, x - 8:x + 8] = t
+    slide, centres, tiles = _slide_of_store_tiles(s, np.array([0, 5, 11, 24, 30, 47]))
     out = _predict_slide(tmp_path, w, slide, centres)
     with open(out / "predictions.csv") as f:
         got = np.array([[float(r[g]) for g in info["genes"]] for r in csv.DictReader(f)])
-    _, model, variables = model_export.load(str(w / "model"))
+    mu = _residual_mean_by_hand(expr, lib, patients, np.arange(len(expr)))
+    np.testing.assert_allclose(got, mu + _counting_by_hand(w / "model", base, tiles), atol=3e-4)
+
+
+def _slide_of_store_tiles(store, picked):
+    """A slide with the store's tiles `picked` at known centres: (slide, centres, tiles)."""
+    tiles = np.asarray(store.tiles[picked])
+    slide = np.full((40, 20 * len(picked) + 20, 3), 235, np.uint8)
+    centres = [(10 + 20 * k, 20) for k in range(len(picked))]
+    for (x, y), t in zip(centres, tiles):
+        slide[y - 8:y + 8, x - 8:x + 8] = t
+    return slide, centres, tiles
+
+
+def _counting_by_hand(model_dir, base, tiles) -> np.ndarray:
+    """The exported counting model on `tiles` by hand: the depth its ridge reads from the pooled encoder maps of
+    the exported encoder, then the Poisson expectation of log1p counts per 10k at each gene's share."""
+    from histospace_jax import controls, model_export, models
+
+    _, model, variables = model_export.load(str(model_dir))
     encoder = {k: {"encoder": jax_tree_first(v["encoder"])} for k, v in variables.items() if "encoder" in v}
     maps = np.asarray(model.apply(encoder, models.to_unit_range(tiles), method="encode"))
     pooled = controls.pooled_feature_maps(maps)
     depth = np.exp((((pooled - base.feature_mean) / base.feature_scale) - base.pca_mean) @ base.components.T
                    @ base.depth_coef + base.depth_intercept)
-    by_hand = np.array([[_poisson_log1p(d, sh) for sh in base.shares] for d in depth])
-    mu = _residual_mean_by_hand(expr, lib, patients, np.arange(len(expr)))
-    np.testing.assert_allclose(got, mu + by_hand, atol=3e-4)
+    return np.array([[_poisson_log1p(d, sh) for sh in base.shares] for d in depth])
+
+
+# Heads that barely move on the training mean as base: each prediction before the blend is the training mean.
+FROZEN_MEAN_HEADS = ["--config.model.output_base=mean", "--config.train.learning_rate=1e-12",
+                     "--config.model.smoothing=none"]
+
+
+def test_loo_blends_the_heads_with_the_counting_model_at_the_validated_weight(depth_stores, tmp_path):
+    """model.counting_blend (the standard recipe's on a store of counts): per fold, inner validation picks the
+    candidate weight with the lowest MSE, and every held-out prediction is (1 - w) x the heads' (here the
+    training mean) + w x the fold's counting model at the image's depth (the image_depth_sampling control,
+    computed independently by the reviewer's controls). The random-encoder control chooses its own weight."""
+    root, a, _ = depth_stores
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+        *FROZEN_MEAN_HEADS, "--config.model.counting_blend_weights=(0.0,0.3,0.7,1.0)")
+    res = json.load(open(w / "results.json"))
+    blend = res["training"]["counting_blend"]
+    assert res["training"]["output_base"]["base"] == "mean" and blend["candidates"] == [0.0, 0.3, 0.7, 1.0]
+    assert set(blend["per_fold"]) == {"E", "F"} and set(blend["random_encoder_weight"]) == {"E", "F"}
+    s = store_lib.open_store(str(a))
+    expr, patients = np.asarray(s.expression, np.float64), s.obs["patient"]
+    npz = np.load(w / "predictions.npz")
+    for fold, other in (("E", "F"), ("F", "E")):
+        choice = blend["per_fold"][fold]
+        scores = choice["inner_validation_mse"]
+        assert choice["weight"] == float(min(scores, key=scores.get)) and len(scores) == 4
+        wt = choice["weight"]
+        mean = expr[patients == other].mean(0)
+        expected = (1 - wt) * mean + wt * npz[f"image_depth_sampling_{fold}"].astype(np.float64)
+        np.testing.assert_allclose(npz[f"pred_{fold}"], expected, atol=2e-4)
+    report = open(w / "report.md").read()
+    assert "- blend with the counting model: the final prediction is (1 - weight)" in report
+    assert f"  - E: weight {blend['per_fold']['E']['weight']:g} (inner-validation MSE w 0: " in report
+
+
+def test_external_blends_as_the_training_stores_inner_validation_chose(depth_stores, tmp_path):
+    """The external test under the blend: every test prediction is (1 - w) x the heads' (the training mean) +
+    w x the exported counting model read from that test spot's tile by hand; the weight, the random-encoder
+    control's own and the exported model say so."""
+    from histospace_jax import model_export
+
+    root, a, b = depth_stores
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
+        f"--config.external.store={b}", *TINY, *FROZEN_MEAN_HEADS, "--config.model.counting_blend_weights=(0.3,)")
+    e = json.load(open(w / "results.json"))["external"]
+    assert e["counting_blend"]["per_fold"]["test"]["weight"] == 0.3
+    assert e["counting_blend"]["random_encoder_weight"] == {"test": 0.3}
+    info = json.load(open(w / "model" / "model.json"))
+    assert (info["output_base"], info["counting_weight"]) == ("blend", 0.3)
+    sa, sb = store_lib.open_store(str(a)), store_lib.open_store(str(b))
+    npz = np.load(w / "predictions.npz")
+    genes = ["G1", "G2", "G4"]
+    base = model_export.load_counting_base(str(w / "model"), info)
+    counting = _counting_by_hand(w / "model", base, np.asarray(sb.tiles[npz["rows_B"]]))
+    mean = np.asarray(sa.expression, np.float64)[:, sa.gene_index(genes)].mean(0)
+    np.testing.assert_allclose(npz["pred"], 0.7 * mean + 0.3 * counting, atol=3e-4)
+    assert "  - test: weight 0.3 (inner-validation MSE w 0.3: " in open(w / "report.md").read()
+
+
+def test_train_with_the_blend_exports_it_and_predict_blends(depth_stores, tmp_path):
+    """The README's train -> predict path under the blend: model.json says output_base "blend" and its weight,
+    and predict's value for each spot is (1 - w) x the heads' (the training mean) + w x the counting model at the
+    depth the exported ridge reads from that spot's tile, by hand."""
+    from histospace_jax import model_export
+
+    root, a, _ = depth_stores
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("train.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+        *FROZEN_MEAN_HEADS, "--config.model.counting_blend_weights=(0.4,)")
+    res = json.load(open(w / "results.json"))
+    assert res["train"]["output_base"] == "mean" and res["train"]["counting_blend"]["weight"] == 0.4
+    info = json.load(open(w / "model" / "model.json"))
+    assert info["output_base"] == "blend" and info["counting_weight"] == 0.4
+    s = store_lib.open_store(str(a))
+    base = model_export.load_counting_base(str(w / "model"), info)
+    slide, centres, tiles = _slide_of_store_tiles(s, np.array([1, 7, 19, 33, 40]))
+    out = _predict_slide(tmp_path, w, slide, centres)
+    with open(out / "predictions.csv") as f:
+        got = np.array([[float(r[g]) for g in info["genes"]] for r in csv.DictReader(f)])
+    mean = np.asarray(s.expression, np.float64).mean(0)
+    np.testing.assert_allclose(got, 0.6 * mean + 0.4 * _counting_by_hand(w / "model", base, tiles), atol=3e-4)
+    # Inner validation choosing weight 0 exports the heads alone: nothing for predict to read depth with.
+    w0 = tmp_path / "w0"
+    run(tmp_path, "histospace_jax.main", config("train.py"), f"--workdir={w0}", f"--config.data.store={a}", *TINY,
+        *FROZEN_MEAN_HEADS, "--config.model.counting_blend_weights=(0.0,)")
+    assert json.load(open(w0 / "results.json"))["train"]["counting_blend"]["weight"] == 0.0
+    info0 = json.load(open(w0 / "model" / "model.json"))
+    assert info0["output_base"] == "mean" and "counting_weight" not in info0
+    assert not (w0 / "model" / model_export.COUNTING_NPZ).exists()
 
 
 def jax_tree_first(tree):

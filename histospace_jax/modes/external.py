@@ -132,8 +132,17 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         raise BadInputError(f"{store_b.path}: its expression is not log1p counts per {base_scale:g} as "
                             f"{store_a.path}'s is, which the counting base (model.output_base) predicts; prepare "
                             "both stores alike or use --config.model.output_base=mean")
+    blend_weights = counting_base.blend_weights(config, store_a.manifest, store_a.obs, store_a.path)
+    if blend_weights is not None and evaluation.sampling_scale(store_b.manifest) != evaluation.sampling_scale(
+            store_a.manifest):
+        raise BadInputError(f"{store_b.path}: its expression is not log1p counts per "
+                            f"{evaluation.sampling_scale(store_a.manifest):g} as {store_a.path}'s is, which the "
+                            "counting model the predictions are blended with (model.counting_blend) predicts; "
+                            "prepare both stores alike or use --config.model.counting_blend=none")
+    blend_kw = dict(base_scale=base_scale, blend_weights=blend_weights,
+                    blend_scale=evaluation.sampling_scale(store_a.manifest))
     heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external",
-                                        context=ca, base_scale=base_scale)
+                                        context=ca, **blend_kw)
     curve = heads["curve"]
     # The test store is smoothed as inner validation on the training store chose.
     smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
@@ -142,7 +151,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if heads["counting_base"] is not None:
         pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
         base_b = counting_base.predict(heads["counting_base"], pooled_b)
-    on_base = lambda p: p if base_b is None else p + base_b  # noqa: E731
+    on_base = lambda p: folds.on_counting_base(p, base_b, heads["counting_weight"])  # noqa: E731
     unsmoothed = on_base(folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb))
     pred = smooth(unsmoothed)
     # The same metric block as a leave-one-patient-out fold: depth-adjusted r, R² against the training mean and
@@ -179,14 +188,16 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         control_blocks["untrained_head"] = block(
             smooth(on_base(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"],
                                                            heads["sd"], context=cb))))
-    control_preds = {}
+    control_preds, random_weight = {}, None
     if config_lib.random_encoder_control_on(config):
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb, rca, rcb = inputs_of(rv)
         rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
-                                             context=rca, base_scale=base_scale)
+                                             context=rca, **blend_kw)
         rpred = smooth(folds.predict_with_base(rheads["states"], rb, rheads["mean"], rheads["sd"],
-                                               rheads["counting_base"], context=rcb))
+                                               rheads["counting_base"], context=rcb,
+                                               weight=rheads["counting_weight"]))
+        random_weight = rheads["counting_weight"]
         control_blocks["random_encoder"] = block(rpred)
         control_preds["random_encoder"] = rpred
     if builders.smoothing(config) is not None:
@@ -238,14 +249,21 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                          ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae"),
                                          mean=heads["mean"], sd=heads["sd"], views=fa.shape[0],
                                          smoothing=folds.exported_smoothing(heads["smoothing"]),
-                                         counting=heads["counting_base"])
+                                         counting=heads["counting_base"], counting_weight=heads["counting_weight"])
     external = {
         "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
                   "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic, "refit": heads["refit"],
                   "live_units": heads["live_units"],
-                  "output_base": ({"base": "mean"} if heads["counting_base"] is None else
+                  "output_base": ({"base": "mean"} if base_scale is None else
                                   {"base": "counting", "scale": base_scale,
                                    "depth_ridge_alpha": heads["counting_base"].alpha})},
+        "counting_blend": (None if heads["counting_blend"] is None else
+                           {"what": "the final prediction is (1 - weight) x the heads' + weight x the counting model "
+                                    "at the depth a ridge on the training store's features reads from each test "
+                                    "tile (image_depth_sampling), the weight chosen on inner validation of the "
+                                    "training store",
+                            "per_fold": {"test": heads["counting_blend"]},
+                            "random_encoder_weight": ({"test": random_weight} if random_weight is not None else {})}),
         # r between the log library size a ridge on A's features reads from B's tiles and B's measured one
         # (the image_depth_sampling control's depth; a diagnostic, nothing is chosen on it).
         "test_image_depth_r": image_depth_r,

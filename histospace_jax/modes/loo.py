@@ -140,11 +140,29 @@ def fold_counting_bases(store, plan, feats, encoder_of_fold: list[int], train_ro
     return inner, full, summary
 
 
-def _with_base(bases, f: int, rows: np.ndarray, pred):
+def _with_base(bases, f: int, rows: np.ndarray, pred, weight: float | None = None):
+    """`pred` plus the fold's counting base at `rows` (output_base=counting), or blended with it at `weight`
+    (model.counting_blend); unchanged without bases."""
     if bases is None or pred is None:
         return pred
+    return folds.on_counting_base(pred, _counting_at(bases, f, rows), weight)
+
+
+def _counting_at(bases, f: int, rows: np.ndarray) -> np.ndarray:
     base, pooled = bases[f]
-    return np.asarray(pred, np.float64) + counting_base.predict(base, pooled[rows])
+    return counting_base.predict(base, pooled[rows])
+
+
+def counting_blend_summary(weights: tuple | None, choices: dict, random_encoder: dict) -> dict | None:
+    """results.json's record of the blend with the counting model (None when off)."""
+    if weights is None:
+        return None
+    return {"what": "the final prediction is (1 - weight) x the heads' + weight x the counting model at the depth "
+                    "a ridge reads from the frozen features (image_depth_sampling), the weight of the candidates "
+                    "with the lowest inner-validation MSE (training SDs²) per fold; the random-encoder control "
+                    "chooses its own with its own features",
+            "candidates": list(weights), "per_fold": choices,
+            "random_encoder_weight": {name: c["weight"] for name, c in random_encoder.items()}}
 
 
 def output_base_summary(scale: float | None, per_fold: dict | None) -> dict:
@@ -159,11 +177,14 @@ def output_base_summary(scale: float | None, per_fold: dict | None) -> dict:
 
 
 def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], encoder_of_fold: list[int], writer, *,
-                    tag: str = "main", feats: np.ndarray | None = None, base_scale: float | None = None) -> dict:
+                    tag: str = "main", feats: np.ndarray | None = None, base_scale: float | None = None,
+                    blend_weights: tuple | None = None) -> dict:
     """Every fold's heads (train.ensemble per fold) on the frozen features ([E, V, N, h, w, C], computed from
     `encoders` when not given); returns per-fold held-out predictions of the trained and the untrained heads,
     the curves, best epochs and inner-validation splits. With `base_scale` (counting_base.scale_for) the heads
-    learn counting_base.residual_targets and every prediction is the fold's counting base plus theirs."""
+    learn counting_base.residual_targets and every prediction is the fold's counting base plus theirs. With
+    `blend_weights` (counting_base.blend_weights) each fold's predictions are blended with its counting model at
+    the weight its inner validation chooses (before the smoothing, which is chosen on the blended ones)."""
     expression = np.asarray(store.expression, np.float32)
     if feats is None:
         feats = encoder_features(config, workdir, store, encoders)
@@ -180,13 +201,16 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
     groups = [list(range(i, min(i + per_program, len(plan.folds)))) for i in range(0, len(plan.folds), per_program)]
     out = {"plan": plan, "preds": {}, "unsmoothed": {}, "smoothing": {}, "untrained": {}, "curve": [],
            "best_epoch": {}, "inner_validation": splits, "inner_validation_score": {}, "refit": False,
-           "live_units": {}, "output_base": None}
+           "live_units": {}, "output_base": None, "counting_blend": {}}
     targets, inner_bases, full_bases = expression, None, None
     if base_scale is not None:
         targets = counting_base.residual_targets(expression, store.obs["library_size"], store.obs["patient"],
                                                  base_scale)
-        inner_bases, full_bases, out["output_base"] = fold_counting_bases(store, plan, feats, encoder_of_fold,
-                                                                          train_rows, base_scale)
+    if base_scale is not None or blend_weights is not None:
+        inner_bases, full_bases, out["output_base"] = fold_counting_bases(
+            store, plan, feats, encoder_of_fold, train_rows,
+            base_scale or evaluation.sampling_scale(store.manifest))
+    sd_of = lambda f: metrics.gene_mean_and_sd(expression[train_rows[f]])[1]  # noqa: E731
     for gi, group in enumerate(groups):
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
@@ -200,7 +224,20 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         # predictions choose each fold's smoothing, and the score is of the smoothed ones.
         selected = (res["selected_predict"]([val_rows[f] for f in group]) if any(len(val_rows[f]) for f in group)
                     else [None] * len(group))
-        selected = [_with_base(inner_bases, f, val_rows[f], p) for f, p in zip(group, selected)]
+        weight = {}
+        if blend_weights is not None:
+            for f, p in zip(group, selected):
+                if p is None or not len(val_rows[f]):
+                    choice = {"weight": 0.0, "chosen_by": "no inner validation: the heads alone"}
+                else:
+                    choice = counting_base.choose_blend(
+                        expression[val_rows[f]], p, _counting_at(inner_bases, f, val_rows[f]),
+                        sd_of(f), blend_weights)
+                out["counting_blend"][plan.name(f)] = choice
+                weight[f] = choice["weight"]
+            console.log(f"[loo {tag}] blend with the counting model, weight chosen on inner validation: " + ", ".join(
+                f"{plan.name(f)} {weight[f]:g}" for f in group))
+        selected = [_with_base(inner_bases, f, val_rows[f], p, weight.get(f)) for f, p in zip(group, selected)]
         for f, p in zip(group, selected):
             choice = folds.choose_smoothing(config, store.obs, expression, train_rows[f], val_rows[f], p)
             out["smoothing"][plan.name(f)] = choice
@@ -209,13 +246,13 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
                 out["inner_validation_score"][plan.name(f)] = evaluation.inner_validation_score(
                     expression, train_rows[f], val_rows[f], smoothed)
         for f, rows, p in zip(group, held, res["predict"](held)):
-            p = _with_base(full_bases, f, rows, p)
+            p = _with_base(full_bases, f, rows, p, weight.get(f))
             out["unsmoothed"][f] = p
             out["preds"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
         # With a zero output layer the untrained heads predict the training mean: not worth a pass.
         untrained = res["untrained"](held) if config.model.output_init != "zeros" else [None] * len(group)
         for f, rows, p in zip(group, held, untrained):
-            p = _with_base(full_bases, f, rows, p)
+            p = _with_base(full_bases, f, rows, p, weight.get(f))
             out["untrained"][f] = folds.smooth_predictions(store.obs, rows, p, out["smoothing"][plan.name(f)])
         out["curve"].extend(res["curve"])
         out["best_epoch"].update(res["best_epoch"])
@@ -376,17 +413,21 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                     "(training patients only); no held-out patient is read")
     feats = encoder_features(config, workdir, store, encoders)
     base_scale = counting_base.scale_for(config, store.manifest, store.obs, store.path)
+    blend_weights = counting_base.blend_weights(config, store.manifest, store.obs, store.path)
     loo = train_all_folds(config, workdir, store, plan, encoders, encoder_of_fold, inputs.writer, feats=feats,
-                          base_scale=base_scale)
+                          base_scale=base_scale, blend_weights=blend_weights)
     expression = np.asarray(store.expression, np.float32)
-    controls, random_smoothing = {}, {}
+    controls, random_smoothing, random_blend = {}, {}, {}
     draw_seeds = ([config.loo.random_encoder_seed + k for k in range(config.loo.random_encoder_draws)]
                   if config_lib.random_encoder_control_on(config) else [])
     for k, (name, seed) in enumerate(zip(evaluation.random_encoder_control_names(len(draw_seeds)), draw_seeds)):
         console.log(f"[loo] control {name}: the same heads on a randomly initialised (untrained) encoder, seed {seed}")
         random_run = train_all_folds(config, workdir, store, plan, [builders.random_encoder_variables(config, seed)],
-                                     [0] * len(plan.folds), inputs.writer, tag=name, base_scale=base_scale)
+                                     [0] * len(plan.folds), inputs.writer, tag=name, base_scale=base_scale,
+                                     blend_weights=blend_weights)
         controls[name] = random_run["preds"]
+        random_blend.update({fold if k == 0 else f"{fold} ({name})": choice
+                             for fold, choice in random_run["counting_blend"].items()})
         random_smoothing.update({fold if k == 0 else f"{fold} ({name})": choice
                                  for fold, choice in random_run["smoothing"].items()})
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
@@ -427,6 +468,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "evaluated_on": config.loo.evaluate_on,
         "training": {"recipe": config.recipe, "loss": _loss_summary(config),
                      "output_base": output_base_summary(base_scale, loo["output_base"]),
+                     "counting_blend": counting_blend_summary(blend_weights, loo["counting_blend"], random_blend),
                      "best_epoch": loo["best_epoch"],
                      "refit": loo["refit"], "live_units": loo["live_units"],
                      "inner_validation": loo["inner_validation"],

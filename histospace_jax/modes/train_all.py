@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 
-from histospace_jax import atomic, autoencoder, counting_base, features, folds, model_export, plots
+from histospace_jax import atomic, autoencoder, counting_base, evaluation, features, folds, model_export, plots
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError
@@ -25,8 +25,10 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     feats = features.for_config(config, workdir, store, ae["variables"])
     expression = np.asarray(store.expression, np.float32)
     base_scale = counting_base.scale_for(config, store.manifest, store.obs, store.path)
-    heads = folds.train_one_fold_on_all(config, workdir, store.obs, feats, expression, ae["variables"], inputs.writer,
-                                        "train_all", base_scale=base_scale)
+    heads = folds.train_one_fold_on_all(
+        config, workdir, store.obs, feats, expression, ae["variables"], inputs.writer, "train_all",
+        base_scale=base_scale, blend_weights=counting_base.blend_weights(config, store.manifest, store.obs, store.path),
+        blend_scale=evaluation.sampling_scale(store.manifest))
     # The exported heads' own training: the refit's pass when there was one (its rows say "(refit)").
     curve = [r for r in heads["curve"] if r["fold"].endswith("(refit)") == heads["refit"]]
     encoder_source = ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae")
@@ -35,7 +37,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         info = model_export.export(os.path.join(workdir, "model"), config, heads["states"], store.genes, store,
                                    encoder_source, mean=heads["mean"], sd=heads["sd"], views=feats.shape[0],
                                    smoothing=folds.exported_smoothing(heads["smoothing"]),
-                                   counting=heads["counting_base"])
+                                   counting=heads["counting_base"], counting_weight=heads["counting_weight"])
         if curve:
             atomic.write_csv(os.path.join(workdir, "curves", "train.csv"), curve)
             plots.plot_curves(os.path.join(workdir, "curves", "train.png"),
@@ -47,7 +49,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                          "n_genes": len(store.genes), "epochs": config.train.epochs,
                          "best_epoch": heads["best_epoch"], "inner_validation": heads["inner_validation"],
                          "refit": heads["refit"], "live_units": heads["live_units"], "smoothing": heads["smoothing"],
-                         "output_base": "mean" if heads["counting_base"] is None else "counting",
+                         "output_base": "mean" if base_scale is None else "counting",
+                         "counting_blend": heads["counting_blend"],
                          "final_train_huber": curve[-1]["train_huber"] if curve else None},
                "model_export": info,
                "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"}}
