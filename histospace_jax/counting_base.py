@@ -171,6 +171,22 @@ def blend(heads: np.ndarray, counting: np.ndarray, weight: float) -> np.ndarray:
     return (1.0 - weight) * np.asarray(heads, np.float64) + weight * np.asarray(counting, np.float64)
 
 
+def combine(heads: np.ndarray, counting: np.ndarray | None, weight: float | None) -> np.ndarray:
+    """A final prediction from the heads' `heads` and the counting model's `counting` (same rows): the counting
+    model added in full (`weight` None: output_base=counting, the heads learnt what it leaves) or blended at
+    `weight` (model.counting_blend); `heads` itself without a counting model."""
+    if counting is None:
+        return heads
+    if weight is None:
+        return np.asarray(heads, np.float64) + np.asarray(counting, np.float64)
+    return blend(heads, counting, weight)
+
+
+def unvalidated_blend() -> dict:
+    """choose_blend's record where there is no inner validation to choose on: the heads alone."""
+    return {"weight": 0.0, "chosen_by": "no inner validation: the heads alone"}
+
+
 def choose_blend(truth: np.ndarray, heads: np.ndarray, counting: np.ndarray, train_sd: np.ndarray,
                  weights) -> dict:
     """The blend weight of `weights` whose predictions of inner-validation spots (`heads`, `counting`, [N, G])

@@ -734,7 +734,8 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     val_pred = res["selected_predict"]([va])[0] if len(va) and wants_val else None
     weight, blend_choice = None, None
     if blending:
-        weight, blend_choice = 0.0, {"weight": 0.0, "chosen_by": "no inner validation: the heads alone"}
+        blend_choice = counting_base.unvalidated_blend()
+        weight = blend_choice["weight"]
     if val_pred is not None and base is not None:
         inner = counting_base.fit(pooled[tr], expression[tr], library[tr], evaluation.alpha_groups(obs, tr), scale)
         inner_counting = counting_base.predict(inner, pooled[va])
@@ -742,7 +743,7 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
             blend_choice = counting_base.choose_blend(expression[va], val_pred, inner_counting,
                                                       metrics.gene_mean_and_sd(expression[tr])[1], blend_weights)
             weight = blend_choice["weight"]
-        val_pred = on_counting_base(val_pred, inner_counting, weight)
+        val_pred = counting_base.combine(val_pred, inner_counting, weight)
     smoothing = choose_smoothing(config, obs, expression, tr, va, val_pred)
     return {"states": res["states"], "mean": program.mu[0], "sd": program.sd[0], "curve": res["curve"],
             "best_epoch": res["best_epoch"]["(all)"], "inner_validation": how, "refit": res["refit"],
@@ -750,24 +751,14 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
             "smoothing": smoothing, "counting_base": base, "counting_weight": weight, "counting_blend": blend_choice}
 
 
-def on_counting_base(pred: np.ndarray, counting: np.ndarray | None, weight: float | None) -> np.ndarray:
-    """The heads' predictions `pred` with the counting model's `counting` (same rows) added in full (`weight`
-    None: output_base=counting) or blended at `weight` (model.counting_blend); `pred` itself without one."""
-    if counting is None:
-        return pred
-    if weight is None:
-        return np.asarray(pred, np.float64) + counting
-    return counting_base.blend(pred, counting, weight)
-
-
 def predict_with_base(states, feats: np.ndarray, mean: np.ndarray, sd: np.ndarray, base,
                       context: np.ndarray | None = None, weight: float | None = None) -> np.ndarray:
     """ensemble_predict_features with a counting base (train_one_fold_on_all's 'counting_base'; None: none) at
-    the rows' untransformed view, on_counting_base at `weight` ('counting_weight')."""
+    the rows' untransformed view, counting_base.combine at `weight` ('counting_weight')."""
     pred = ensemble_predict_features(states, feats, mean, sd, context=context)
     if base is None:
         return pred
-    return on_counting_base(pred, counting_base.predict(base, counting_base.pooled_rows(feats[0],
+    return counting_base.combine(pred, counting_base.predict(base, counting_base.pooled_rows(feats[0],
                                                                                          np.arange(feats.shape[1]))),
                             weight)
 

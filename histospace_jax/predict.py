@@ -105,8 +105,7 @@ def make_predict_fn(model, variables, info: dict, base: counting_base.CountingBa
         if maps_fn is not None:
             # The base read the untransformed view in training (the cached features' view 0), never a jittered one.
             counting = counting_base.predict(base, controls.pooled_feature_maps(maps_fn(tiles)))
-            out = np.asarray(
-                counting_base.blend(out, counting, weight) if weight is not None else out + counting, np.float32)
+            out = np.asarray(counting_base.combine(out, counting, weight), np.float32)
         return out
 
     predict.encoder_shared = shared

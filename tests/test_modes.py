@@ -553,6 +553,29 @@ def test_external_blends_as_the_training_stores_inner_validation_chose(depth_sto
     assert "  - test: weight 0.3 (inner-validation MSE w 0.3: " in open(w / "report.md").read()
 
 
+def test_external_refuses_a_test_store_of_another_counts_scale_before_training(depth_stores, tmp_path):
+    """A counting model fitted on A (the blend, or the counting base) cannot predict a store whose expression is
+    log1p counts per another scale: the run stops with exit 65 before any pretraining, naming B and the setting
+    that turns the counting model off."""
+    root, a, _ = depth_stores
+    b = _store(tmp_path / "b", ["X"] * 24, ["G4", "G2", "G1"], "stnet", 2, depth=True)
+    manifest = json.load(open(os.path.join(b, "manifest.json")))
+    manifest["expression"]["scale"] = 1e6
+    with open(os.path.join(b, "manifest.json"), "w") as f:
+        json.dump(manifest, f)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    for extra, fix in (((), "--config.model.counting_blend=none"),
+                       (("--config.model.output_base=counting",), "--config.model.output_base=mean")):
+        w = tmp_path / f"w{len(extra)}"
+        r = subprocess.run([sys.executable, "-m", "histospace_jax.main", config("external.py"), f"--workdir={w}",
+                            f"--config.data.store={a}", f"--config.external.store={b}", *TINY, *extra],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 65, r.stderr[-3000:]
+        assert f"{b}: its expression is not log1p counts per 10000 as {a}'s is" in r.stderr and fix in r.stderr
+        assert not (w / "checkpoints" / "ae").exists()  # refused before the autoencoder trained
+
+
 def test_train_with_the_blend_exports_it_and_predict_blends(depth_stores, tmp_path):
     """The README's train -> predict path under the blend: model.json says output_base "blend" and its weight,
     and predict's value for each spot is (1 - w) x the heads' (the training mean) + w x the counting model at the

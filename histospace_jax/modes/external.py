@@ -72,6 +72,24 @@ def _select_patients(store, wanted: str, what: str) -> np.ndarray:
     return np.flatnonzero(np.isin(store.obs["patient"], names))
 
 
+def _counting_model_settings(config, store_a, store_b) -> dict:
+    """train_one_fold_on_all's base_scale, blend_weights and blend_scale for training on A. A counting model
+    fitted on A predicts B only when B's expression is log1p counts per the same scale: otherwise an error, before
+    any training, that names B and the setting to turn off."""
+    base_scale = counting_base.scale_for(config, store_a.manifest, store_a.obs, store_a.path)
+    blend_weights = counting_base.blend_weights(config, store_a.manifest, store_a.obs, store_a.path)
+    scale_a = evaluation.sampling_scale(store_a.manifest)
+    if (base_scale is not None or blend_weights is not None) and evaluation.sampling_scale(store_b.manifest) != scale_a:
+        how, key, off = (("the counting base (model.output_base) predicts", "model.output_base", "mean")
+                         if base_scale is not None else
+                         ("the counting model the predictions are blended with (model.counting_blend) predicts",
+                          "model.counting_blend", "none"))
+        raise BadInputError(f"{store_b.path}: its expression is not log1p counts per {scale_a:g} as "
+                            f"{store_a.path}'s is, which {how}; prepare both stores alike or use "
+                            f"--config.{key}={off}")
+    return {"base_scale": base_scale, "blend_weights": blend_weights, "blend_scale": scale_a}
+
+
 def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     """Train on store A (all, or config.external.train_patients), evaluate on store B (config.external.store,
     default A itself with config.external.test_patients) on the shared genes."""
@@ -80,6 +98,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     store_a = open_store(store_a_path)
     store_b = open_store(e.store or store_a_path)
     require_same_tile_scale(store_a, store_b, "config.external.store")
+    counting_settings = _counting_model_settings(config, store_a, store_b)
     rows_a = _select_patients(store_a, e.train_patients, "external.train_patients")
     rows_b = _select_patients(store_b, e.test_patients, "external.test_patients")
     genes = [g for g in store_a.genes if g in set(store_b.genes)]
@@ -127,22 +146,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     fdr = config.loo.fdr
     fa, fb, ca, cb = inputs_of(ae["variables"])
     obs_a = {k: v[rows_a] for k, v in store_a.obs.items()}
-    base_scale = counting_base.scale_for(config, store_a.manifest, store_a.obs, store_a.path)
-    if base_scale is not None and evaluation.sampling_scale(store_b.manifest) != base_scale:
-        raise BadInputError(f"{store_b.path}: its expression is not log1p counts per {base_scale:g} as "
-                            f"{store_a.path}'s is, which the counting base (model.output_base) predicts; prepare "
-                            "both stores alike or use --config.model.output_base=mean")
-    blend_weights = counting_base.blend_weights(config, store_a.manifest, store_a.obs, store_a.path)
-    if blend_weights is not None and evaluation.sampling_scale(store_b.manifest) != evaluation.sampling_scale(
-            store_a.manifest):
-        raise BadInputError(f"{store_b.path}: its expression is not log1p counts per "
-                            f"{evaluation.sampling_scale(store_a.manifest):g} as {store_a.path}'s is, which the "
-                            "counting model the predictions are blended with (model.counting_blend) predicts; "
-                            "prepare both stores alike or use --config.model.counting_blend=none")
-    blend_kw = dict(base_scale=base_scale, blend_weights=blend_weights,
-                    blend_scale=evaluation.sampling_scale(store_a.manifest))
     heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external",
-                                        context=ca, **blend_kw)
+                                        context=ca, **counting_settings)
     curve = heads["curve"]
     # The test store is smoothed as inner validation on the training store chose.
     smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
@@ -151,7 +156,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if heads["counting_base"] is not None:
         pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
         base_b = counting_base.predict(heads["counting_base"], pooled_b)
-    on_base = lambda p: folds.on_counting_base(p, base_b, heads["counting_weight"])  # noqa: E731
+    on_base = lambda p: counting_base.combine(p, base_b, heads["counting_weight"])  # noqa: E731
     unsmoothed = on_base(folds.ensemble_predict_features(heads["states"], fb, heads["mean"], heads["sd"], context=cb))
     pred = smooth(unsmoothed)
     # The same metric block as a leave-one-patient-out fold: depth-adjusted r, R² against the training mean and
@@ -193,7 +198,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb, rca, rcb = inputs_of(rv)
         rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
-                                             context=rca, **blend_kw)
+                                             context=rca, **counting_settings)
         rpred = smooth(folds.predict_with_base(rheads["states"], rb, rheads["mean"], rheads["sd"],
                                                rheads["counting_base"], context=rcb,
                                                weight=rheads["counting_weight"]))
@@ -254,8 +259,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "train": {"store": store_a.path, "patients": sorted(set(store_a.obs["patient"][rows_a].tolist())),
                   "n_spots": int(len(rows_a)), "synthetic": store_a.synthetic, "refit": heads["refit"],
                   "live_units": heads["live_units"],
-                  "output_base": ({"base": "mean"} if base_scale is None else
-                                  {"base": "counting", "scale": base_scale,
+                  "output_base": ({"base": "mean"} if counting_settings["base_scale"] is None else
+                                  {"base": "counting", "scale": counting_settings["base_scale"],
                                    "depth_ridge_alpha": heads["counting_base"].alpha})},
         "counting_blend": (None if heads["counting_blend"] is None else
                            {"what": "the final prediction is (1 - weight) x the heads' + weight x the counting model "

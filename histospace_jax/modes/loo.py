@@ -145,7 +145,7 @@ def _with_base(bases, f: int, rows: np.ndarray, pred, weight: float | None = Non
     (model.counting_blend); unchanged without bases."""
     if bases is None or pred is None:
         return pred
-    return folds.on_counting_base(pred, _counting_at(bases, f, rows), weight)
+    return counting_base.combine(pred, _counting_at(bases, f, rows), weight)
 
 
 def _counting_at(bases, f: int, rows: np.ndarray) -> np.ndarray:
@@ -228,7 +228,7 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         if blend_weights is not None:
             for f, p in zip(group, selected):
                 if p is None or not len(val_rows[f]):
-                    choice = {"weight": 0.0, "chosen_by": "no inner validation: the heads alone"}
+                    choice = counting_base.unvalidated_blend()
                 else:
                     choice = counting_base.choose_blend(
                         expression[val_rows[f]], p, _counting_at(inner_bases, f, val_rows[f]),
