@@ -78,33 +78,39 @@ def make_predict_fn(model, variables, info: dict, base: counting_base.CountingBa
     view_of = _view_fn(info)
     views = int(info["views"])
     shared = encoder_shared(variables)
+    encoder = _member_subtree(variables, "encoder", member=0)
+    encode = jax.jit(lambda e, x: model.apply(e, models.to_unit_range(x), method="encode"))
     if shared:
         # The members' heads share one frozen encoder: encode each view once, then run every head on the
-        # features (the encoder is most of the work; with 5 members this is several times faster).
-        encoder = _member_subtree(variables, "encoder", member=0)
+        # features (the encoder is most of the work; with 5 members this is several times faster). The maps
+        # stay on the device between the two programs; view 0's also serve the counting base.
         heads = _member_subtree(variables, "head")
-        fn = jax.jit(lambda e, h, x, c: jax.vmap(
-            lambda hv: model.apply(hv, model.apply(e, models.to_unit_range(x), method="encode"), False, None, c,
-                                   method="from_features"))(h))
-        apply = lambda x, c: fn(encoder, heads, x, c)  # noqa: E731
+        on_maps = jax.jit(lambda h, m, c: jax.vmap(
+            lambda hv: model.apply(hv, m, False, None, c, method="from_features"))(h))
+
+        def apply_view(x, c, keep_maps: bool):
+            maps = encode(encoder, x)
+            return on_maps(heads, maps, c), (maps if keep_maps else None)
     else:
         fn = jax.jit(jax.vmap(lambda v, x, c: model.apply(v, models.to_unit_range(x), False, None, c),
                               in_axes=(0, None, None)))
-        apply = lambda x, c: fn(variables, x, c)  # noqa: E731
 
-    maps_fn = None
-    if base is not None:
-        encoder = _member_subtree(variables, "encoder", member=0)
-        encode = jax.jit(lambda e, x: model.apply(e, models.to_unit_range(x), method="encode"))
-        maps_fn = lambda x: np.asarray(encode(encoder, x), np.float32)  # noqa: E731
+        def apply_view(x, c, keep_maps: bool):
+            return fn(variables, x, c), (encode(encoder, x) if keep_maps else None)
 
     def predict(tiles, context=None, ids=None):
-        z = sum(np.asarray(apply(view_of(tiles, v, ids), None if context is None else context[v]))
-                for v in range(views)) / views
-        out = mean + sd * z.mean(0)
-        if maps_fn is not None:
-            # The base read the untransformed view in training (the cached features' view 0), never a jittered one.
-            counting = counting_base.predict(base, controls.pooled_feature_maps(maps_fn(tiles)))
+        total, maps0 = 0.0, None
+        for v in range(views):
+            # The base read the untransformed view in training (the cached features' view 0), never a jittered
+            # one; view_of keeps view 0 the tile itself.
+            z, maps = apply_view(view_of(tiles, v, ids), None if context is None else context[v],
+                                 base is not None and v == 0)
+            total = total + np.asarray(z)
+            if maps is not None:
+                maps0 = np.asarray(maps, np.float32)
+        out = mean + sd * (total / views).mean(0)
+        if base is not None:
+            counting = counting_base.predict(base, controls.pooled_feature_maps(maps0))
             out = np.asarray(counting_base.combine(out, counting, weight), np.float32)
         return out
 
