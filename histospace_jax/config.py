@@ -138,7 +138,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.features_in_memory = "auto"
 
     c.loo = ml_collections.ConfigDict()
-    c.loo.patients = ""  # comma-separated subset of patients to hold out; "" = all
+    c.loo.patients = ""  # comma-separated subset of patients (sections with hold_out=section) to hold out; "" = all
+    # What a fold holds out: "patient" (leave-one-patient-out: a new patient, what a user's next slide is) or
+    # "section" (leave-one-section-out, the HER2ST protocol of HisToGene, Hist2ST and THItoGene: the held-out
+    # section's patient has other sections in training, so its figures are within-patient, not new-patient).
+    c.loo.hold_out = "patient"
     # Folds trained together in one compiled program; 0 = all of them when their heads' training memory fits in
     # half of memory, else the fewest equal groups that do (STNet scale, 23 folds x 5 heads: 3 groups on 24 GB).
     c.loo.folds_per_program = 0
@@ -253,6 +257,7 @@ CHOICES = {
     "train.select_epoch": ("on", "off", "auto"),
     "train.refit": ("on", "off", "auto"),
     "loo.evaluate_on": ("held_out", "inner_validation"),
+    "loo.hold_out": ("patient", "section"),
     "train.features_in_memory": ("on", "off", "auto"),
     "model.variant": ("pool", "relu", "relu_bn"),
     "model.upconv_impl": ("subpixel", "transpose"),

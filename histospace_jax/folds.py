@@ -89,6 +89,24 @@ def inner_validation_plan(config, obs: dict, plan: FoldPlan) -> InnerValidationP
                                train=[t for t, _, _ in splits])
 
 
+def sections_as_patients(store):
+    """(`store` with each spot's section as its patient, {section: its real patient}): leave-one-section-out
+    (loo.hold_out=section) is leave-one-patient-out on these units, so the folds, the autoencoders (training
+    sections' tiles only), the inner split (whole sections, as the outer protocol holds them out) and every
+    control follow from the one plan. A section name shared by two patients would merge their spots: refused."""
+    sections = np.asarray(store.obs["section"]).astype(str)
+    patients = np.asarray(store.obs["patient"]).astype(str)
+    owner: dict[str, str] = {}
+    for s, p in zip(sections.tolist(), patients.tolist()):
+        if owner.setdefault(s, p) != p:
+            raise BadInputError(f"{store.path}: section {s!r} belongs to patients {owner[s]!r} and {p!r}; "
+                                "loo.hold_out=section needs section names unique across patients (prepare the "
+                                "store again with distinct --section_name, or use loo.hold_out=patient)")
+    obs = dict(store.obs)
+    obs["patient"] = sections
+    return dataclasses.replace(store, obs=obs), owner
+
+
 def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
     patients, pidx = pipeline.patient_indices(store)
     if len(patients) < 2:

@@ -109,6 +109,11 @@ def _provenance(results: dict) -> list[str]:
         lines.append("> **Scored on inner validation** (loo.evaluate_on=inner_validation): each fold is scored on "
                      "spots of its training patients held out from its heads, not on its held-out patient.")
         lines.append("")
+    if results.get("held_out_unit", {}).get("unit") == "section":
+        lines.append("> **Leave-one-section-out** (loo.hold_out=section): each held-out section's patient has other "
+                     "sections in training. These are within-patient figures; a new patient's slide gets "
+                     "leave-one-patient-out's.")
+        lines.append("")
     store = d.get("store")
     lines.append(f"- dataset: {d.get('name', '?')} ({'synthetic' if synthetic else 'real'})")
     if store:

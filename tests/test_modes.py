@@ -26,7 +26,7 @@ TINY = ["--config.data.tile_size=16", "--config.model.encoder_features=(4,4,8)",
         "--config.eval_batch_size=16"]
 
 
-def _store(path, patients, genes, fmt, seed, depth=False):
+def _store(path, patients, genes, fmt, seed, depth=False, sections=None):
     """Random tiles and expression; with `depth`, each spot also has a library size, and its expression is log1p
     of counts per 10k drawn by Poisson at a share of the library that follows the log library size with a gene's
     own slope (what the depth-oracle controls read), recorded in the manifest as a prepared store does."""
@@ -34,7 +34,8 @@ def _store(path, patients, genes, fmt, seed, depth=False):
     n = len(patients)
     tiles = rng.integers(0, 255, size=(n, 16, 16, 3), dtype=np.uint8)
     expr = rng.normal(size=(n, len(genes))).astype(np.float32)
-    obs = {"section": np.array([f"{p}1" for p in patients]), "patient": np.array(patients),
+    obs = {"section": np.array(sections if sections is not None else [f"{p}1" for p in patients]),
+           "patient": np.array(patients),
            "array_x": np.arange(n) % 6, "array_y": np.arange(n) // 6, "pixel_x": np.arange(n) % 6 * 10.0, "pixel_y": np.arange(n) // 6 * 10.0}
     manifest = {"source_format": fmt, "microns_per_pixel": 1.0, "tile_size": 16, "colour_cast": {"enabled": False},
                 "stain_normalisation": {"method": "none"}}
@@ -310,6 +311,7 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
     assert "- how well the frozen features tell sequencing depth: r between" in open(w / "report.md").read()
     assert "- output base: mean (the heads' output is added to the training mean" in open(w / "report.md").read()
     assert res["evaluated_on"] == "held_out" and res["training"]["refit"] is True
+    assert res["held_out_unit"] == {"unit": "patient"}
     assert "- refit: after inner validation chose each head's epoch" in open(w / "report.md").read()
     live = res["training"]["live_units"]
     assert set(live) == {"E", "F"} and all(0 < v <= 1 for v in live.values())
@@ -320,6 +322,48 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
     assert {x["loop"] for x in lines} == {"ae E", "ae F", "loo main", "loo random_encoder", "loo main_refit",
                                           "loo random_encoder_refit", "loo random_encoder_2",
                                           "loo random_encoder_2_refit"}
+
+
+def test_leave_one_section_out_holds_out_sections_and_says_so(tmp_path):
+    # Two patients of two sections each: every fold holds out one section, its patient's other section trains.
+    patients = ["E"] * 24 + ["F"] * 24
+    sections = ["E1"] * 12 + ["E2"] * 12 + ["F1"] * 12 + ["F2"] * 12
+    a = _store(tmp_path / "a", patients, ["G1", "G2", "G3", "G4"], "her2st", 0, depth=True, sections=sections)
+    w = tmp_path / "w"
+    r = run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+            "--config.loo.random_encoder_control=off", "--config.loo.hold_out=section")
+    res = json.load(open(w / "results.json"))
+    assert [f["held_out"] for f in res["folds"]] == ["E1", "E2", "F1", "F2"]
+    assert res["held_out_unit"]["unit"] == "section"
+    assert res["held_out_unit"]["patient_of_section"] == {"E1": "E", "E2": "E", "F1": "F", "F2": "F"}
+    npz = np.load(w / "predictions.npz")
+    for k, name in enumerate(["E1", "E2", "F1", "F2"]):
+        np.testing.assert_array_equal(npz[f"rows_{name}"], np.arange(12 * k, 12 * k + 12))
+        # Each fold's autoencoder saw the other three sections' tiles, its own patient's other section included.
+        assert "the 36 tiles of the training patients of the fold holding out " + name in (
+            res["autoencoder"][name]["tiles_seen"])
+        # Three training sections: inner validation holds back a whole one, as the outer protocol does.
+        assert res["training"]["inner_validation"][name] == "12 of 36 training spots by whole sections"
+    assert "loo.hold_out=section: leave-one-section-out over 4 sections" in r.stdout
+    assert "> **Leave-one-section-out** (loo.hold_out=section)" in open(w / "report.md").read()
+    import anndata
+
+    # predictions.h5ad keeps each spot's real patient beside its section and fold.
+    ad = anndata.read_h5ad(w / "predictions.h5ad")
+    assert list(ad.obs["patient"]) == patients and list(ad.obs["fold"]) == sections
+
+
+def test_leave_one_section_out_refuses_a_section_name_two_patients_share(tmp_path):
+    from histospace_jax import folds
+    from histospace_jax.errors import BadInputError
+
+    a = _store(tmp_path / "a", ["E"] * 6 + ["F"] * 6, ["G1", "G2"], "her2st", 0, sections=["S1"] * 12)
+    with pytest.raises(BadInputError, match=r"section 'S1' belongs to patients 'E' and 'F'.*unique across patients"):
+        folds.sections_as_patients(store_lib.open_store(a))
+    b = _store(tmp_path / "b", ["E"] * 6 + ["F"] * 6, ["G1", "G2"], "her2st", 0, sections=["S1"] * 6 + ["S2"] * 6)
+    store, owner = folds.sections_as_patients(store_lib.open_store(b))
+    assert owner == {"S1": "E", "S2": "F"} and store.patients == ["S1", "S2"]
+    assert list(store_lib.open_store(b).obs["patient"]) == ["E"] * 6 + ["F"] * 6  # the opened store is untouched
 
 
 def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stores, tmp_path):

@@ -1,4 +1,5 @@
-"""Mode loo: leave-one-patient-out with controls (the paper's protocol).
+"""Mode loo: leave-one-patient-out with controls (the paper's protocol); loo.hold_out=section holds out one
+section per fold instead (leave-one-section-out: within-patient figures, labelled as such everywhere).
 
 Layout of a workdir:
   checkpoints/ae[_<fold>]/   autoencoder train state + Grain iterator (Orbax); one per fold when it learns from
@@ -403,6 +404,12 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if not store.genes:
         raise BadInputError(f"{inputs.store}: has no expression (image-only store); leave-one-patient-out needs a "
                             "spot store from `python -m histospace_jax.prepare` with --format=stnet|her2st|visium")
+    real_store, section_patients = store, None
+    if config.loo.hold_out == "section":
+        store, section_patients = folds.sections_as_patients(store)
+        console.log(f"[loo] loo.hold_out=section: leave-one-section-out over {len(section_patients)} sections; each "
+                    "held-out section's patient has its other sections in training, so these figures are "
+                    "within-patient, not what a new patient's slide gets (loo.hold_out=patient)")
     plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
     encoders, encoder_of_fold, ae_summaries = fold_encoders(config, workdir, store, inputs, plan)
     if config.loo.evaluate_on == "inner_validation":
@@ -466,12 +473,18 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "summary": evaluation.summarise(fold_metrics),
         "autoencoder": {name: {k: v for k, v in summ.items() if k != "curve"} for name, summ in ae_summaries.items()},
         "evaluated_on": config.loo.evaluate_on,
+        "held_out_unit": ({"unit": "section", "patient_of_section": section_patients,
+                           "note": "leave-one-section-out: each held-out section's patient has other sections in "
+                                   "training; within-patient figures, not new-patient ones"}
+                          if section_patients is not None else {"unit": "patient"}),
         "training": {"recipe": config.recipe, "loss": _loss_summary(config),
                      "output_base": output_base_summary(base_scale, loo["output_base"]),
                      "counting_blend": counting_blend_summary(blend_weights, loo["counting_blend"], random_blend),
                      "best_epoch": loo["best_epoch"],
                      "refit": loo["refit"], "live_units": loo["live_units"],
-                     "inner_validation": loo["inner_validation"],
+                     "inner_validation": (loo["inner_validation"] if section_patients is None else
+                                          {k: v.replace(" by patients", " by whole sections")
+                                           for k, v in loo["inner_validation"].items()}),
                      "inner_validation_score": loo["inner_validation_score"], "control_ridge_alpha": alphas,
                      "image_depth_read_r": depth_read,
                      "context": folds.context_summary(config, store.obs),
@@ -493,5 +506,5 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                          for f in range(len(plan.folds))}
         _write_files(workdir, genes, loo, fold_metrics, controls,
                      per_gene_rows(genes, fold_metrics, held_out_mean, ceilings, neighbours))
-        _write_h5ad(workdir, store, loo, expression, controls)
+        _write_h5ad(workdir, real_store, loo, expression, controls)
     return results, {"per_gene": [(f["held_out"], f["per_gene_r"]) for f in fold_metrics], "genes": genes}
