@@ -107,7 +107,9 @@ def sections_as_patients(store):
     return dataclasses.replace(store, obs=obs), owner
 
 
-def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
+def plan_leave_one_patient_out(store, only: str = "", unit: str = "patients") -> FoldPlan:
+    """The folds of `store`, one per patient in `only` (comma-separated; "" = all); `unit` names what the store's
+    patients are in messages ("sections" under loo.hold_out=section, sections_as_patients)."""
     patients, pidx = pipeline.patient_indices(store)
     if len(patients) < 2:
         raise BadInputError(f"{store.path}: leave-one-patient-out needs >= 2 patients, found {patients}; use a store "
@@ -115,7 +117,8 @@ def plan_leave_one_patient_out(store, only: str = "") -> FoldPlan:
     wanted = [p for p in only.split(",") if p] if only else patients
     unknown = [p for p in wanted if p not in patients]
     if unknown:
-        raise BadInputError(f"loo.patients names {unknown}, not in {store.path} (patients: {patients})")
+        raise BadInputError(f"loo.patients names {unknown}, not in {store.path} ({unit}: {patients}); give a "
+                            f"comma-separated subset of those {unit}, or leave it empty for all")
     return FoldPlan(patients, pidx, [patients.index(p) for p in wanted])
 
 

@@ -364,6 +364,10 @@ def test_leave_one_section_out_refuses_a_section_name_two_patients_share(tmp_pat
     store, owner = folds.sections_as_patients(store_lib.open_store(b))
     assert owner == {"S1": "E", "S2": "F"} and store.patients == ["S1", "S2"]
     assert list(store_lib.open_store(b).obs["patient"]) == ["E"] * 6 + ["F"] * 6  # the opened store is untouched
+    # loo.patients then names sections, and an unknown one is refused with the sections it could name.
+    assert folds.plan_leave_one_patient_out(store, "S2", "sections").folds == [1]
+    with pytest.raises(BadInputError, match=r"loo.patients names \['E'\].*\(sections: \['S1', 'S2'\]\)"):
+        folds.plan_leave_one_patient_out(store, "E", "sections")
 
 
 def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stores, tmp_path):

@@ -410,7 +410,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         console.log(f"[loo] loo.hold_out=section: leave-one-section-out over {len(section_patients)} sections; each "
                     "held-out section's patient has its other sections in training, so these figures are "
                     "within-patient, not what a new patient's slide gets (loo.hold_out=patient)")
-    plan = folds.plan_leave_one_patient_out(store, config.loo.patients)
+    plan = folds.plan_leave_one_patient_out(store, config.loo.patients,
+                                            "patients" if section_patients is None else "sections")
     encoders, encoder_of_fold, ae_summaries = fold_encoders(config, workdir, store, inputs, plan)
     if config.loo.evaluate_on == "inner_validation":
         # Each fold's encoder stays the one of its patient split (it saw the training patients' tiles, as in
