@@ -140,6 +140,11 @@ def random_draw_lines(results: dict) -> list[str]:
 # ------------------------------------------------------------------------------------------------ tables
 
 
+def protocol_title(held_out_unit: dict | None) -> str:
+    """What a loo run held out per fold, as a title: results.json's `held_out_unit` (loo.hold_out)."""
+    return "Leave-one-section-out" if (held_out_unit or {}).get("unit") == "section" else "Leave-one-patient-out"
+
+
 def loo_table(results: dict) -> str:
     """Model and controls side by side: per fold and the mean over folds."""
     header = ["held out", "predictor", "spots", "gene r", "gene r med", "depth-adj r", "R²>0", "sig genes",
@@ -149,7 +154,7 @@ def loo_table(results: dict) -> str:
         rows += metric_rows(f["held_out"], f, f["n_spots"])
     s = results["summary"]
     rows += metric_rows("MEAN", s, sum(f["n_spots"] for f in results["folds"]))
-    title = f"Leave-one-patient-out on {results['dataset']['name']}"
+    title = f"{protocol_title(results.get('held_out_unit'))} on {results['dataset']['name']}"
     if results["dataset"].get("synthetic"):
         title += "  [SYNTHETIC DATA]"
     if s.get("n_folds_failed"):

@@ -261,7 +261,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
              "Numbers: `results.json`.", ""]
     lines += _provenance(results)
     if mode == "loo":
-        lines += ["## Leave-one-patient-out: model and controls", ""]
+        lines += [f"## {console.protocol_title(results.get('held_out_unit'))}: model and controls", ""]
         summ = results["summary"]
         if summ.get("n_folds_failed"):
             lines += [f"> **{summ['n_folds_failed']} of {summ['n_folds']} folds FAILED** "

@@ -346,6 +346,10 @@ def test_leave_one_section_out_holds_out_sections_and_says_so(tmp_path):
         assert res["training"]["inner_validation"][name] == "12 of 36 training spots by whole sections"
     assert "loo.hold_out=section: leave-one-section-out over 4 sections" in r.stdout
     assert "> **Leave-one-section-out** (loo.hold_out=section)" in open(w / "report.md").read()
+    # Titles name the protocol, and the dataset's patients are the real ones (the folds name the sections).
+    assert "Leave-one-section-out on " in r.stdout and "Leave-one-patient-out" not in r.stdout
+    assert "## Leave-one-section-out: model and controls" in open(w / "report.md").read()
+    assert res["dataset"]["patients"] == ["E", "F"]
     import anndata
 
     # predictions.h5ad keeps each spot's real patient beside its section and fold.

@@ -381,7 +381,7 @@ def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, enco
     if jax.process_index() == 0:
         gi = [store.genes.index(g) for g in named]
         plots.plot_spatial_maps(os.path.join(workdir, "figures", "loo_spatial_maps.png"), store.obs, rows, named,
-                                truth[:, gi], pred[:, gi], title="Leave-one-patient-out: held-out predictions",
+                                truth[:, gi], pred[:, gi], title=f"{console.protocol_title({'unit': config.loo.hold_out})}: held-out predictions",
                                 tiles=_shown_tiles(store, rows))
         figures["spatial_maps"] = "figures/loo_spatial_maps.png"
     t = config.data.tile_size
@@ -466,7 +466,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     results = {
         "mode": "loo",
         "dataset": {**inputs.dataset, "store": store.path, "n_spots": store.n_spots, "n_genes": len(genes),
-                    "patients": loo["plan"].patients,
+                    "patients": real_store.patients,
                     "synthetic": store.synthetic if inputs.dataset.get("synthetic") is None
                     else inputs.dataset["synthetic"]},
         "metric_notes": METRIC_NOTES,
