@@ -73,7 +73,8 @@ def pretrain(config, workdir: str, store_path: str, writer, *, rows: np.ndarray 
         return load(config)
     c = config.ae
     state = builders.autoencoder_state(config)
-    all_rows = np.arange(open_store(store_path).n_spots) if rows is None else np.asarray(rows)
+    store = open_store(store_path)
+    all_rows = np.arange(store.n_spots) if rows is None else np.asarray(rows)
     n = len(all_rows)
     val_pos, train_pos = validation_split(n, c.val_fraction, config.seed)
     val_rows, train_rows = all_rows[val_pos], all_rows[train_pos]
@@ -87,7 +88,9 @@ def pretrain(config, workdir: str, store_path: str, writer, *, rows: np.ndarray 
                                           num_epochs=c.epochs, worker_count=config.data.worker_count))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", name.replace(" ", "_")),
                                       config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
-    compat = checkpointing.compat_signature(config, checkpointing.AE_KEYS, n_train_rows=int(len(train_rows)))
+    compat = checkpointing.compat_signature(config, checkpointing.AE_KEYS, n_train_rows=int(len(train_rows)),
+                                            store=store.fingerprint,
+                                            rows_digest=checkpointing.rows_digest(train_rows, val_rows))
     train_step = steps.pmap_step(steps.ae_train_step, axis_name=builders.AXIS,
                                  compiler_options=xla_tuning.conv_step_options())
     n_dev = jax.local_device_count()

@@ -36,6 +36,9 @@ HEAD_KEYS = ("seed", "recipe", "data.tile_size", "model.", "train.")
 # smoothing of finished predictions and their blend with the counting model (neither touches what the heads learn).
 _NEVER = ("ae.store", "ae.checkpoint", "train.features_in_memory", "model.smoothing", "model.smoothing_weight",
           "model.smoothing_weights", "model.smoothing_radius", "model.counting_blend", "model.counting_blend_weights")
+# Facts about the data a checkpoint learnt from (the store's fingerprint, digests of its rows), recorded since
+# checkpoints name their data: one written before records none and is judged on its settings alone.
+DATA_FACTS = ("store", "rows_digest")
 # Settings added after checkpoints were already being written, with the value that reproduces the old behaviour:
 # a checkpoint that does not record one was written with that value, so it resumes under it.
 ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5, "train.head_seed": None,
@@ -183,6 +186,16 @@ def compat_signature(config, keys: tuple[str, ...], **extra) -> dict:
     return _plain(sig)
 
 
+def rows_digest(*row_sets) -> str:
+    """SHA-1 of one or more sets of row indices (order kept): which rows of a store a checkpoint learnt from,
+    where their count alone would let a run with other rows of the same size resume it."""
+    h = hashlib.sha1()
+    for rows in row_sets:
+        h.update(np.ascontiguousarray(np.asarray(rows, np.int64)).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
 def tree_digest(tree) -> str:
     """SHA-1 of a pytree's array bytes (e.g. the frozen encoder a head checkpoint was trained on)."""
     h = hashlib.sha1()
@@ -200,6 +213,7 @@ def check_compatible(directory: str, step: int, meta: dict, current: dict) -> No
     if saved is None:
         return
     saved = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **saved}
+    current = {k: v for k, v in current.items() if k in saved or k not in DATA_FACTS}
     diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
             for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
     if diff:

@@ -189,6 +189,9 @@ class HeadData:
     expression: np.ndarray            # [N, G]
     encoder_variables: list[dict]     # per encoder: {'params', 'batch_stats'} (kept in the states for export)
     context: np.ndarray | None = None  # [E, V, N, C] neighbourhood context (model.context=neighbours), in memory
+    # The data's identity, recorded in the heads' checkpoints: the store's fingerprint, with a digest of its
+    # rows where `expression` holds a subset of them ("" records none).
+    source: str = ""
 
     def encoder_digests(self) -> list[str]:
         return [checkpointing.tree_digest(v) for v in self.encoder_variables]
@@ -675,7 +678,10 @@ def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, ke
     compat = checkpointing.compat_signature(
         config, checkpointing.HEAD_KEYS, n_rows=int(len(data.expression)), n_genes=int(g), folds=data.names,
         train_rows=[int(len(r)) for r in data.train_rows], encoders=data.encoder_digests(),
-        views=int(program.n_views))
+        views=int(program.n_views),
+        **({"store": data.source,
+            "rows_digest": [checkpointing.rows_digest(t, v) for t, v in zip(data.train_rows, data.val_rows)]}
+           if data.source else {}))
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints", tag), config.checkpoint.max_to_keep,
                                       async_save=config.checkpoint.async_save)
     state = {"train": stacked, "best": stacked, "best_score": np.full(members, _NO_SCORE, np.float32),
@@ -722,7 +728,7 @@ def _train_members(config, workdir: str, data: HeadData, *, tag: str, writer, ke
 def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, expression: np.ndarray,
                           encoder_variables: dict, writer, tag: str, context: np.ndarray | None = None,
                           base_scale: float | None = None, blend_weights: tuple | None = None,
-                          blend_scale: float | None = None) -> dict:
+                          blend_scale: float | None = None, source: str = "") -> dict:
     """train.ensemble heads on every row (nothing held out; inner validation, when on, from blocks/sections of
     these rows; with train.refit, the heads are then refitted on every row). Returns {'states': member states
     stacked [K], 'mean', 'sd' (target standardisation), 'curve', 'best_epoch', 'refit', 'live_units',
@@ -747,7 +753,7 @@ def train_one_fold_on_all(config, workdir: str, obs: dict, feats: np.ndarray, ex
     if base_scale is not None:
         targets = counting_base.residual_targets(expression, library, obs["patient"], base_scale)
     data = HeadData(names=["(all)"], train_rows=[tr], val_rows=[va], encoder_of_fold=[0], features=feats[None],
-                    expression=targets, encoder_variables=[encoder_variables], context=ctx)
+                    expression=targets, encoder_variables=[encoder_variables], context=ctx, source=source)
     res = train_heads(config, workdir, data, tag=tag, writer=writer)
     program = res["program"]
     blending = base is not None and base_scale is None

@@ -176,6 +176,38 @@ def test_incompatible_checkpoint_names_every_difference_and_the_fix(tmp_path):
     assert errors.exit_code(e.value) == 78
 
 
+def test_a_checkpoint_is_refused_for_other_rows_of_the_same_count_and_accepted_from_before_rows_were_named(
+        tmp_path):
+    """The autoencoder of a fold records which rows it learnt from (rows_digest) and the store's fingerprint:
+    the same number of other rows is refused; a checkpoint written before these were recorded is judged on its
+    settings alone."""
+    config = config_lib.get_config()
+    rows = np.arange(0, 40)
+    sig = checkpointing.compat_signature(config, checkpointing.AE_KEYS, n_train_rows=40, store="s1",
+                                         rows_digest=checkpointing.rows_digest(rows[:36], rows[36:]))
+    path = str(tmp_path / "ck")
+    _tiny_checkpoint(path, sig)
+    ck = Checkpointer(path)
+    template = {"w": np.ones(4, np.float32)}
+    ck.restore_checked(template, dict(sig))
+    shifted = dict(sig, rows_digest=checkpointing.rows_digest(rows[:36] + 1, rows[36:] + 1))
+    with pytest.raises(errors.ConfigMismatchError, match="rows_digest: checkpoint '[0-9a-f]{16}' vs now"):
+        ck.restore_checked(template, shifted)
+    with pytest.raises(errors.ConfigMismatchError, match="store: checkpoint 's1' vs now 's2'"):
+        ck.restore_checked(template, dict(sig, store="s2"))
+    # The digest is of the rows in order, and of where one set ends and the next begins.
+    assert checkpointing.rows_digest([1, 2], [3]) != checkpointing.rows_digest([1], [2, 3])
+    assert checkpointing.rows_digest([1, 2]) == checkpointing.rows_digest(np.array([1, 2], np.int32))
+    ck.close()
+    old_path = str(tmp_path / "old")
+    _tiny_checkpoint(old_path, {k: v for k, v in sig.items() if k not in checkpointing.DATA_FACTS})
+    old = Checkpointer(old_path)
+    old.restore_checked(template, shifted)
+    with pytest.raises(errors.ConfigMismatchError, match="n_train_rows: checkpoint 40 vs now 41"):
+        old.restore_checked(template, dict(shifted, n_train_rows=41))
+    old.close()
+
+
 def test_checkpoint_from_before_a_setting_existed_resumes_only_under_its_old_behaviour(tmp_path):
     """A head checkpoint written before model.context existed records no such key: it resumes with context off
     (what it was trained with) and is refused with context on."""

@@ -260,6 +260,28 @@ def test_checkpoint_from_incompatible_config_is_refused(tiny, tmp_path):
         assert f.read() == g.read()
 
 
+def test_a_workdir_is_not_resumed_on_another_store_of_the_same_shape(tiny, tmp_path):
+    """Checkpoints name their data, not only its size: rerunning a finished workdir on another store with the
+    same spots, genes and patients (the same tiny demo drawn from another seed, as a store prepared again with
+    other settings would be) is refused for the heads (data.store) and for the autoencoder (ae.store), where
+    restoring them would have reported the old store's training as the new one's."""
+    from histospace_jax.data import demo
+
+    spec = demo.DemoSpec(n_patients=3, sections_per_patient=2, grid=(4, 4), n_genes=8, tile_size=32,
+                         n_pretrain_patients=1, pretrain_grid=(4, 4), seed=7)
+    reg, pre = demo.build_demo(str(tmp_path / "other"), spec)
+    for flag, store, ckpt in ((f"--config.data.store={reg}", reg, "loo_main_0"),
+                              (f"--config.ae.store={pre}", pre, "ae")):
+        wd = str(tmp_path / f"wd_{ckpt}")
+        shutil.copytree(tiny.baseline, wd)
+        os.remove(os.path.join(wd, "results.json"))
+        r = tiny.run(wd, flag)
+        assert r.returncode == 78, r.stdout[-2000:] + r.stderr[-2000:]
+        assert f"{wd}/checkpoints/{ckpt}" in r.stderr
+        assert "store: checkpoint '" in r.stderr and "new --workdir" in r.stderr
+        assert not os.path.exists(os.path.join(wd, "results.json"))
+
+
 @pytest.mark.slow
 def test_two_devices_match_one_device_within_tolerance(tiny, tmp_path):
     wd = str(tmp_path / "wd")

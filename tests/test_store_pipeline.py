@@ -241,3 +241,29 @@ def test_demo_rebuilds_a_cached_store_without_depth_columns(tmp_path):
     reg2, _ = demo.build_demo(str(tmp_path), spec)
     assert reg2 == reg and "library_size" in open_store(reg).obs
     np.testing.assert_array_equal(open_store(reg).expression[:], reference)
+
+
+def test_fingerprint_follows_the_data_not_the_path(tmp_path):
+    """What checkpoints record of their store: the same data anywhere gives the same fingerprint; another
+    manifest, obs, sampled tile or expression row gives another."""
+    import shutil
+
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 256, (9, 8, 8, 3), dtype=np.uint8)
+    expr = rng.random((9, 3), dtype=np.float32)
+    genes = ["A", "B", "C"]
+    base = open_store(write_store(tmp_path / "s", tiles, expr, genes, make_obs(9))).fingerprint
+    assert len(base) == 16 and open_store(tmp_path / "s").fingerprint == base
+    shutil.copytree(tmp_path / "s", tmp_path / "moved")
+    assert open_store(tmp_path / "moved").fingerprint == base
+    middle_tile, middle_row = tiles.copy(), expr.copy()
+    middle_tile[4, 0, 0, 0] ^= 1
+    middle_row[4, 1] += 1
+    obs = make_obs(9)
+    obs["array_x"] = obs["array_x"] + 1
+    others = [write_store(tmp_path / "t", middle_tile, expr, genes, make_obs(9)),
+              write_store(tmp_path / "e", tiles, middle_row, genes, make_obs(9)),
+              write_store(tmp_path / "o", tiles, expr, genes, obs),
+              write_store(tmp_path / "m", tiles, expr, genes, make_obs(9), manifest={"stain": "vahadane"})]
+    prints = [open_store(p).fingerprint for p in others]
+    assert base not in prints and len(set(prints)) == len(prints)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import functools
+import hashlib
 import io
 import json
 import os
@@ -249,6 +251,24 @@ class TileStore:
     @property
     def synthetic(self) -> bool:
         return bool(self.manifest.get("synthetic", False))
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """A digest of the manifest, which records how and when the store was prepared (source, provenance,
+        filters, stain normalisation, genes, spot count), of every spot's obs and of its first, middle and last
+        tiles and expression rows: a store prepared again, or another store at the same path, gets another.
+        Checkpoints record it, so a workdir never resumes on data it was not trained on. (Not every tile: at
+        STNet scale that would be gigabytes.)"""
+        h = hashlib.sha1(json.dumps(self.manifest, sort_keys=True, default=str).encode())
+        for name in sorted(self.obs):
+            h.update(name.encode())
+            h.update(np.asarray(self.obs[name]).astype(str).tobytes())
+        n = self.n_spots
+        for row in sorted({0, n // 2, n - 1} if n else ()):
+            h.update(np.ascontiguousarray(self.tiles[row]).tobytes())
+            if len(self.expression.shape) == 2 and self.expression.shape[1]:
+                h.update(np.ascontiguousarray(self.expression[row]).tobytes())
+        return h.hexdigest()[:16]
 
     def gene_index(self, genes: Sequence[str]) -> np.ndarray:
         """Column indices of `genes`; raises naming every gene the store lacks."""

@@ -12,8 +12,8 @@ import os
 import jax
 import numpy as np
 
-from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, controls,
-                            counting_base, evaluation, features, folds, metrics, model_export, plots)
+from histospace_jax import (atomic, autoencoder, builders, checkpointing, clustering, config as config_lib, console,
+                            controls, counting_base, evaluation, features, folds, metrics, model_export, plots)
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError, ConfigError
@@ -146,8 +146,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     fdr = config.loo.fdr
     fa, fb, ca, cb = inputs_of(ae["variables"])
     obs_a = {k: v[rows_a] for k, v in store_a.obs.items()}
+    source_a = f"{store_a.fingerprint}/{checkpointing.rows_digest(rows_a, ga)}"  # the training rows and genes
     heads = folds.train_one_fold_on_all(config, workdir, obs_a, fa, expr_a, ae["variables"], writer, "external",
-                                        context=ca, **counting_settings)
+                                        context=ca, source=source_a, **counting_settings)
     curve = heads["curve"]
     # The test store is smoothed as inner validation on the training store chose.
     smooth = lambda p: folds.smooth_predictions(store_b.obs, rows_b, p, heads["smoothing"])  # noqa: E731
@@ -198,7 +199,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
         ra, rb, rca, rcb = inputs_of(rv)
         rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
-                                             context=rca, **counting_settings)
+                                             context=rca, source=source_a, **counting_settings)
         rpred = smooth(folds.predict_with_base(rheads["states"], rb, rheads["mean"], rheads["sd"],
                                                rheads["counting_base"], context=rcb,
                                                weight=rheads["counting_weight"]))

@@ -216,7 +216,8 @@ def train_all_folds(config, workdir: str, store, plan, encoders: list[dict], enc
         data = folds.HeadData(names=[plan.name(f) for f in group], train_rows=[train_rows[f] for f in group],
                               val_rows=[val_rows[f] for f in group],
                               encoder_of_fold=[encoder_of_fold[f] for f in group], features=feats,
-                              expression=targets, encoder_variables=encoders, context=ctx)
+                              expression=targets, encoder_variables=encoders, context=ctx,
+                              source=store.fingerprint)
         res = folds.train_heads(config, workdir, data, tag=f"loo_{tag}_{gi}" if len(groups) > 1 else f"loo_{tag}",
                                 writer=writer)
         held = [plan.held_out_rows(f) for f in group]

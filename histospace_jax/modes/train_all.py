@@ -28,7 +28,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     heads = folds.train_one_fold_on_all(
         config, workdir, store.obs, feats, expression, ae["variables"], inputs.writer, "train_all",
         base_scale=base_scale, blend_weights=counting_base.blend_weights(config, store.manifest, store.obs, store.path),
-        blend_scale=evaluation.sampling_scale(store.manifest))
+        blend_scale=evaluation.sampling_scale(store.manifest), source=store.fingerprint)
     # The exported heads' own training: the refit's pass when there was one (its rows say "(refit)").
     curve = [r for r in heads["curve"] if r["fold"].endswith("(refit)") == heads["refit"]]
     encoder_source = ae["summary"].get("loaded_from") or os.path.join(workdir, "checkpoints", "ae")
