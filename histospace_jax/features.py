@@ -8,6 +8,7 @@ manifest and the encoder's weights: a different store or autoencoder gives a dif
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -23,6 +24,7 @@ import tensorstore as ts
 from histospace_jax import console, models, steps, xla_tuning
 from histospace_jax import workdir as workdir_lib
 from histospace_jax.data import pipeline
+from histospace_jax.errors import WorkdirError
 from histospace_jax.ingest import stain
 
 
@@ -250,9 +252,47 @@ def stain_jitter(config) -> float:
 
 def feature_bytes(config, store) -> int:
     """Bytes of one encoder's feature cache for `store` (every view)."""
-    t = config.data.tile_size // 8  # the encoder halves the tile three times
+    t = int(store.tiles.shape[1]) // 2 ** len(tuple(config.model.encoder_features))  # each block halves the tile
     itemsize = jnp.dtype(config.model.get("compute_dtype", "float32")).itemsize
     return n_views(config) * store.n_spots * t * t * int(config.model.encoder_features[-1]) * itemsize
+
+
+def _size(n_bytes: float) -> str:
+    return f"{n_bytes / 2 ** 30:.1f} GiB" if n_bytes >= 2 ** 30 else f"{n_bytes / 2 ** 20:.1f} MiB"
+
+
+def _cache_bytes_present(cache_dir: str) -> int:
+    """Bytes of the feature caches already under `cache_dir` (a rerun hits or replaces them)."""
+    total = 0
+    for root, _, files in os.walk(cache_dir):
+        if os.path.basename(root).startswith("features-") or "/features-" in root:
+            total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def require_cache_space(config, workdir: str, store, encoders: dict[str, int], log=None) -> None:
+    """Before any autoencoder trains: the feature caches a run will write under WORKDIR/cache, one per encoder
+    (`encoders`: what they are -> how many), every view of every spot, must fit on the workdir's disk. A run that
+    cannot fit them is refused now, naming the sizes and the settings that shrink them (WorkdirError, exit 73),
+    rather than at the first cache that does not fit, after hours of pretraining and encoding."""
+    cache_dir = os.path.join(workdir, "cache")
+    n = sum(encoders.values())
+    each = feature_bytes(config, store)
+    need, present = n * each, _cache_bytes_present(cache_dir)
+    free = workdir_lib.free_bytes(cache_dir)
+    what = f"{n} encoder{'s' if n != 1 else ''} (" + ", ".join(f"{k} {v}" for k, v in encoders.items() if v) + ")"
+    if log:
+        log(f"[features] caches of {what} x {_size(each)} = {_size(need)} under {cache_dir} ({_size(free)} free)")
+    if need > free + present:
+        raise WorkdirError(
+            errno.ENOSPC,
+            f"{cache_dir}: this run caches the frozen features of {what}, {n_views(config)} views of "
+            f"{store.n_spots} spots at {_size(each)} each: {_size(need)} ({need:,} bytes) in all, but the disk has "
+            f"{_size(free)} free" + (f" and {_size(present)} of earlier caches" if present else "") + ". Shrink it: "
+            "--config.ae.store=IMAGE_STORE (one autoencoder for every fold, pretrained on a separate image set such "
+            "as ICIAR/BACH, as the paper did, instead of one per fold), --config.model.compute_dtype=bfloat16 (half "
+            "the bytes), --config.loo.random_encoder_control=off (or fewer loo.random_encoder_draws), "
+            "--config.train.augment=none (1 view instead of 8); or use a --workdir on a larger disk")
 
 
 def resident_choice(config, store, n_encoders: int, log=None) -> bool:

@@ -41,13 +41,17 @@ def check_workdir(workdir: str, min_free_mb: float | None = None) -> str:
     return workdir
 
 
+def free_bytes(path: str) -> int:
+    """Free bytes on the disk that holds `path` (or would: its nearest existing parent)."""
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path or ".").free
+
+
 def ensure_free_space(path: str, need_bytes: int, what: str) -> None:
     """Raises WorkdirError (ENOSPC) before writing `need_bytes` under `path` when its disk has less free: a full
     disk met in the middle of a write takes the process down in a native writer thread, without our message."""
-    probe = path
-    while probe and not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    free = shutil.disk_usage(probe or ".").free
+    free = free_bytes(path)
     if free < need_bytes:
         raise WorkdirError(errno.ENOSPC,
                            f"{path}: {what} needs about {need_bytes / 2 ** 20:.0f} MiB but its disk has "

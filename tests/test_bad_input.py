@@ -128,6 +128,42 @@ def test_a_pretraining_or_external_store_of_another_tile_scale_is_refused_naming
     assert not os.path.exists(tmp_path / f"run_{mode}" / "checkpoints")
 
 
+def test_a_run_whose_feature_caches_cannot_fit_on_the_disk_is_refused_before_any_pretraining(tmp_path, monkeypatch):
+    """Leave-one-patient-out caches every view of every spot once per encoder (one autoencoder per fold, plus the
+    untrained control): at STNet scale hundreds of GB. A disk that cannot hold them all is refused before the
+    first autoencoder trains, with the sizes and the settings that shrink them, not at the first cache that does
+    not fit, hours later."""
+    from histospace_jax import errors, features, train, workdir
+    spots = _scaled_store(tmp_path / "spots", 2.34375)
+    config = config_lib.get_config()
+    config.data.store = spots
+    # 2 patients: 2 per-fold autoencoders + 1 untrained encoder; 8 dihedral views (the real-store recipe) of 8
+    # spots, maps of 16/8 x 16/8 x 128 float32: 8 * 8 * 2 * 2 * 128 * 4 = 131,072 bytes each.
+    need = 3 * 8 * 8 * 2 * 2 * 128 * 4
+    monkeypatch.setattr(workdir, "free_bytes", lambda path: need - 1)
+    with pytest.raises(errors.WorkdirError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    msg = str(e.value)
+    assert f"{tmp_path / 'run' / 'cache'}: this run caches the frozen features of 3 encoders" in msg
+    assert "(autoencoders, one per fold 2, untrained (random-encoder control) 1)" in msg
+    assert f"({need:,} bytes) in all" in msg and "--config.ae.store=IMAGE_STORE" in msg
+    assert errors.exit_code(e.value) == 73
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
+    # One shared encoder (ae.store) and no control need a third of it; earlier caches count as room.
+    store = store_lib_open(spots)
+    config.train.augment = "dihedral"
+    features.require_cache_space(config, str(tmp_path / "run"), store, {"shared": 1})
+    os.makedirs(tmp_path / "run" / "cache" / "features-abc")
+    with open(tmp_path / "run" / "cache" / "features-abc" / "c0", "wb") as f:
+        f.write(b"\0" * 2)
+    features.require_cache_space(config, str(tmp_path / "run"), store, {"per fold": 2, "untrained": 1})
+
+
+def store_lib_open(path):
+    from histospace_jax.data import open_store
+    return open_store(path)
+
+
 def test_tile_scales_within_one_percent_count_as_one_and_the_external_store_is_checked_too(tmp_path):
     from histospace_jax.data import store as store_lib
     spots = store_lib.open_store(_scaled_store(tmp_path / "spots", 2.34375))

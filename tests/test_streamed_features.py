@@ -60,6 +60,7 @@ def test_in_memory_choice_follows_the_budget(monkeypatch):
 
     class Store:
         n_spots = 30_000
+        tiles = np.zeros((0, 128, 128, 3), np.uint8)  # only its tile size is read
 
     c = config_lib.get_config()
     c.train.augment = "dihedral"

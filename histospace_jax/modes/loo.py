@@ -413,6 +413,13 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                     "within-patient, not what a new patient's slide gets (loo.hold_out=patient)")
     plan = folds.plan_leave_one_patient_out(store, config.loo.patients,
                                             "patients" if section_patients is None else "sections")
+    shared = bool(config.ae.checkpoint or inputs.ae_store or config.ae.transductive)
+    features.require_cache_space(
+        config, workdir, store,
+        {"one shared autoencoder" if shared else "autoencoders, one per fold": 1 if shared else len(plan.folds),
+         "untrained (random-encoder control)": (config.loo.random_encoder_draws
+                                                if config_lib.random_encoder_control_on(config) else 0)},
+        log=console.log)
     encoders, encoder_of_fold, ae_summaries = fold_encoders(config, workdir, store, inputs, plan)
     if config.loo.evaluate_on == "inner_validation":
         # Each fold's encoder stays the one of its patient split (it saw the training patients' tiles, as in
