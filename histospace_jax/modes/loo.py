@@ -84,18 +84,23 @@ def _loss_summary(config) -> dict:
             else "log-normalised expression", "targets": config.train.standardise_targets}
 
 
+def one_shared_encoder(config, inputs) -> bool:
+    """Whether every fold reads one encoder (ae.checkpoint, ae.store or ae.transductive) rather than its own."""
+    return bool(config.ae.checkpoint or inputs.ae_store or config.ae.transductive)
+
+
 def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict], list[int], dict]:
     """The frozen encoder(s) the folds' heads learn from: (encoder variables, encoder index per fold, what
     each autoencoder saw). One shared encoder from ae.checkpoint, ae.store (the demo's separate pretraining
     images) or, when the user asks (ae.transductive), every tile of the store; otherwise one autoencoder per
     fold on its training patients' tiles, so no encoder has seen the patient its fold is tested on."""
-    if config.ae.checkpoint or inputs.ae_store:
+    if one_shared_encoder(config, inputs) and (config.ae.checkpoint or inputs.ae_store):
         if inputs.ae_store:
             require_same_tile_scale(store, open_store(inputs.ae_store), "config.ae.store")
         ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer,
                                   seen=f"the separate image store {inputs.ae_store}" if inputs.ae_store else "")
         return [ae["variables"]], [0] * len(plan.folds), {"shared": ae["summary"]}
-    if config.ae.transductive:
+    if one_shared_encoder(config, inputs):  # ae.transductive
         console.log("WARNING: ae.transductive=True: pretraining the autoencoder on every tile of this store, held-out "
                     "patients' included (unsupervised; results.json records it)")
         ae = autoencoder.pretrain(config, workdir, inputs.store, inputs.writer,
@@ -413,7 +418,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                     "within-patient, not what a new patient's slide gets (loo.hold_out=patient)")
     plan = folds.plan_leave_one_patient_out(store, config.loo.patients,
                                             "patients" if section_patients is None else "sections")
-    shared = bool(config.ae.checkpoint or inputs.ae_store or config.ae.transductive)
+    shared = one_shared_encoder(config, inputs)
     features.require_cache_space(
         config, workdir, store,
         {"one shared autoencoder" if shared else "autoencoders, one per fold": 1 if shared else len(plan.folds),
