@@ -214,12 +214,15 @@ def check_compatible(directory: str, step: int, meta: dict, current: dict) -> No
         return
     saved = {**{k: v for k, v in ADDED_LATER.items() if k in current}, **saved}
     current = {k: v for k, v in current.items() if k in saved or k not in DATA_FACTS}
-    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    differing = [k for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    diff = [f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing]
     if diff:
+        data = [k for k in differing if k in DATA_FACTS]
         raise ConfigMismatchError(
-            f"{directory} (step {step}) was written with different settings: " + "; ".join(diff) +
-            ". Resuming would mix two configurations. Fix: rerun with the original settings, or use a new "
+            f"{directory} (step {step}) was written with different settings: " + "; ".join(diff) + ". "
+            + (f"({' and '.join(data)}: it learnt from another store, or a store prepared again, or other rows of "
+               "it, than this run reads.) " if data else "") +
+            "Resuming would mix two configurations. Fix: rerun with the original settings, or use a new "
             "--workdir, or delete that checkpoint directory to start this part again.")
 
 

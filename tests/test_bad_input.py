@@ -229,8 +229,9 @@ def test_a_checkpoint_is_refused_for_other_rows_of_the_same_count_and_accepted_f
     shifted = dict(sig, rows_digest=checkpointing.rows_digest(rows[:36] + 1, rows[36:] + 1))
     with pytest.raises(errors.ConfigMismatchError, match="rows_digest: checkpoint '[0-9a-f]{16}' vs now"):
         ck.restore_checked(template, shifted)
-    with pytest.raises(errors.ConfigMismatchError, match="store: checkpoint 's1' vs now 's2'"):
+    with pytest.raises(errors.ConfigMismatchError, match="store: checkpoint 's1' vs now 's2'") as e:
         ck.restore_checked(template, dict(sig, store="s2"))
+    assert "(store: it learnt from another store, or a store prepared again" in str(e.value)
     # The digest is of the rows in order, and of where one set ends and the next begins.
     assert checkpointing.rows_digest([1, 2], [3]) != checkpointing.rows_digest([1], [2, 3])
     assert checkpointing.rows_digest([1, 2]) == checkpointing.rows_digest(np.array([1, 2], np.int32))

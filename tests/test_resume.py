@@ -278,7 +278,8 @@ def test_a_workdir_is_not_resumed_on_another_store_of_the_same_shape(tiny, tmp_p
         r = tiny.run(wd, flag)
         assert r.returncode == 78, r.stdout[-2000:] + r.stderr[-2000:]
         assert f"{wd}/checkpoints/{ckpt}" in r.stderr
-        assert "store: checkpoint '" in r.stderr and "new --workdir" in r.stderr
+        assert "store: checkpoint '" in r.stderr and "it learnt from another store" in r.stderr
+        assert "new --workdir" in r.stderr
         assert not os.path.exists(os.path.join(wd, "results.json"))
 
 
