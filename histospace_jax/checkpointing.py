@@ -43,7 +43,7 @@ DATA_FACTS = ("store", "rows_digest")
 # a checkpoint that does not record one was written with that value, so it resumes under it.
 ADDED_LATER = {"model.context": "none", "model.context_radius": 1.5, "train.head_seed": None,
                "train.stain_jitter": 0.0, "train.refit": "off", "model.output_base": "mean",
-               "train.inner_split": "sections"}
+               "train.inner_split": "sections", "train.feature_cache_dtype": "auto"}
 
 
 class Checkpointer:

@@ -136,6 +136,11 @@ def get_config() -> ml_collections.ConfigDict:
     # LOO heads read their features from memory ("on") or stream each batch from the on-disk feature cache
     # ("off": STNet scale with 8 views is ~31 GB in float32); "auto": in memory when they fit in a quarter of RAM.
     c.train.features_in_memory = "auto"
+    # The dtype the frozen features are cached in (on disk and in memory). "bfloat16" halves both (a per-fold
+    # autoencoder's cache of the four shared HER2ST sections is ~0.9 GB in float32; STNet scale ~31 GB) while the
+    # encoder and the heads still compute in float32: the features are rounded to bfloat16's 8 significant bits.
+    # "auto" = model.compute_dtype.
+    c.train.feature_cache_dtype = "auto"
 
     c.loo = ml_collections.ConfigDict()
     c.loo.patients = ""  # comma-separated subset of patients (sections with hold_out=section) to hold out; "" = all
@@ -254,6 +259,7 @@ CHOICES = {
     "train.inner_split": ("patients", "sections"),
     "train.standardise_targets": ("on", "centre", "off", "auto"),
     "train.augment": ("dihedral", "none", "auto"),
+    "train.feature_cache_dtype": ("auto", "float32", "bfloat16"),
     "train.select_epoch": ("on", "off", "auto"),
     "train.refit": ("on", "off", "auto"),
     "loo.evaluate_on": ("held_out", "inner_validation"),

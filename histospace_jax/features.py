@@ -3,7 +3,8 @@
 The regression head only ever sees the frozen encoder's output, so recomputing the encoder for every tile in
 every epoch of every fold (as the original protocol does) is wasted work. The cache is keyed by the store's
 manifest and the encoder's weights: a different store or autoencoder gives a different key. Under mixed precision
-(model.compute_dtype=bfloat16) the features are computed and kept in bfloat16, half the memory of float32.
+(model.compute_dtype=bfloat16) the features are computed and kept in bfloat16, half the memory of float32;
+train.feature_cache_dtype=bfloat16 keeps float32 computation and stores them in bfloat16 (half the disk and memory).
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ def augmented_view(tiles: np.ndarray, view: int, *, stain_jitter: float = 0.0, i
 
 
 def cache_key(store, encoder_variables: dict, variant: str, views: int = 1, dtype: str = "float32",
-              stain_jitter: float = 0.0, jitter_seed: int = 0) -> str:
+              stain_jitter: float = 0.0, jitter_seed: int = 0, compute_dtype: str | None = None) -> str:
     h = hashlib.sha256()
+    if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.dtype(dtype):
+        h.update(f"compute={jnp.dtype(compute_dtype)}".encode())
     if stain_jitter > 0:
         h.update(f"stain_jitter={float(stain_jitter)!r},seed={int(jitter_seed)}".encode())
     if views != 1:
@@ -95,14 +98,14 @@ SHARD_ROWS = 256
 
 def write_features(path: str, store, encoder_variables: dict, *, variant: str, encoder_features=(32, 64, 128),
                    batch_size: int = 128, views: int = 1, dtype: str = "float32", stain_jitter: float = 0.0,
-                   jitter_seed: int = 0, log=None) -> None:
-    """Writes the encoder features of every spot, [V, N, h, w, C] in store order (float32, or bfloat16 computed
-    in bfloat16; V = 1 (the tiles) or 8 (their `augmented_view`s)), to a new zarr array at `path`, one batch at a
-    time: memory holds one batch, whatever the store's size."""
+                   jitter_seed: int = 0, log=None, compute_dtype: str | None = None) -> None:
+    """Writes the encoder features of every spot, [V, N, h, w, C] in store order, stored in `dtype` and computed
+    in `compute_dtype` (default `dtype`; V = 1 (the tiles) or 8 (their `augmented_view`s)), to a new zarr array
+    at `path`, one batch at a time: memory holds one batch, whatever the store's size."""
     n_dev = jax.local_device_count()
     batch_size = max(n_dev, batch_size // n_dev * n_dev)
     np_dtype = jnp.dtype(dtype)
-    encoder = models.Encoder(variant, tuple(encoder_features), dtype=np_dtype)
+    encoder = models.Encoder(variant, tuple(encoder_features), dtype=jnp.dtype(compute_dtype or dtype))
     encode = steps.with_compiler_options(jax.pmap(functools.partial(steps.encode_step, encoder)),
                                          xla_tuning.conv_step_options())
     variables = steps.replicate(encoder_variables)
@@ -117,7 +120,7 @@ def write_features(path: str, store, encoder_variables: dict, *, variant: str, e
             tiles = augmented_view(batch["image"], v, stain_jitter=stain_jitter, seed=jitter_seed,
                                    ids=np.arange(done, done + len(batch["image"])))
             feats = encode(variables, tiles.reshape((n_dev, -1) + tiles.shape[1:]))
-            feats = np.asarray(feats).reshape((-1,) + feats.shape[2:])
+            feats = np.asarray(feats.astype(np_dtype)).reshape((-1,) + feats.shape[2:])
             if out is None:
                 shape = (views, store.n_spots) + feats.shape[1:]
                 out = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path},
@@ -186,11 +189,12 @@ def resident_bytes_budget() -> int:
 
 def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: str,
                     encoder_features=(32, 64, 128), batch_size: int = 128, views: int = 1, dtype: str = "float32",
-                    stain_jitter: float = 0.0, jitter_seed: int = 0, resident: bool = True, log=None
-                    ) -> tuple["np.ndarray | FeatureStream", str]:
-    """Features [V, N, h, w, C] from the on-disk cache, computing and storing them on a miss. Returns (features in
-    memory, or a FeatureStream on the cache when not `resident`; path)."""
-    key = cache_key(store, encoder_variables, variant, views, dtype, stain_jitter, jitter_seed)
+                    stain_jitter: float = 0.0, jitter_seed: int = 0, resident: bool = True, log=None,
+                    compute_dtype: str | None = None) -> tuple["np.ndarray | FeatureStream", str]:
+    """Features [V, N, h, w, C] in `dtype` (computed in `compute_dtype`, default `dtype`) from the on-disk cache,
+    computing and storing them on a miss. Returns (features in memory, or a FeatureStream on the cache when not
+    `resident`; path)."""
+    key = cache_key(store, encoder_variables, variant, views, dtype, stain_jitter, jitter_seed, compute_dtype)
     path = os.path.join(os.path.abspath(cache_dir), f"features-{key}")
     spec = {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
     arr = None
@@ -211,7 +215,7 @@ def cached_features(cache_dir: str, store, encoder_variables: dict, *, variant: 
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
         write_features(tmp, store, encoder_variables, variant=variant, encoder_features=encoder_features,
                        batch_size=batch_size, views=views, dtype=dtype, stain_jitter=stain_jitter,
-                       jitter_seed=jitter_seed, log=log)
+                       jitter_seed=jitter_seed, log=log, compute_dtype=compute_dtype)
         if os.path.exists(path):
             shutil.rmtree(path, ignore_errors=True)
         try:
@@ -236,10 +240,16 @@ def for_config(config, workdir: str, store, encoder_variables: dict, *, resident
     feats, _ = cached_features(os.path.join(workdir, "cache"), store, encoder_variables, variant=config.model.variant,
                                encoder_features=tuple(config.model.encoder_features),
                                batch_size=config.eval_batch_size, views=n_views(config),
-                               dtype=config.model.get("compute_dtype", "float32"),
+                               dtype=cache_dtype(config), compute_dtype=config.model.get("compute_dtype", "float32"),
                                stain_jitter=stain_jitter(config), jitter_seed=int(config.seed), resident=resident,
                                log=console.log)
     return feats
+
+
+def cache_dtype(config) -> str:
+    """train.feature_cache_dtype, "auto" being model.compute_dtype."""
+    setting = str(config.train.get("feature_cache_dtype", "auto"))
+    return config.model.get("compute_dtype", "float32") if setting == "auto" else setting
 
 
 def n_views(config) -> int:
@@ -253,7 +263,7 @@ def stain_jitter(config) -> float:
 def feature_bytes(config, store) -> int:
     """Bytes of one encoder's feature cache for `store` (every view)."""
     t = int(store.tiles.shape[1]) // 2 ** len(tuple(config.model.encoder_features))  # each block halves the tile
-    itemsize = jnp.dtype(config.model.get("compute_dtype", "float32")).itemsize
+    itemsize = jnp.dtype(cache_dtype(config)).itemsize
     return n_views(config) * store.n_spots * t * t * int(config.model.encoder_features[-1]) * itemsize
 
 
@@ -290,8 +300,8 @@ def require_cache_space(config, workdir: str, store, encoders: dict[str, int], l
             f"{store.n_spots} spots at {_size(each)} each: {_size(need)} ({need:,} bytes) in all, but the disk has "
             f"{_size(free)} free" + (f" and {_size(present)} of earlier caches" if present else "") + ". Shrink it: "
             "--config.ae.store=IMAGE_STORE (one autoencoder for every fold, pretrained on a separate image set such "
-            "as ICIAR/BACH, as the paper did, instead of one per fold), --config.model.compute_dtype=bfloat16 (half "
-            "the bytes), --config.loo.random_encoder_control=off (or fewer loo.random_encoder_draws), "
+            "as ICIAR/BACH, as the paper did, instead of one per fold), --config.train.feature_cache_dtype=bfloat16 "
+            "(half the bytes; the heads still compute in float32), --config.loo.random_encoder_control=off (or fewer loo.random_encoder_draws), "
             "--config.train.augment=none (1 view instead of 8); or use a --workdir on a larger disk")
 
 

@@ -99,3 +99,32 @@ def test_compilation_cache_setting(tmp_path, monkeypatch):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "histospace_jax" / "xla")
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_a_bfloat16_feature_cache_keeps_float32_computation_and_rounds_only_the_stored_values(tmp_path):
+    """train.feature_cache_dtype=bfloat16: the encoder computes in float32 and only the stored features are
+    rounded, so they equal the float32 cache cast to bfloat16, at half its bytes, under their own key (apart from
+    the float32 cache and from features computed in bfloat16)."""
+    class Store:
+        manifest = {"x": 1}
+        n_spots = 6
+        tiles = _tiles(6)
+
+    c = config_lib.get_config()
+    c.model.encoder_features = (8, 16, 32)
+    enc = builders.random_encoder_variables(c, seed=0)
+    kw = dict(variant="relu_bn", encoder_features=(8, 16, 32), batch_size=4)
+    f32, p32 = features.cached_features(str(tmp_path), Store, enc, **kw)
+    stored, p_stored = features.cached_features(str(tmp_path), Store, enc, dtype="bfloat16", compute_dtype="float32",
+                                                **kw)
+    computed, p_computed = features.cached_features(str(tmp_path), Store, enc, dtype="bfloat16", **kw)
+    assert len({p32, p_stored, p_computed}) == 3
+    assert stored.dtype == jnp.bfloat16 and stored.nbytes * 2 == f32.nbytes
+    np.testing.assert_array_equal(np.asarray(stored, np.float32), np.asarray(f32.astype(jnp.bfloat16), np.float32))
+    c.train.feature_cache_dtype = "bfloat16"
+    assert features.cache_dtype(c) == "bfloat16"
+    c.train.feature_cache_dtype = "auto"
+    c.model.compute_dtype = "bfloat16"
+    assert features.cache_dtype(c) == "bfloat16"
+    c.train.feature_cache_dtype = "float32"
+    assert features.cache_dtype(c) == "float32"

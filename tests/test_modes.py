@@ -374,6 +374,34 @@ def test_leave_one_section_out_refuses_a_section_name_two_patients_share(tmp_pat
         folds.plan_leave_one_patient_out(store, "E", "sections")
 
 
+def test_loo_with_a_bfloat16_feature_cache_stores_half_the_bytes_and_predicts_as_float32_does(stores, tmp_path):
+    """train.feature_cache_dtype=bfloat16 end to end: the cache on disk holds bfloat16 at half the float32
+    cache's bytes, the heads train on it in float32, and the held-out predictions stay within bfloat16 rounding's
+    reach of the float32 run's."""
+    root, a, b = stores
+    preds, sizes = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        w = tmp_path / dtype
+        run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}",
+            "--config.loo.random_encoder_control=off", f"--config.train.feature_cache_dtype={dtype}", *TINY)
+        caches = [c for c in os.listdir(w / "cache") if c.startswith("features-")]
+        assert len(caches) == 2  # one autoencoder per fold
+        meta = [json.load(open(w / "cache" / c / "zarr.json")) for c in caches]
+        assert {m["data_type"] for m in meta} == {dtype}
+        sizes[dtype] = sum(cached_array(w / "cache" / c).nbytes for c in caches)
+        with np.load(w / "predictions.npz") as npz:
+            preds[dtype] = {k: npz[k].astype(np.float64) for k in npz.files if k.startswith("pred_")}
+        assert json.load(open(w / "results.json"))["config"]["train"]["feature_cache_dtype"] == dtype
+    assert sizes["bfloat16"] * 2 == sizes["float32"]
+    for k, p in preds["float32"].items():
+        np.testing.assert_allclose(preds["bfloat16"][k], p, atol=0.05 * float(np.abs(p).max()))
+
+
+def cached_array(path) -> np.ndarray:
+    import tensorstore as ts
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(path)}}).result().read().result()
+
+
 def test_loo_and_external_modes_with_neighbourhood_context_and_stain_jitter(stores, tmp_path):
     """model.context=neighbours and train.stain_jitter end to end: LOO records the neighbourhoods and the
     jitter; the external mode trains on one store and predicts the other with each store's own neighbours, and
