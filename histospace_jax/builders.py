@@ -39,7 +39,13 @@ def histospace(config, n_genes: int, axis_name: str | None = AXIS, conv_impl: st
     return models.HistoSpace(n_genes=n_genes, conv_features=tuple(m.head_conv_features),
                              fc_features=tuple(m.head_fc_features), dropout_rate=dropout_rate(config),
                              axis_name=axis_name, output_init=_output_init(config), conv_impl=conv_impl,
-                             use_context=uses_context(config), **_arch(config))
+                             use_context=uses_context(config), feature_dtype=feature_dtype(config), **_arch(config))
+
+
+def feature_dtype(config):
+    """train.feature_cache_dtype ("auto": model.compute_dtype): the dtype the heads read frozen features in."""
+    setting = str(config.train.get("feature_cache_dtype", "auto"))
+    return compute_dtype(config) if setting == "auto" else jnp.dtype(setting)
 
 
 def uses_context(config) -> bool:
@@ -93,7 +99,8 @@ def architecture(config) -> dict:
             "head_conv_features": list(m.head_conv_features), "head_fc_features": list(m.head_fc_features),
             "dropout_rate": dropout_rate(config), "output_init": _output_init(config),
             "compute_dtype": str(compute_dtype(config)), "context": config.model.get("context", "none"),
-            "context_radius": float(config.model.get("context_radius", 1.5))}
+            "context_radius": float(config.model.get("context_radius", 1.5)),
+            "feature_dtype": str(feature_dtype(config))}
 
 
 def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
@@ -103,7 +110,8 @@ def histospace_from_architecture(arch: dict, n_genes: int) -> models.HistoSpace:
                              fc_features=tuple(arch["head_fc_features"]), dropout_rate=arch.get("dropout_rate", 0.0),
                              output_init=arch.get("output_init", "lecun"),
                              dtype=jnp.dtype(arch.get("compute_dtype", "float32")),
-                             use_context=arch.get("context", "none") == "neighbours")
+                             use_context=arch.get("context", "none") == "neighbours",
+                             feature_dtype=jnp.dtype(arch["feature_dtype"]) if "feature_dtype" in arch else None)
 
 
 def autoencoder_state(config) -> steps.TrainState:

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from histospace_jax import console, models, steps, xla_tuning
+from histospace_jax import builders, console, models, steps, xla_tuning
 from histospace_jax import workdir as workdir_lib
 from histospace_jax.data import pipeline
 from histospace_jax.errors import WorkdirError
@@ -248,8 +248,7 @@ def for_config(config, workdir: str, store, encoder_variables: dict, *, resident
 
 def cache_dtype(config) -> str:
     """train.feature_cache_dtype, "auto" being model.compute_dtype."""
-    setting = str(config.train.get("feature_cache_dtype", "auto"))
-    return config.model.get("compute_dtype", "float32") if setting == "auto" else setting
+    return str(builders.feature_dtype(config))
 
 
 def n_views(config) -> int:

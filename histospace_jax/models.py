@@ -312,6 +312,9 @@ class HistoSpace(nn.Module):
     # im2col form is the faster one under either option set (263 / 288 against 191 / 227 tiles/s on CPU).
     conv_impl: str = "fast"
     use_context: bool = False  # RegressionHead.use_context: `context` is then a required input
+    # The dtype the heads' training read the frozen features in (train.feature_cache_dtype): encoding rounds to
+    # it, so features computed here equal the cached ones the heads learnt from. None: not rounded.
+    feature_dtype: Any = None
 
     def setup(self):
         self.encoder = Encoder(self.variant, self.encoder_features, dtype=self.dtype)
@@ -320,11 +323,13 @@ class HistoSpace(nn.Module):
                                    conv_impl=self.conv_impl, use_context=self.use_context)
 
     def __call__(self, images, train: bool = False, mask=None, context=None):
-        features = self.encoder(images, train=False)
-        return self.head(jax.lax.stop_gradient(features), train, mask, context)
+        return self.head(jax.lax.stop_gradient(self.encode(images)), train, mask, context)
 
     def encode(self, images):
-        return self.encoder(images, train=False)
+        features = self.encoder(images, train=False)
+        if self.feature_dtype is not None:
+            features = features.astype(self.feature_dtype).astype(features.dtype)
+        return features
 
     def from_features(self, features, train: bool = False, mask=None, context=None):
         """The head alone, on precomputed (cached) encoder features."""
