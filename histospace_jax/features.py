@@ -274,7 +274,7 @@ def _cache_bytes_present(cache_dir: str) -> int:
     """Bytes of the feature caches already under `cache_dir` (a rerun hits or replaces them)."""
     total = 0
     for root, _, files in os.walk(cache_dir):
-        if os.path.basename(root).startswith("features-") or "/features-" in root:
+        if os.sep + "features-" in root:  # a cache directory or one inside it
             total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
     return total
 
@@ -300,8 +300,9 @@ def require_cache_space(config, workdir: str, store, encoders: dict[str, int], l
             f"{_size(free)} free" + (f" and {_size(present)} of earlier caches" if present else "") + ". Shrink it: "
             "--config.ae.store=IMAGE_STORE (one autoencoder for every fold, pretrained on a separate image set such "
             "as ICIAR/BACH, as the paper did, instead of one per fold), --config.train.feature_cache_dtype=bfloat16 "
-            "(half the bytes; the heads still compute in float32), --config.loo.random_encoder_control=off (or fewer loo.random_encoder_draws), "
-            "--config.train.augment=none (1 view instead of 8); or use a --workdir on a larger disk")
+            "(half the bytes; the heads still compute in float32), --config.loo.random_encoder_control=off (or "
+            "fewer loo.random_encoder_draws), --config.train.augment=none (1 view instead of 8); or use a --workdir "
+            "on a larger disk")
 
 
 def resident_choice(config, store, n_encoders: int, log=None) -> bool:

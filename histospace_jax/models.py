@@ -327,8 +327,7 @@ class HistoSpace(nn.Module):
 
     def encode(self, images):
         features = self.encoder(images, train=False)
-        narrower = self.feature_dtype is not None and jnp.finfo(self.feature_dtype).bits < jnp.finfo(features.dtype).bits
-        if narrower:
+        if self.feature_dtype is not None and jnp.finfo(self.feature_dtype).bits < jnp.finfo(features.dtype).bits:
             # Not astype(feature_dtype).astype(...): XLA may drop such a round trip inside a jitted program.
             info = jnp.finfo(self.feature_dtype)
             features = jax.lax.reduce_precision(features, exponent_bits=info.nexp, mantissa_bits=info.nmant)

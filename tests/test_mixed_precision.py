@@ -11,6 +11,13 @@ def _tiles(n=4, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
 
 
+class Store:
+    """What cached_features reads of a store: its manifest, spot count and tiles."""
+    manifest = {"x": 1}
+    n_spots = 6
+    tiles = _tiles(6)
+
+
 def test_bfloat16_keeps_float32_parameters_and_outputs_and_tracks_float32():
     x = models.to_unit_range(_tiles())
     f32 = models.HistoSpace(n_genes=5, encoder_features=(8, 16, 32))
@@ -56,11 +63,6 @@ def test_autoencoder_step_in_bfloat16_lowers_the_loss():
 
 
 def test_feature_cache_in_bfloat16_is_half_the_size_and_keyed_apart(tmp_path):
-    class Store:
-        manifest = {"x": 1}
-        n_spots = 6
-        tiles = _tiles(6)
-
     c = config_lib.get_config()
     c.model.encoder_features = (8, 16, 32)
     c.data.tile_size = 32
@@ -105,11 +107,6 @@ def test_a_bfloat16_feature_cache_keeps_float32_computation_and_rounds_only_the_
     """train.feature_cache_dtype=bfloat16: the encoder computes in float32 and only the stored features are
     rounded, so they equal the float32 cache cast to bfloat16, at half its bytes, under their own key (apart from
     the float32 cache and from features computed in bfloat16)."""
-    class Store:
-        manifest = {"x": 1}
-        n_spots = 6
-        tiles = _tiles(6)
-
     c = config_lib.get_config()
     c.model.encoder_features = (8, 16, 32)
     enc = builders.random_encoder_variables(c, seed=0)

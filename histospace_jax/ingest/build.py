@@ -272,8 +272,8 @@ def image_scale(path: str, opts: PrepareOptions) -> tuple[float, str]:
         if slide.mpp:
             return float(slide.mpp), f"slide metadata ({slide.mpp_source})"
         raise IngestError(f"{path}: no microns per pixel in the image's metadata ({slide.mpp_source}); pass "
-                          "--source_mpp (BACH/ICIAR-2018: 0.42 for its microscopy photographs, 0.467 for patches of its whole-slide "
-                          "images).")
+                          "--source_mpp (BACH/ICIAR-2018: 0.42 for its microscopy photographs, 0.467 for patches "
+                          "of its whole-slide images).")
 
 
 def pass1_section(src: SectionSource, opts: PrepareOptions) -> dict:

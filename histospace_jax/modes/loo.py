@@ -94,13 +94,13 @@ def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict]
     each autoencoder saw). One shared encoder from ae.checkpoint, ae.store (the demo's separate pretraining
     images) or, when the user asks (ae.transductive), every tile of the store; otherwise one autoencoder per
     fold on its training patients' tiles, so no encoder has seen the patient its fold is tested on."""
-    if one_shared_encoder(config, inputs) and (config.ae.checkpoint or inputs.ae_store):
+    if config.ae.checkpoint or inputs.ae_store:
         if inputs.ae_store:
             require_same_tile_scale(store, open_store(inputs.ae_store), "config.ae.store")
         ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer,
                                   seen=f"the separate image store {inputs.ae_store}" if inputs.ae_store else "")
         return [ae["variables"]], [0] * len(plan.folds), {"shared": ae["summary"]}
-    if one_shared_encoder(config, inputs):  # ae.transductive
+    if one_shared_encoder(config, inputs):  # of its reasons, only ae.transductive is left
         console.log("WARNING: ae.transductive=True: pretraining the autoencoder on every tile of this store, held-out "
                     "patients' included (unsupervised; results.json records it)")
         ae = autoencoder.pretrain(config, workdir, inputs.store, inputs.writer,
