@@ -402,6 +402,67 @@ def neighbour_references(plan, expression: np.ndarray, obs: dict) -> dict:
     return out
 
 
+# |r| with log library size below this is no relation to depth to speak of, reversed or not.
+DEPTH_RELATION_MIN_R = 0.1
+
+
+def within_section_depth_r(expression: np.ndarray, log_depth: np.ndarray, sections) -> np.ndarray:
+    """[N, G], [N], [N] -> [G]: each gene's r with the spots' log library size, both centred within each section
+    first (sections differ in depth for technical reasons, and so does a gene's mean), NaN for a gene constant
+    within every section."""
+    x = np.array(expression, np.float64)
+    d = np.array(log_depth, np.float64).reshape(-1)
+    sections = np.asarray(sections).astype(str)
+    for s in np.unique(sections):
+        m = sections == s
+        x[m] -= x[m].mean(axis=0)
+        d[m] -= d[m].mean()
+    return metrics.pearson_per_gene(x, np.broadcast_to(d[:, None], x.shape))
+
+
+def depth_relation(truth_held: np.ndarray, log_depth_held, sections_held, truth_train: np.ndarray,
+                   log_depth_train, sections_train, model_r: np.ndarray) -> dict:
+    """How each gene follows sequencing depth in the held-out patient and in the training patients
+    (within_section_depth_r), and the model's per-gene r on the genes whose relation reverses between them (|r| >=
+    DEPTH_RELATION_MIN_R on both sides, opposite signs) against the rest. Log-normalised expression is a curved
+    function of depth: on a shallow section most counts are 0 or 1, so nearly every gene rises with depth, while
+    on a deep one a gene of tissue the counts avoid (stroma on a tumour-rich array) falls with it. Heads learn
+    the training patients' relation; where it reverses they predict the gene backwards. It reads the held-out
+    counts: a reference, not a predictor."""
+    r_held = within_section_depth_r(truth_held, log_depth_held, sections_held)
+    r_train = within_section_depth_r(truth_train, log_depth_train, sections_train)
+    both = np.isfinite(r_held) & np.isfinite(r_train)
+    reverses = (both & (np.abs(r_held) >= DEPTH_RELATION_MIN_R) & (np.abs(r_train) >= DEPTH_RELATION_MIN_R)
+                & (np.sign(r_held) != np.sign(r_train)))
+    model_r = np.asarray(model_r, np.float64)
+    return {"held_out_median_library_size": float(np.median(np.exp(log_depth_held))),
+            "training_median_library_size": float(np.median(np.exp(log_depth_train))),
+            "share_genes_rising_with_depth": {"held_out": metrics.nanmean_or_nan(np.where(np.isfinite(r_held),
+                                                                                          r_held > 0, np.nan)),
+                                              "training": metrics.nanmean_or_nan(np.where(np.isfinite(r_train),
+                                                                                          r_train > 0, np.nan))},
+            "n_genes_reversed": int(reverses.sum()), "n_genes_compared": int(both.sum()),
+            "min_abs_r": DEPTH_RELATION_MIN_R,
+            "model_per_gene_pearson_reversed": metrics.nanmean_or_nan(model_r[reverses]),
+            "model_per_gene_pearson_rest": metrics.nanmean_or_nan(model_r[both & ~reverses]),
+            "held_out_depth_r_per_gene": r_held, "training_depth_r_per_gene": r_train}
+
+
+def depth_relations(plan, expression: np.ndarray, obs: dict, fold_metrics: list[dict]) -> dict:
+    """depth_relation of every held-out patient against its fold's training patients (per-gene arrays included);
+    empty for a store that keeps no library sizes."""
+    log_depth = log_library_size(obs)
+    if log_depth is None:
+        return {}
+    sections = np.asarray(obs["section"]).astype(str)
+    out = {}
+    for f, fm in enumerate(fold_metrics):
+        held, train = plan.held_out_rows(f), plan.training_rows(f)
+        out[fm["held_out"]] = depth_relation(expression[held], log_depth[held], sections[held], expression[train],
+                                             log_depth[train], sections[train], fm["per_gene_r"])
+    return out
+
+
 def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbours: dict, fdr: float = 0.05,
                        k: int = 10) -> dict:
     """Per held-out patient, the genes the model predicts beyond sequencing depth: those whose depth-adjusted r

@@ -82,6 +82,10 @@ def _f(v, digits: int = 4) -> str:
     return str(v)
 
 
+def _pct(v) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.0%}"
+
+
 def _md_table(header, rows) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
@@ -306,6 +310,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
             lines.append(f"- the depth ridge, fitted on the training store's features, reads the test spots' log "
                          f"library size at r {e['test_image_depth_r']:.3f}")
         lines += smoothing_lines(e.get("smoothing")) + [""]
+        lines += _depth_relation_lines({"test set": e["depth_relation"]} if e.get("depth_relation") else {})
         lines += ["## Genes by per-gene r", "", "Top 10:", "", _md_table(["gene", "r"], e["top_genes"]), "",
                   "Bottom 10:", "", _md_table(["gene", "r"], e["bottom_genes"]), "",
                   f"Mapped genes: {json.dumps(e['map_genes'])}", ""]
@@ -338,6 +343,35 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
     path = os.path.join(workdir, "report.md")
     atomic.write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def _depth_relation_lines(relations: dict) -> list[str]:
+    """results.json depth_relation: how genes follow sequencing depth in each held-out patient (or the external
+    test set) and its training patients, and the model's r where that relation reverses."""
+    if not relations:
+        return []
+    rows = []
+    for name, d in relations.items():
+        rising = d.get("share_genes_rising_with_depth", {})
+        rows.append([name, f"{_f(d.get('held_out_median_library_size'), 0)} / "
+                           f"{_f(d.get('training_median_library_size'), 0)}",
+                     f"{_pct(rising.get('held_out'))} / {_pct(rising.get('training'))}",
+                     f"{d.get('n_genes_reversed', '-')} of {d.get('n_genes_compared', '-')}",
+                     _f(d.get("model_per_gene_pearson_reversed"), 3), _f(d.get("model_per_gene_pearson_rest"), 3)])
+    min_r = next(iter(relations.values())).get("min_abs_r")
+    return ["### How genes follow sequencing depth", "",
+            _md_table(["held out", "median library size per spot: held out / training",
+                       "genes rising with depth: held out / training",
+                       f"genes whose relation to depth reverses (r at least {_f(min_r, 2)} from 0 on both sides, "
+                       "opposite signs)",
+                       "model's per-gene r on those genes", "on the other genes"], rows), "",
+            "- Each gene's r with the spot's log library size, both centred within each section, in the held-out "
+            "patient and in the fold's training patients (per gene: `per_gene.csv` held_out_depth_r, "
+            "training_depth_r). Log-normalised expression is a curved function of depth: on a shallow section most "
+            "counts are 0 or 1 and nearly every gene rises with depth, while on a deep one the genes of tissue with "
+            "few transcripts per spot (often stroma) fall with it. The heads learn the training patients' relation, "
+            "so where it reverses they predict the gene backwards: nothing in training patients of one depth "
+            "regime shows the other's. A reference that reads the held-out counts, not a predictor.", ""]
 
 
 def _fold_details(results: dict) -> list[str]:
@@ -382,7 +416,7 @@ def _fold_details(results: dict) -> list[str]:
              "scored against the mean measured expression of its adjacent spots. How much of the patient's "
              "expression, and of its gene-specific part beyond depth, neighbouring spots share; a tile that "
              "covers the neighbourhood is unlikely to tell more about a gene than the neighbours' own counts do.", ""]
-    lines = gap_lines + lines
+    lines = gap_lines + lines + _depth_relation_lines(results.get("depth_relation") or {})
     t = results.get("training", {})
     if t:
         lines += ["## How the heads were trained", "", f"- recipe: `{t.get('recipe')}`"]

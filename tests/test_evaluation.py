@@ -383,3 +383,58 @@ def test_noise_ceilings_read_counts_at_the_stores_scale_and_skip_other_expressio
     with pytest.raises(ValueError, match="library_size is smaller than the sum"):
         evaluation.noise_ceilings(plan, per_million, obs, 0, 1e4)
     assert evaluation.noise_ceilings(plan, np.log1p(counts), obs, 0, None) == {}
+
+
+def test_depth_relation_flags_genes_whose_relation_to_depth_reverses_between_shallow_and_deep_patients():
+    """Poisson counts of a stromal gene (share rising with the spot's stroma), a tumour gene (falling) and a flat
+    one, on two deep training sections whose depth follows the tissue (stroma gives fewer transcripts per spot)
+    and one shallow held-out section whose depth is mostly technical. Log-normalised, the stromal gene falls with
+    depth in training but rises on the shallow section, where most counts are 0 or 1: reversed. The tumour gene
+    rises on both. The r itself is checked against np.corrcoef of the section-centred values, the model's means
+    by hand."""
+    rng = np.random.default_rng(0)
+
+    def section(n, median_depth, tissue, technical):
+        stroma = rng.uniform(size=n)  # share of the spot's area that is stroma
+        depth = median_depth * np.exp(-tissue * (stroma - 0.5) + technical * rng.normal(size=n))
+        shares = np.stack([1e-3 * (0.3 + stroma), 1e-3 * (1.3 - stroma), np.full(n, 1e-3)], 1)
+        counts = rng.poisson(depth[:, None] * shares)
+        return np.log1p(1e4 * counts / depth[:, None]), np.log(depth)
+
+    (h, hd), (t1, d1), (t2, d2) = section(400, 600, 0.3, 0.8), section(300, 9000, 2.0, 0.3), section(300, 14000, 2.0, 0.3)
+    train, train_depth = np.vstack([t1, t2]), np.concatenate([d1, d2])
+    train_sections = np.array(["t1"] * 300 + ["t2"] * 300)
+    model_r = np.array([-0.2, 0.5, 0.1])
+    out = evaluation.depth_relation(h, hd, np.array(["h"] * 400), train, train_depth, train_sections, model_r)
+    assert out["held_out_depth_r_per_gene"][0] > 0.1 and out["training_depth_r_per_gene"][0] < -0.1
+    assert out["held_out_depth_r_per_gene"][1] > 0.1 and out["training_depth_r_per_gene"][1] > 0.1
+    assert out["n_genes_reversed"] == 1 and out["n_genes_compared"] == 3
+    assert out["model_per_gene_pearson_reversed"] == pytest.approx(-0.2)
+    assert out["model_per_gene_pearson_rest"] == pytest.approx(0.3)
+    assert out["share_genes_rising_with_depth"]["held_out"] == pytest.approx(1.0)
+    assert out["held_out_median_library_size"] == pytest.approx(np.median(np.exp(hd)))
+    # Independent: centre each training section, then np.corrcoef per gene.
+    centred = np.vstack([t1 - t1.mean(0), t2 - t2.mean(0)])
+    cd = np.concatenate([d1 - d1.mean(), d2 - d2.mean()])
+    expected = [np.corrcoef(centred[:, g], cd)[0, 1] for g in range(3)]
+    np.testing.assert_allclose(out["training_depth_r_per_gene"], expected, rtol=1e-10)
+    # Centring within sections matters: pooled, the deeper section's higher means would enter r.
+    pooled = [np.corrcoef(train[:, g], train_depth)[0, 1] for g in range(3)]
+    assert not np.allclose(pooled, expected, atol=0.02)
+
+
+def test_depth_relations_is_empty_without_library_sizes():
+    class Plan:
+        folds = [0]
+
+        def held_out_rows(self, f):
+            return np.arange(2)
+
+        def training_rows(self, f):
+            return np.arange(2, 4)
+
+        def name(self, f):
+            return "A"
+
+    obs = {"section": np.array(["a", "a", "b", "b"])}
+    assert evaluation.depth_relations(Plan(), np.ones((4, 2)), obs, [{"held_out": "A", "per_gene_r": [0, 0]}]) == {}

@@ -211,6 +211,14 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
                             res_(saved["pred"][:, j].astype(np.float64)))[0, 1] for j in range(3)]
     np.testing.assert_allclose([float(x["depth_adjusted_r"] or "nan") for x in table], expected, atol=5e-4)
     assert {"random_encoder_r", "random_encoder_depth_adjusted_r"} <= set(table[0])
+    # Each gene's r with log library size within each training section of A, as NumPy computes it.
+    secs_a, ld_a = np.asarray(sa.obs["section"]).astype(str), np.log(lib_a)
+    cent = lambda v: v - np.array([v[secs_a == s].mean(0) for s in secs_a])  # noqa: E731
+    train_r = [np.corrcoef(cent(sa.expression[:, sa.gene_index([g])[0]].astype(np.float64)), cent(ld_a))[0, 1]
+               for g in ["G1", "G2", "G4"]]
+    np.testing.assert_allclose([float(x["training_depth_r"] or "nan") for x in table], train_r, atol=1e-5)
+    assert e["depth_relation"]["training_median_library_size"] == pytest.approx(np.median(lib_a))
+    assert "### How genes follow sequencing depth" in report
 
 
 def test_loo_mode_on_a_store(depth_stores, tmp_path):
@@ -278,6 +286,15 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
                                    [np.corrcoef(truth[:, g], around[:, g])[0, 1] for g in range(truth.shape[1])],
                                    atol=1e-5)  # the CSV keeps 6 significant digits
         np.testing.assert_allclose(col("held_out_mean_expression"), truth.mean(0), rtol=1e-5)
+        # Each gene's r with log library size, within each held-out section, and the reversals counted from it.
+        secs = np.asarray(store_lib.open_store(a).obs["section"]).astype(str)[rows]
+        cent = lambda v: v - np.array([v[secs == s].mean(0) for s in secs])  # noqa: E731
+        held_r = [np.corrcoef(cent(truth[:, g]), cent(ld))[0, 1] for g in range(truth.shape[1])]
+        np.testing.assert_allclose(col("held_out_depth_r"), held_r, atol=1e-5)
+        rel, tr_r = res["depth_relation"][fold], col("training_depth_r")
+        assert rel["n_genes_reversed"] == int(np.sum((np.abs(held_r) >= 0.1) & (np.abs(tr_r) >= 0.1)
+                                                     & (np.sign(held_r) != np.sign(tr_r))))
+        assert rel["held_out_median_library_size"] == pytest.approx(np.median(np.exp(ld)))
         assert np.all((col("q_depth_adjusted_spatial") > 0) & (col("q_depth_adjusted_spatial") <= 1))
         assert np.isfinite(col("noise_ceiling_depth_adjusted_r")).any()
         fold_block = next(f for f in res["folds"] if f["held_out"] == fold)
@@ -285,6 +302,7 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
             np.sum(col("q_depth_adjusted_spatial") <= 0.05)) == res["genes_beyond_depth"][fold]["n_significant"]
         assert not any(k in fold_block for k in evaluation.PER_GENE_ARRAYS)
     assert "## Genes predicted beyond sequencing depth" in open(w / "report.md").read()
+    assert "### How genes follow sequencing depth" in open(w / "report.md").read()
     assert "The same test on each control's predictions passes: random_encoder " in open(w / "report.md").read()
     assert set(res["genes_beyond_depth"]["E"]["controls_n_significant"]) == {
         "random_encoder", "random_encoder_2", "trivial_image", "linear_probe", "depth_oracle", "image_depth",

@@ -210,6 +210,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         control_blocks["model_unsmoothed"] = block(unsmoothed)
     results["controls"] = control_blocks
     gene_r = metrics.pearson_per_gene(truth, pred)
+    depth_relation = (None if log_depth is None or log_depth_a is None else evaluation.depth_relation(
+        truth, log_depth, store_b.obs["section"][rows_b], expr_a, log_depth_a, obs_a["section"], gene_r))
 
     # Spatial maps of the named genes (those present), else the best-predicted genes.
     named = [g for g in e.map_genes.split(",") if g]
@@ -242,6 +244,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         for k, p in control_preds.items():
             cols[f"{k}_r"] = metrics.pearson_per_gene(truth, p)
             cols[f"{k}_depth_adjusted_r"] = evaluation.depth_adjusted_r(truth, p, log_depth)
+        if depth_relation is not None:
+            cols["held_out_depth_r"] = depth_relation["held_out_depth_r_per_gene"]
+            cols["training_depth_r"] = depth_relation["training_depth_r_per_gene"]
         rows_csv = [{"gene": g, **{k: float(v[i]) for k, v in cols.items()}} for i, g in enumerate(genes)]
         atomic.write_csv(os.path.join(workdir, "per_gene.csv"), rows_csv)
         atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), rows_B=rows_b, pred=pred,
@@ -273,6 +278,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         # r between the log library size a ridge on A's features reads from B's tiles and B's measured one
         # (the image_depth_sampling control's depth; a diagnostic, nothing is chosen on it).
         "test_image_depth_r": image_depth_r,
+        # How each gene follows depth in the test and the training store (evaluation.depth_relation; reads the
+        # test counts: a reference, not a predictor).
+        "depth_relation": None if depth_relation is None else evaluation.without_per_gene(depth_relation),
         "test": {"store": store_b.path, "patients": sorted(set(store_b.obs["patient"][rows_b].tolist())),
                  "n_spots": int(len(rows_b)), "synthetic": store_b.synthetic},
         "n_shared_genes": len(genes), "overlap": overlap, "warnings": warnings, **results,

@@ -12,7 +12,8 @@ Layout of a workdir:
   predictions.h5ad           the same for scanpy/squidpy (X = prediction, layers truth and controls, obsm spatial,
                              uns spatial with each section's image), when anndata is installed
   per_gene.csv               per fold and gene: r and depth-adjusted r of the model (with spatial q-values) and
-                             of every control, the noise ceilings and the neighbour reference
+                             of every control, the noise ceilings, the neighbour reference and the gene's r with
+                             depth in the held-out and the training patients
   results.json, report.md    the metric tables (see README)
 `loo.folds_per_program` < number of folds runs groups of folds one after another on the same stream (same
 results, less memory).
@@ -63,6 +64,11 @@ METRIC_NOTES = {
                            "expression of its adjacent spots (same section), per-gene r and depth-adjusted r over "
                            "the spots with a neighbour; how much of the patient's (gene-specific) expression "
                            "neighbouring spots share, beside the noise ceiling",
+    "depth_relation": "not a predictor: each gene's r with log library size (both centred within each section) in "
+                      "the held-out patient and in the fold's training patients; the genes whose relation "
+                      "reverses between them (|r| >= min_abs_r on both sides, opposite signs) and the model's "
+                      "per-gene r on them against the rest; per gene in per_gene.csv (held_out_depth_r, "
+                      "training_depth_r)",
     "n_genes_significant_depth_adjusted_spatial": "genes whose depth-adjusted r is significant at FDR fdr: the "
                                                   "block permutation of n_genes_significant_spatial on the "
                                                   "residuals of truth and prediction on a cubic in log "
@@ -280,15 +286,18 @@ def _first_view(feats):
     return [f[0] if isinstance(f, np.ndarray) else f.view(0) for f in feats]
 
 
-def per_gene_rows(genes, fold_metrics: list[dict], held_out_mean: dict, ceilings: dict, neighbours: dict) -> list:
+def per_gene_rows(genes, fold_metrics: list[dict], held_out_mean: dict, ceilings: dict, neighbours: dict,
+                  depth_relations: dict | None = None) -> list:
     """per_gene.csv: one row per held-out patient and gene. The model's per-gene r and depth-adjusted r with their
     spatial block-permutation q-values, every control's two r, and beside them the gene's references in that
-    patient: the noise ceilings and the neighbour reference (NaN where the store keeps no library sizes)."""
+    patient: the noise ceilings, the neighbour reference and the gene's r with log library size in the held-out and
+    in the training patients (NaN where the store keeps no library sizes)."""
     nan = np.full(len(genes), np.nan)
     rows = []
     for f in fold_metrics:
         name = f["held_out"]
         nc, nb = ceilings.get(name, {}), neighbours.get(name, {})
+        dr = (depth_relations or {}).get(name, {})
         cols = {"held_out_mean_expression": held_out_mean[name], "pearson_r": f["per_gene_r"],
                 "depth_adjusted_r": f["per_gene_depth_adjusted_r"], "q_spatial": f["per_gene_q_spatial"],
                 "q_depth_adjusted_spatial": f["per_gene_q_depth_adjusted_spatial"]}
@@ -298,7 +307,9 @@ def per_gene_rows(genes, fold_metrics: list[dict], held_out_mean: dict, ceilings
         cols.update({"noise_ceiling_r": nc.get("ceiling_r_per_gene", nan),
                      "noise_ceiling_depth_adjusted_r": nc.get("depth_adjusted_ceiling_r_per_gene", nan),
                      "neighbour_reference_r": nb.get("r_per_gene", nan),
-                     "neighbour_reference_depth_adjusted_r": nb.get("depth_adjusted_r_per_gene", nan)})
+                     "neighbour_reference_depth_adjusted_r": nb.get("depth_adjusted_r_per_gene", nan),
+                     "held_out_depth_r": dr.get("held_out_depth_r_per_gene", nan),
+                     "training_depth_r": dr.get("training_depth_r_per_gene", nan)})
         rows += [{"fold": name, "gene": g, **{k: float(v[i]) for k, v in cols.items()}} for i, g in enumerate(genes)]
     return rows
 
@@ -476,6 +487,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     ceilings = evaluation.noise_ceilings(plan, expression, store.obs, config.seed,
                                          evaluation.sampling_scale(store.manifest))
     neighbours = evaluation.neighbour_references(plan, expression, store.obs)
+    depth_relations = evaluation.depth_relations(plan, expression, store.obs, fold_metrics)
     results = {
         "mode": "loo",
         "dataset": {**inputs.dataset, "store": store.path, "n_spots": store.n_spots, "n_genes": len(genes),
@@ -508,6 +520,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                      "augmentation": {"views": features.n_views(config), "stain_jitter": features.stain_jitter(config)}},
         "noise_ceiling": {k: evaluation.without_per_gene(v) for k, v in ceilings.items()},
         "neighbour_reference": {k: evaluation.without_per_gene(v) for k, v in neighbours.items()},
+        "depth_relation": {k: evaluation.without_per_gene(v) for k, v in depth_relations.items()},
         **({"random_encoder_draws": evaluation.random_encoder_draws(fold_metrics, draw_seeds)} if draw_seeds else {}),
         "genes_beyond_depth": (evaluation.genes_beyond_depth(genes, fold_metrics, ceilings, neighbours,
                                                              config.loo.fdr)
@@ -519,6 +532,6 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         held_out_mean = {plan.name(f): expression[plan.held_out_rows(f)].astype(np.float64).mean(0)
                          for f in range(len(plan.folds))}
         _write_files(workdir, genes, loo, fold_metrics, controls,
-                     per_gene_rows(genes, fold_metrics, held_out_mean, ceilings, neighbours))
+                     per_gene_rows(genes, fold_metrics, held_out_mean, ceilings, neighbours, depth_relations))
         _write_h5ad(workdir, real_store, loo, expression, controls)
     return results, {"per_gene": [(f["held_out"], f["per_gene_r"]) for f in fold_metrics], "genes": genes}
