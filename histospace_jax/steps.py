@@ -55,7 +55,21 @@ def _dropout_key(state: TrainState):
 # ----------------------------------------------------------------------------------------------- optimizers
 
 
-@functools.lru_cache(maxsize=16)  # one object per setting, so compiled_opt_init compiles its init once
+def _one_per_setting(build):
+    """`build` returning the same optimizer object for the same settings, so compiled_opt_init compiles its init
+    once; settings that cannot be hashed (an array learning rate) get a new one."""
+    cached = functools.lru_cache(maxsize=16)(build)
+
+    @functools.wraps(build)
+    def make(*args, **kwargs):
+        try:
+            return cached(*args, **kwargs)
+        except TypeError:
+            return build(*args, **kwargs)
+    return make
+
+
+@_one_per_setting
 def make_ae_optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
     return optax.adamw(learning_rate, weight_decay=weight_decay) if weight_decay else optax.adam(learning_rate)
 
@@ -66,7 +80,7 @@ def frozen_encoder_labels(params) -> Any:
             for k, v in params.items()}
 
 
-@functools.lru_cache(maxsize=16)
+@_one_per_setting
 def make_regression_optimizer(learning_rate: float, weight_decay: float = 0.0) -> optax.GradientTransformation:
     """Adam(W) on the head; the encoder's updates are set to zero.
 

@@ -136,3 +136,26 @@ def test_predict_with_hidden_returns_the_last_hidden_layer_before_its_relu():
     # Two compiled programs: XLA may fuse them differently (it did on an AVX-512 CPU), so float32 rounding.
     np.testing.assert_allclose(np.asarray(pred), np.asarray(steps.predict_step(state, {"features": feats})),
                                rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_initialisation_equals_flax_op_by_op_initialisation():
+    """create_regression_state compiles model.init and the optimizer's init; the state must be the one flax builds
+    op by op (the same values, bit for bit), and an unhashable setting (an array learning rate) still works."""
+    hs, enc, enc_vars, state = _regression_setup(weight_decay=1e-2)
+    init_key, state_key = jax.random.split(jax.random.PRNGKey(1))
+    variables = hs.init(init_key, jnp.zeros((1, 128, 128, 3), jnp.float32))
+    params = flax.core.unfreeze(variables["params"])
+    params["encoder"] = enc_vars["params"]
+    batch_stats = flax.core.unfreeze(variables["batch_stats"])
+    batch_stats["encoder"] = enc_vars["batch_stats"]
+    tx = steps.make_regression_optimizer(1e-3, weight_decay=1e-2)
+    eager = steps.TrainState.create(apply_fn=hs.apply, params=params, tx=tx, batch_stats=batch_stats, key=state_key)
+    leaves = lambda s: jax.tree_util.tree_leaves((s.params, s.batch_stats, s.opt_state, s.key))  # noqa: E731
+    assert jax.tree_util.tree_structure(state.opt_state) == jax.tree_util.tree_structure(eager.opt_state)
+    for a, b in zip(leaves(state), leaves(eager), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert tx is steps.make_regression_optimizer(1e-3, weight_decay=1e-2)
+    arr = steps.create_regression_state(hs, jax.random.PRNGKey(1), enc_vars,
+                                        steps.make_regression_optimizer(jnp.asarray(1e-3)))
+    for a, b in zip(jax.tree_util.tree_leaves(arr.params), jax.tree_util.tree_leaves(state.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
