@@ -171,6 +171,9 @@ def loo_table(results: dict) -> str:
     beyond = beyond_depth_line(results)
     if beyond:
         table += "\n\n" + beyond
+    regimes = depth_relation_line(results.get("depth_relation"))
+    if regimes:
+        table += "\n\n" + regimes
     return table
 
 
@@ -190,6 +193,19 @@ def beyond_depth_line(results: dict) -> str:
             + "; ".join(parts) + ". report.md lists them beside the controls.")
 
 
+def depth_relation_line(relations: dict | None) -> str:
+    """Per held-out patient (results.json depth_relation): median library sizes and the genes that follow depth
+    the other way in the training patients, with the model's r on them: why a gene can come out backwards."""
+    if not relations:
+        return ""
+    parts = [f"{name} {d['held_out_median_library_size']:,.0f} UMIs/spot against "
+             f"{d['training_median_library_size']:,.0f} in training, {d['n_genes_reversed']} genes reversed (model r "
+             f"{d['model_per_gene_pearson_reversed']:.3f} on them, {d['model_per_gene_pearson_rest']:.3f} on the rest)"
+             for name, d in relations.items()]
+    return ("Genes whose relation to sequencing depth reverses between the held-out and the training patients: "
+            + "; ".join(parts) + ". report.md: How genes follow sequencing depth.")
+
+
 def external_table(results: dict) -> str:
     e = results["external"]
     rows = [r[1:] for r in metric_rows("test", {**e["model"], "controls": e["controls"]}, e["test"]["n_spots"])]
@@ -198,7 +214,8 @@ def external_table(results: dict) -> str:
         title += "  [SYNTHETIC DATA]"
     if e["model"].get("failed"):
         title += f"\nThe model FAILED on the test set: {e['model']['failure']}"
-    return title + "\n" + format_table(rows, METRIC_HEADER[1:])
+    regimes = depth_relation_line({"test set": e["depth_relation"]} if e.get("depth_relation") else None)
+    return title + "\n" + format_table(rows, METRIC_HEADER[1:]) + ("\n\n" + regimes if regimes else "")
 
 
 def ae_study_table(results: dict) -> str:

@@ -219,6 +219,8 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     np.testing.assert_allclose([float(x["training_depth_r"] or "nan") for x in table], train_r, atol=1e-5)
     assert e["depth_relation"]["training_median_library_size"] == pytest.approx(np.median(lib_a))
     assert "### How genes follow sequencing depth" in report
+    assert ("Genes whose relation to sequencing depth reverses between the held-out and the training patients: "
+            "test set ") in r.stdout
 
 
 def test_loo_mode_on_a_store(depth_stores, tmp_path):
@@ -303,6 +305,8 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
         assert not any(k in fold_block for k in evaluation.PER_GENE_ARRAYS)
     assert "## Genes predicted beyond sequencing depth" in open(w / "report.md").read()
     assert "### How genes follow sequencing depth" in open(w / "report.md").read()
+    assert "Genes whose relation to sequencing depth reverses between the held-out and the training patients: E " in (
+        r.stdout)
     assert "The same test on each control's predictions passes: random_encoder " in open(w / "report.md").read()
     assert set(res["genes_beyond_depth"]["E"]["controls_n_significant"]) == {
         "random_encoder", "random_encoder_2", "trivial_image", "linear_probe", "depth_oracle", "image_depth",
