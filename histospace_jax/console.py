@@ -199,8 +199,9 @@ def depth_relation_line(relations: dict | None) -> str:
     if not relations:
         return ""
     parts = [f"{name} {d['held_out_median_library_size']:,.0f} UMIs/spot against "
-             f"{d['training_median_library_size']:,.0f} in training, {d['n_genes_reversed']} genes reversed (model r "
-             f"{d['model_per_gene_pearson_reversed']:.3f} on them, {d['model_per_gene_pearson_rest']:.3f} on the rest)"
+             f"{d['training_median_library_size']:,.0f} in training, {d['n_genes_reversed']} genes reversed"
+             + (f" (model r {d['model_per_gene_pearson_reversed']:.3f} on them, "
+                f"{d['model_per_gene_pearson_rest']:.3f} on the rest)" if d["n_genes_reversed"] else "")
              for name, d in relations.items()]
     return ("Genes whose relation to sequencing depth reverses between the held-out and the training patients: "
             + "; ".join(parts) + ". report.md: How genes follow sequencing depth.")

@@ -438,3 +438,13 @@ def test_depth_relations_is_empty_without_library_sizes():
 
     obs = {"section": np.array(["a", "a", "b", "b"])}
     assert evaluation.depth_relations(Plan(), np.ones((4, 2)), obs, [{"held_out": "A", "per_gene_r": [0, 0]}]) == {}
+
+
+def test_depth_relation_line_names_each_patients_regime_and_leaves_out_r_without_reversed_genes():
+    block = {"held_out_median_library_size": 660.9, "training_median_library_size": 9576.5, "n_genes_reversed": 88,
+             "model_per_gene_pearson_reversed": -0.0122, "model_per_gene_pearson_rest": 0.2901}
+    none = {**block, "n_genes_reversed": 0, "model_per_gene_pearson_reversed": float("nan")}
+    line = console.depth_relation_line({"B": block, "C": none})
+    assert ("B 661 UMIs/spot against 9,576 in training, 88 genes reversed (model r -0.012 on them, 0.290 on the "
+            "rest); C 661 UMIs/spot against 9,576 in training, 0 genes reversed.") in line
+    assert console.depth_relation_line({}) == console.depth_relation_line(None) == ""
