@@ -350,14 +350,16 @@ def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0, scale
     split."""
     if "library_size" not in obs or scale is None:
         return {}
-    lib = np.asarray(obs["library_size"], np.float64)
-    out = {}
-    for f in range(len(plan.folds)):
-        rows = plan.held_out_rows(f)
-        counts = controls.counts_from_expression(expression[rows], lib[rows], scale)
-        nc = controls.noise_ceiling(counts, lib[rows].astype(np.int64), seed=seed, scale=scale)
-        out[plan.name(f)] = nc
-    return out
+    return {plan.name(f): noise_ceiling_of(expression, obs, plan.held_out_rows(f), seed, scale)
+            for f in range(len(plan.folds))}
+
+
+def noise_ceiling_of(expression: np.ndarray, obs: dict, rows: np.ndarray, seed: int, scale: float) -> dict:
+    """controls.noise_ceiling of store rows `rows` ([N_store, G] log1p counts per `scale`; obs with library_size),
+    from the counts the expression and library sizes imply."""
+    lib = np.asarray(obs["library_size"], np.float64)[rows]
+    counts = controls.counts_from_expression(np.asarray(expression)[rows], lib, scale)
+    return controls.noise_ceiling(counts, lib.astype(np.int64), seed=seed, scale=scale)
 
 
 def without_per_gene(block: dict) -> dict:

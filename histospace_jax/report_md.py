@@ -309,6 +309,17 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
         if e.get("test_image_depth_r") is not None:
             lines.append(f"- the depth ridge, fitted on the training store's features, reads the test spots' log "
                          f"library size at r {e['test_image_depth_r']:.3f}")
+        if e.get("noise_ceiling"):
+            nc = e["noise_ceiling"]
+            lines.append(f"- noise ceiling of the test set's counts (binomial split, as leave-one-patient-out "
+                         f"reports per held-out patient): per-gene r {_f(nc.get('ceiling_r_mean'), 3)}, "
+                         f"depth-adjusted {_f(nc.get('depth_adjusted_ceiling_r_mean'), 3)}")
+        if e.get("neighbour_reference"):
+            nb = e["neighbour_reference"]
+            lines.append(f"- neighbours' measurements (each test spot against the mean measured expression of its "
+                         f"adjacent spots; a reference, not a predictor): per-gene r "
+                         f"{_f(nb.get('per_gene_pearson'), 3)}, depth-adjusted "
+                         f"{_f(nb.get('depth_adjusted_per_gene_pearson'), 3)}")
         lines += smoothing_lines(e.get("smoothing")) + [""]
         lines += _depth_relation_lines({"test set": e["depth_relation"]} if e.get("depth_relation") else {})
         lines += ["## Genes by per-gene r", "", "Top 10:", "", _md_table(["gene", "r"], e["top_genes"]), "",

@@ -218,6 +218,20 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
                for g in ["G1", "G2", "G4"]]
     np.testing.assert_allclose([float(x["training_depth_r"] or "nan") for x in table], train_r, atol=1e-5)
     assert e["depth_relation"]["training_median_library_size"] == pytest.approx(np.median(lib_a))
+    # The test set's references, as leave-one-patient-out gives each held-out patient: the neighbour reference
+    # against NumPy (each test spot against the mean of its adjacent spots' measurements), and a noise ceiling.
+    xy = np.stack([sb.obs["pixel_x"][rows_b], sb.obs["pixel_y"][rows_b]], 1).astype(np.float64)
+    secs_b = np.asarray(sb.obs["section"]).astype(str)[rows_b]
+    d = np.hypot(*(xy[:, None] - xy[None]).transpose(2, 0, 1))
+    spacing = np.median(np.sort(d + np.eye(len(d)) * 1e9, 1)[:, 0])
+    near = (d > 0) & (d <= 1.5 * spacing) & (secs_b[:, None] == secs_b[None])
+    has = near.any(1)
+    around = near[has] @ truth.astype(np.float64) / near[has].sum(1, keepdims=True)
+    expected_nb = [np.corrcoef(truth[has, j], around[:, j])[0, 1] for j in range(3)]
+    np.testing.assert_allclose([float(x["neighbour_reference_r"] or "nan") for x in table], expected_nb, atol=1e-5)
+    assert e["neighbour_reference"]["n_spots_used"] == int(has.sum())
+    assert 0 < e["noise_ceiling"]["ceiling_r_mean"] <= 1 and "noise_ceiling_depth_adjusted_r" in table[0]
+    assert "- neighbours' measurements (each test spot against" in report
     assert "### How genes follow sequencing depth" in report
     assert ("Genes whose relation to sequencing depth reverses between the held-out and the training patients: "
             "test set ") in r.stdout

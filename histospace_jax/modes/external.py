@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from histospace_jax import (atomic, autoencoder, builders, checkpointing, clustering, config as config_lib, console,
-                            controls, counting_base, evaluation, features, folds, metrics, model_export, plots)
+                            context, controls, counting_base, evaluation, features, folds, metrics, model_export, plots)
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError, ConfigError
@@ -212,6 +212,14 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     gene_r = metrics.pearson_per_gene(truth, pred)
     depth_relation = (None if log_depth is None or log_depth_a is None else evaluation.depth_relation(
         truth, log_depth, store_b.obs["section"][rows_b], expr_a, log_depth_a, obs_a["section"], gene_r))
+    # The test set's own references, as leave-one-patient-out gives each held-out patient: the split-half noise
+    # ceiling of its counts and what its neighbouring spots' measurements share.
+    scale_b = evaluation.sampling_scale(store_b.manifest)
+    ceiling = (None if log_depth is None or scale_b is None else evaluation.noise_ceiling_of(
+        truth, {"library_size": store_b.obs["library_size"][rows_b]}, np.arange(len(rows_b)), config.seed, scale_b))
+    neighbours = {**evaluation.neighbour_reference(truth, context.section_table(store_b.obs, rows_b,
+                                                                                context.DEFAULT_RADIUS), log_depth),
+                  "radius_spacings": context.DEFAULT_RADIUS}
 
     # Spatial maps of the named genes (those present), else the best-predicted genes.
     named = [g for g in e.map_genes.split(",") if g]
@@ -244,6 +252,11 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         for k, p in control_preds.items():
             cols[f"{k}_r"] = metrics.pearson_per_gene(truth, p)
             cols[f"{k}_depth_adjusted_r"] = evaluation.depth_adjusted_r(truth, p, log_depth)
+        if ceiling is not None:
+            cols["noise_ceiling_r"] = ceiling["ceiling_r_per_gene"]
+            cols["noise_ceiling_depth_adjusted_r"] = ceiling["depth_adjusted_ceiling_r_per_gene"]
+        cols["neighbour_reference_r"] = neighbours["r_per_gene"]
+        cols["neighbour_reference_depth_adjusted_r"] = neighbours["depth_adjusted_r_per_gene"]
         if depth_relation is not None:
             cols["held_out_depth_r"] = depth_relation["held_out_depth_r_per_gene"]
             cols["training_depth_r"] = depth_relation["training_depth_r_per_gene"]
@@ -281,6 +294,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         # How each gene follows depth in the test and the training store (evaluation.depth_relation; reads the
         # test counts: a reference, not a predictor).
         "depth_relation": None if depth_relation is None else evaluation.without_per_gene(depth_relation),
+        "noise_ceiling": None if ceiling is None else evaluation.without_per_gene(ceiling),
+        "neighbour_reference": evaluation.without_per_gene(neighbours),
         "test": {"store": store_b.path, "patients": sorted(set(store_b.obs["patient"][rows_b].tolist())),
                  "n_spots": int(len(rows_b)), "synthetic": store_b.synthetic},
         "n_shared_genes": len(genes), "overlap": overlap, "warnings": warnings, **results,
