@@ -350,15 +350,19 @@ def noise_ceilings(plan, expression: np.ndarray, obs: dict, seed: int = 0, scale
     split."""
     if "library_size" not in obs or scale is None:
         return {}
-    return {plan.name(f): noise_ceiling_of(expression, obs, plan.held_out_rows(f), seed, scale)
-            for f in range(len(plan.folds))}
+    lib = np.asarray(obs["library_size"], np.float64)
+    out = {}
+    for f in range(len(plan.folds)):
+        rows = plan.held_out_rows(f)
+        out[plan.name(f)] = noise_ceiling_of(expression[rows], lib[rows], seed, scale)
+    return out
 
 
-def noise_ceiling_of(expression: np.ndarray, obs: dict, rows: np.ndarray, seed: int, scale: float) -> dict:
-    """controls.noise_ceiling of store rows `rows` ([N_store, G] log1p counts per `scale`; obs with library_size),
-    from the counts the expression and library sizes imply."""
-    lib = np.asarray(obs["library_size"], np.float64)[rows]
-    counts = controls.counts_from_expression(np.asarray(expression)[rows], lib, scale)
+def noise_ceiling_of(truth: np.ndarray, library_size, seed: int, scale: float) -> dict:
+    """controls.noise_ceiling of some spots ([N, G] log1p counts per `scale`, their [N] library sizes), from the
+    counts the expression and library sizes imply."""
+    lib = np.asarray(library_size, np.float64)
+    counts = controls.counts_from_expression(truth, lib, scale)
     return controls.noise_ceiling(counts, lib.astype(np.int64), seed=seed, scale=scale)
 
 
@@ -391,17 +395,21 @@ def neighbour_reference(truth: np.ndarray, table: np.ndarray, log_depth: np.ndar
 
 
 def neighbour_references(plan, expression: np.ndarray, obs: dict) -> dict:
-    """neighbour_reference of every held-out patient (per-gene arrays included), neighbours within
-    context.DEFAULT_RADIUS spot spacings in the same section (the adjacent ring), plus that radius."""
+    """neighbour_reference_of every held-out patient (per-gene arrays included)."""
     log_depth = log_library_size(obs)
     out = {}
     for f in range(len(plan.folds)):
         rows = plan.held_out_rows(f)
-        table = context.section_table(obs, rows, context.DEFAULT_RADIUS)
-        out[plan.name(f)] = {**neighbour_reference(np.asarray(expression)[rows], table,
-                                                   None if log_depth is None else log_depth[rows]),
-                             "radius_spacings": context.DEFAULT_RADIUS}
+        out[plan.name(f)] = neighbour_reference_of(np.asarray(expression)[rows], obs, rows,
+                                                   None if log_depth is None else log_depth[rows])
     return out
+
+
+def neighbour_reference_of(truth: np.ndarray, obs: dict, rows: np.ndarray, log_depth: np.ndarray | None) -> dict:
+    """neighbour_reference of store rows `rows` (their expression `truth` and log depths), neighbours within
+    context.DEFAULT_RADIUS spot spacings in the same section (the adjacent ring), plus that radius."""
+    table = context.section_table(obs, rows, context.DEFAULT_RADIUS)
+    return {**neighbour_reference(truth, table, log_depth), "radius_spacings": context.DEFAULT_RADIUS}
 
 
 # |r| with log library size below this is no relation to depth to speak of, reversed or not.

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from histospace_jax import (atomic, autoencoder, builders, checkpointing, clustering, config as config_lib, console,
-                            context, controls, counting_base, evaluation, features, folds, metrics, model_export, plots)
+                            controls, counting_base, evaluation, features, folds, metrics, model_export, plots)
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
 from histospace_jax.errors import BadInputError, ConfigError
@@ -216,10 +216,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     # ceiling of its counts and what its neighbouring spots' measurements share.
     scale_b = evaluation.sampling_scale(store_b.manifest)
     ceiling = (None if log_depth is None or scale_b is None else evaluation.noise_ceiling_of(
-        truth, {"library_size": store_b.obs["library_size"][rows_b]}, np.arange(len(rows_b)), config.seed, scale_b))
-    neighbours = {**evaluation.neighbour_reference(truth, context.section_table(store_b.obs, rows_b,
-                                                                                context.DEFAULT_RADIUS), log_depth),
-                  "radius_spacings": context.DEFAULT_RADIUS}
+        truth, store_b.obs["library_size"][rows_b], config.seed, scale_b))
+    neighbours = evaluation.neighbour_reference_of(truth, store_b.obs, rows_b, log_depth)
 
     # Spatial maps of the named genes (those present), else the best-predicted genes.
     named = [g for g in e.map_genes.split(",") if g]
