@@ -110,10 +110,17 @@ def gap_rows(results: dict) -> list[list]:
     what the interval says (results.json folds[].model_minus_control)."""
     rows = []
     for f in results["folds"]:
-        for name, g in f.get("model_minus_control", {}).items():
-            low, high = (float("nan") if v is None else float(v) for v in g["ci95"])
-            rows.append([f["held_out"], name, g["per_gene_pearson"], f"[{_cell(low)}, {_cell(high)}]",
-                         g["ci_units"], metrics.interval_reading(low, high)])
+        rows += held_out_gap_rows(f["held_out"], f.get("model_minus_control", {}))
+    return rows
+
+
+def held_out_gap_rows(label: str, gaps: dict) -> list[list]:
+    """gap_rows of one held-out set (a fold, or the external test's `model_minus_control`)."""
+    rows = []
+    for name, g in gaps.items():
+        low, high = (float("nan") if v is None else float(v) for v in g["ci95"])
+        rows.append([label, name, g["per_gene_pearson"], f"[{_cell(low)}, {_cell(high)}]", g["ci_units"],
+                     metrics.interval_reading(low, high)])
     return rows
 
 
@@ -215,8 +222,19 @@ def external_table(results: dict) -> str:
         title += "  [SYNTHETIC DATA]"
     if e["model"].get("failed"):
         title += f"\nThe model FAILED on the test set: {e['model']['failure']}"
+    table = title + "\n" + format_table(rows, METRIC_HEADER[1:])
+    gaps = held_out_gap_rows("test", e.get("model_minus_control", {}))
+    if gaps:
+        table += "\n\nModel minus each control, per-gene r, with a paired bootstrap interval\n" + format_table(
+            gaps, GAP_HEADER)
+    draws = random_draw_lines({"random_encoder_draws": e.get("random_encoder_draws")})
+    if draws:
+        table += "\n\n" + "\n".join(draws)
+    beyond = beyond_depth_line({"genes_beyond_depth": e.get("genes_beyond_depth")})
+    if beyond:
+        table += "\n\n" + beyond
     regimes = depth_relation_line({"test set": e["depth_relation"]} if e.get("depth_relation") else None)
-    return title + "\n" + format_table(rows, METRIC_HEADER[1:]) + ("\n\n" + regimes if regimes else "")
+    return table + ("\n\n" + regimes if regimes else "")
 
 
 def ae_study_table(results: dict) -> str:

@@ -209,41 +209,53 @@ def fold_results(plan, preds: dict, untrained: dict | None, expression: np.ndarr
     out = []
     for f in range(len(plan.folds)):
         rows, train_rows = plan.held_out_rows(f), plan.training_rows(f)
-        truth = expression[rows]
-        reference = expression[train_rows].astype(np.float64).mean(0)
-        depth = None if log_depth is None else log_depth[rows]
-        block = lambda pred, trained=True: predictor_metrics(truth, pred, reference, depth, fdr,  # noqa: E731
-                                                             trained)
-        model = block(preds[f])
-        obs_rows = {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")}
-        numbers, gene_q = model_extras(truth, preds[f], obs_rows, fdr, seed, depth)
-        obs_blocks = bootstrap_units(obs_rows)[1]
-        model.update(numbers)
-        baseline = mean_profile_metrics(truth, reference, depth, fdr)
-        controls_ = {"mean_predictor": baseline}
-        if untrained is not None:
-            controls_["untrained_head"] = block(untrained[f])
-        control_r, control_adj = {}, {}
-        for name, ctrl in (extra_controls or {}).items():
-            controls_[name] = block(ctrl[f], is_trained_control(name))
-            control_r[name] = metrics.pearson_per_gene(truth, ctrl[f])
-            control_adj[name] = depth_adjusted_r(truth, ctrl[f], depth)
-            if depth is not None:
-                # The same test as the model's, so "the model knows N genes beyond depth" has its controls' N beside it.
-                controls_[name]["n_genes_significant_depth_adjusted_spatial"] = _n_below(
-                    depth_adjusted_spatial_q(truth, ctrl[f], obs_blocks, depth, seed), fdr)
-        gaps = model_minus_controls(truth, preds[f], {k: c[f] for k, c in (extra_controls or {}).items()}, obs_rows,
-                                    seed)
-        out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **model, "model_minus_control": gaps,
-                    "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
-                    "controls": controls_,
-                    "per_gene_r": metrics.pearson_per_gene(truth, preds[f]),
-                    "per_gene_depth_adjusted_r": depth_adjusted_r(truth, preds[f], depth),
-                    "per_gene_q_spatial": gene_q["q_spatial"],
-                    "per_gene_q_depth_adjusted_spatial": gene_q["q_depth_adjusted_spatial"],
-                    "per_gene_r_controls": control_r,
-                    "per_gene_depth_adjusted_r_controls": control_adj})
+        result = held_out_results(
+            expression[rows], preds[f], expression[train_rows].astype(np.float64).mean(0),
+            None if log_depth is None else log_depth[rows],
+            {k: np.asarray(obs[k])[rows] for k in ("section", "array_x", "array_y")},
+            None if untrained is None else untrained[f], {k: c[f] for k, c in (extra_controls or {}).items()},
+            fdr, seed)
+        out.append({"held_out": plan.name(f), "n_spots": int(len(rows)), **result})
     return out
+
+
+def held_out_results(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray, log_depth: np.ndarray | None,
+                     obs_rows: dict, untrained: np.ndarray | None = None, extra_controls: dict | None = None,
+                     fdr: float = 0.05, seed: int = 0) -> dict:
+    """One held-out set's results (a leave-one-patient-out fold, an external test set): the model's metric block
+    and extras, the model minus each control with its paired interval, every control's block (mean-profile
+    predictor from `reference`, the training mean [G]; the untrained head; each of `extra_controls` {name:
+    predictions}) and the per-gene arrays (PER_GENE_ARRAYS). `obs_rows`: the held-out spots' section, array_x and
+    array_y; `log_depth`: their log library sizes, or None."""
+    extra_controls = extra_controls or {}
+    block = lambda p, trained=True: predictor_metrics(truth, p, reference, log_depth, fdr, trained)  # noqa: E731
+    model = block(pred)
+    numbers, gene_q = model_extras(truth, pred, obs_rows, fdr, seed, log_depth)
+    obs_blocks = bootstrap_units(obs_rows)[1]
+    model.update(numbers)
+    baseline = mean_profile_metrics(truth, reference, log_depth, fdr)
+    controls_ = {"mean_predictor": baseline}
+    if untrained is not None:
+        controls_["untrained_head"] = block(untrained)
+    control_r, control_adj = {}, {}
+    for name, ctrl in extra_controls.items():
+        controls_[name] = block(ctrl, is_trained_control(name))
+        control_r[name] = metrics.pearson_per_gene(truth, ctrl)
+        control_adj[name] = depth_adjusted_r(truth, ctrl, log_depth)
+        if log_depth is not None:
+            # The same test as the model's, so "the model knows N genes beyond depth" has its controls' N beside it.
+            controls_[name]["n_genes_significant_depth_adjusted_spatial"] = _n_below(
+                depth_adjusted_spatial_q(truth, ctrl, obs_blocks, log_depth, seed), fdr)
+    gaps = model_minus_controls(truth, pred, extra_controls, obs_rows, seed)
+    return {**model, "model_minus_control": gaps,
+            "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
+            "controls": controls_,
+            "per_gene_r": metrics.pearson_per_gene(truth, pred),
+            "per_gene_depth_adjusted_r": depth_adjusted_r(truth, pred, log_depth),
+            "per_gene_q_spatial": gene_q["q_spatial"],
+            "per_gene_q_depth_adjusted_spatial": gene_q["q_depth_adjusted_spatial"],
+            "per_gene_r_controls": control_r,
+            "per_gene_depth_adjusted_r_controls": control_adj}
 
 
 def _mean_over_folds(values: list[float], failed: list[bool]) -> float:

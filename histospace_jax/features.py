@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from histospace_jax import builders, console, models, steps, xla_tuning
+from histospace_jax import builders, console, controls, models, steps, xla_tuning
 from histospace_jax import workdir as workdir_lib
 from histospace_jax.data import pipeline
 from histospace_jax.errors import WorkdirError
@@ -253,6 +253,18 @@ def cache_dtype(config) -> str:
 
 def n_views(config) -> int:
     return 8 if config.train.augment == "dihedral" else 1
+
+
+def colour_statistics(store, rows: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+    """The trivial-image control's colour statistics (controls.tile_colour_features) of the tiles of `rows` (all
+    when None), in that order, reading the store a chunk at a time in ascending row order."""
+    rows = np.arange(store.n_spots) if rows is None else np.asarray(rows, np.int64)
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), len(controls.COLOUR_FEATURE_NAMES)), np.float64)
+    for a in range(0, len(rows), chunk):
+        part = order[a:a + chunk]
+        out[part] = controls.tile_colour_features(np.asarray(store.tiles[rows[part]]))
+    return out
 
 
 def stain_jitter(config) -> float:

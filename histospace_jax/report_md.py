@@ -300,6 +300,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
             lines += [f"> {w}", ""]
         lines += [f"Overlap check: `{json.dumps(e['overlap'])}`", ""]
         lines += [_md_table(METRIC_HEADER, _metric_rows("test set", _ext_block(e), e["test"]["n_spots"])), ""]
+        lines += _external_uncertainty_lines(e)
         lines += [f"- {k}: {v}" for k, v in CONTROL_NOTES.items() if k in e.get("controls", {})]
         base = e["train"].get("output_base") or {}
         if base.get("base") == "counting":
@@ -322,6 +323,7 @@ def write_report(workdir: str, results: dict, *, per_gene=None, genes=None) -> s
                          f"{_f(nb.get('depth_adjusted_per_gene_pearson'), 3)}")
         lines += smoothing_lines(e.get("smoothing")) + [""]
         lines += _depth_relation_lines({"test set": e["depth_relation"]} if e.get("depth_relation") else {})
+        lines += _beyond_depth_section(e.get("genes_beyond_depth"))
         lines += ["## Genes by per-gene r", "", "Top 10:", "", _md_table(["gene", "r"], e["top_genes"]), "",
                   "Bottom 10:", "", _md_table(["gene", "r"], e["bottom_genes"]), "",
                   f"Mapped genes: {json.dumps(e['map_genes'])}", ""]
@@ -401,11 +403,8 @@ def _fold_details(results: dict) -> list[str]:
                      _f(neighbours.get(f["held_out"], {}).get("per_gene_pearson"), 3),
                      _f(neighbours.get(f["held_out"], {}).get("depth_adjusted_per_gene_pearson"), 3)])
     gaps = console.gap_rows(results)
-    gap_lines = (["## Model against each control", "",
-                  "The model's mean per-gene r minus the control's, with a 95% paired percentile-bootstrap interval: "
-                  "both scored on the same resampled sections (or 4x4-spot blocks) in each of 200 draws. "
-                  "\"model above\" or \"model BELOW\" only when the interval excludes 0; with few units the "
-                  "interval is too narrow.", "", _md_table(console.GAP_HEADER, gaps), ""] if gaps else [])
+    gap_lines = (["## Model against each control", "", GAP_NOTE, "", _md_table(console.GAP_HEADER, gaps), ""]
+                 if gaps else [])
     draws = console.random_draw_lines(results)
     gap_lines += ([f"- {draws[0]}:"] + [f"  - {line.strip()}" for line in draws[1:]] + [""]) if draws else []
     lines = ["## Per held-out patient", "",
@@ -491,6 +490,33 @@ def ae_study_markdown(results: dict) -> str:
     st = results["ae_study"]
     return (f"Image store `{st['image_store']}` ({st['n_tiles']} tiles, {st['n_val_tiles']} held out for "
             f"validation).\n\n" + _md_table(console.AE_HEADER, console.ae_rows(results)))
+
+
+GAP_NOTE = ("The model's mean per-gene r minus the control's, with a 95% paired percentile-bootstrap interval: "
+            "both scored on the same resampled sections (or 4x4-spot blocks) in each of 200 draws. "
+            "\"model above\" or \"model BELOW\" only when the interval excludes 0; with few units the "
+            "interval is too narrow.")
+
+
+def _external_uncertainty_lines(e: dict) -> list[str]:
+    """The external test's bootstrap interval, per-section r, spatial significance and the model against each
+    control with its paired interval: what leave-one-patient-out gives each held-out patient."""
+    m = e["model"]
+    lines = []
+    if m.get("per_gene_pearson_ci95"):
+        ci = m["per_gene_pearson_ci95"]
+        sections = ", ".join(f"{s} {r:.3f}" for s, r in m.get("per_section_pearson", {}).items())
+        lines += [f"- per-gene r {_f(m.get('per_gene_pearson'), 3)}, 95% bootstrap interval [{_f(ci[0], 3)}, "
+                  f"{_f(ci[1], 3)}] over {m.get('ci_units', '')}; per section: {sections}",
+                  f"- genes significant: {_f(m.get('n_genes_significant_spatial'))} by the spatial block "
+                  f"permutation ({_f(m.get('n_genes_significant'))} by the independent-spots t-test), "
+                  f"{_f(m.get('n_genes_significant_depth_adjusted_spatial'))} beyond depth", ""]
+    gaps = console.held_out_gap_rows("test set", e.get("model_minus_control", {}))
+    if gaps:
+        lines += ["### Model against each control", "", GAP_NOTE, "", _md_table(console.GAP_HEADER, gaps), ""]
+    draws = console.random_draw_lines({"random_encoder_draws": e.get("random_encoder_draws")})
+    lines += ([f"- {draws[0]}:"] + [f"  - {line.strip()}" for line in draws[1:]] + [""]) if draws else []
+    return lines
 
 
 def _ext_block(e: dict) -> dict:

@@ -80,6 +80,27 @@ def _ridge_by_normal_equations(x, y, alpha):
     return lambda xn: y.mean(0) + ((xn - mean) / std) @ beta
 
 
+def test_colour_statistics_of_a_store_follow_the_rows_asked_for_in_their_order():
+    """features.colour_statistics reads a store in ascending chunks but returns the rows in the order asked (the
+    external test asks for its training and test rows of two stores)."""
+    from histospace_jax import features
+
+    class Tiles:  # a store's tile array that, like a chunked on-disk array, is read with ascending row lists
+        def __init__(self, a):
+            self.a, self.shape = a, a.shape
+
+        def __getitem__(self, rows):
+            assert np.all(np.diff(rows) > 0), "rows read out of order"
+            return self.a[rows]
+
+    tiles = np.random.default_rng(3).integers(0, 256, size=(9, 8, 8, 3), dtype=np.uint8)
+    store = type("Store", (), {"tiles": Tiles(tiles), "n_spots": 9})()
+    rows = np.array([7, 2, 5, 0, 8])
+    np.testing.assert_array_equal(features.colour_statistics(store, rows, chunk=2),
+                                  controls.tile_colour_features(tiles[rows]))
+    np.testing.assert_array_equal(features.colour_statistics(store), controls.tile_colour_features(tiles))
+
+
 def test_ridge_matches_normal_equations_primal_and_dual():
     rng = np.random.default_rng(0)
     for n, p in [(9, 3), (5, 12)]:  # P <= N uses the primal system, P > N the dual

@@ -144,7 +144,7 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     w = tmp_path / "w"
     r = run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
             f"--config.external.store={b}", "--config.external.map_genes=G2,G404",
-            "--config.model.output_base=counting", *TINY)
+            "--config.model.output_base=counting", "--config.loo.random_encoder_draws=2", *TINY)
     assert "External test" in r.stdout
     e = json.load(open(w / "results.json"))["external"]
     # On the counting base (the heads and the random-encoder control's heads alike), exported with the model.
@@ -154,8 +154,10 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
     assert e["overlap"]["shared_patients"] == ["BC23567"]
     assert e["test"]["patients"] == ["X"] and e["test"]["n_spots"] == 24
     assert e["train"]["refit"] is True and 0 < e["train"]["live_units"] <= 1
-    assert set(e["controls"]) == {"mean_predictor", "depth_oracle", "depth_oracle_sampling", "image_depth_sampling",
-                                  "random_encoder", "model_unsmoothed"}
+    gapped = {"depth_oracle", "depth_oracle_sampling", "image_depth_sampling", "random_encoder", "random_encoder_2",
+              "model_unsmoothed", "trivial_image", "linear_probe", "image_depth"}
+    assert set(e["controls"]) == gapped | {"mean_predictor"}
+    assert set(e["control_ridge_alpha"]) == {"trivial_image", "linear_probe", "image_depth"}
     assert -1 <= e["test_image_depth_r"] <= 1
     report = open(w / "report.md").read()
     assert "- output base: counting (the model is the counting model" in report
@@ -211,6 +213,46 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
                             res_(saved["pred"][:, j].astype(np.float64)))[0, 1] for j in range(3)]
     np.testing.assert_allclose([float(x["depth_adjusted_r"] or "nan") for x in table], expected, atol=5e-4)
     assert {"random_encoder_r", "random_encoder_depth_adjusted_r"} <= set(table[0])
+    # The model against every control, as leave-one-patient-out gives each held-out patient: per-gene r of each
+    # control (per_gene.csv) and the gap in mean per-gene r (results.json), against NumPy on the saved predictions;
+    # the paired interval over the test section's 4x4-spot blocks, counted by hand.
+    gene_r = lambda p: np.array([np.corrcoef(saved["truth"][:, j], p[:, j])[0, 1] for j in range(3)])  # noqa: E731
+    assert set(e["model_minus_control"]) == gapped
+    xs, ys, ss = sb.obs["array_x"][rows_b], sb.obs["array_y"][rows_b], np.asarray(sb.obs["section"])[rows_b]
+    assert len(set(ss)) < 3  # so the units are grid blocks
+    n_blocks = len({(s, int(round(x)) // 4, int(round(y)) // 4) for s, x, y in zip(ss, xs, ys)})
+    for name in gapped:
+        r_c = gene_r(saved[f"control_{name}"].astype(np.float64))
+        np.testing.assert_allclose([float(x[f"{name}_r"] or "nan") for x in table], r_c, atol=1e-5)
+        gap = e["model_minus_control"][name]
+        np.testing.assert_allclose(gap["per_gene_pearson"], np.nanmean(gene_r(saved["pred"].astype(np.float64)))
+                                   - np.nanmean(r_c), atol=1e-5)
+        assert gap["ci_units"] == f"{n_blocks} grid blocks"
+    ci = e["model"]["per_gene_pearson_ci95"]
+    assert ci[0] <= e["model"]["per_gene_pearson"] <= ci[1] and set(e["model"]["per_section_pearson"]) == set(ss)
+    assert "Model minus each control, per-gene r, with a paired bootstrap interval" in r.stdout
+    # Two untrained encoders (seeds 12345 and 12346), each with its own heads, as leave-one-patient-out draws them.
+    assert not np.allclose(saved["control_random_encoder"], saved["control_random_encoder_2"])
+    draws = e["random_encoder_draws"]
+    assert draws["seeds"] == [12345, 12346] and list(draws["folds"]) == ["test"]
+    d = draws["folds"]["test"]
+    assert d["per_gene_pearson"] == [e["controls"][n]["per_gene_pearson"] for n in draws["controls"]]
+    assert d["readings"] == [metrics.interval_reading(*e["model_minus_control"][n]["ci95"])
+                             for n in ("random_encoder", "random_encoder_2")]
+    assert "Random-encoder control over 2 draws" in r.stdout and "Random-encoder control over 2 draws" in report
+    assert set(e["smoothing"]["random_encoder_self_weight"]) == {"test", "test (random_encoder_2)"}
+    # The genes beyond depth: the count is the model's q-values at 5% FDR (per_gene.csv), each control's count
+    # beside it, and the report's section.
+    q_adj = np.array([float(x["q_depth_adjusted_spatial"] or "nan") for x in table])
+    assert np.all((q_adj > 0) & (q_adj <= 1))
+    beyond = e["genes_beyond_depth"]["test"]
+    assert beyond["n_significant"] == int(np.sum(q_adj <= 0.05)) == e["model"][
+        "n_genes_significant_depth_adjusted_spatial"]
+    assert set(beyond["controls_n_significant"]) == gapped
+    assert "## Genes predicted beyond sequencing depth" in report and "Held out test: " in report
+    assert "Genes predicted beyond sequencing depth (depth-adjusted r, spatial block permutation, 0.05 FDR): test " in (
+        r.stdout)
+    assert "### Model against each control" in report and "95% bootstrap interval [" in report
     # Each gene's r with log library size within each training section of A, as NumPy computes it.
     secs_a, ld_a = np.asarray(sa.obs["section"]).astype(str), np.log(lib_a)
     cent = lambda v: v - np.array([v[secs_a == s].mean(0) for s in secs_a])  # noqa: E731

@@ -1,8 +1,10 @@
 """Mode external: train one head on all (or external.train_patients) spots of data.store, evaluate on
-external.store (or on data.store's external.test_patients) on the genes both stores share, with the
-mean-profile, untrained-head, random-encoder and depth-oracle controls and the leave-one-patient-out metric
-block (a collapsed model is marked failed); spatial maps of named genes; an overlap check of the two stores
-(patients, image hashes, tile hashes); exports the deployable model for predict."""
+external.store (or on data.store's external.test_patients) on the genes both stores share, with
+leave-one-patient-out's controls fitted on the training rows and its results for a held-out set
+(evaluation.held_out_results: the metric block, a collapsed model marked failed, the bootstrap interval and the
+model's paired interval against each control) and references of the test set; spatial maps of named genes; an
+overlap check of the two stores (patients, image hashes, tile hashes); exports the deployable model for
+predict."""
 
 from __future__ import annotations
 
@@ -90,6 +92,26 @@ def _counting_model_settings(config, store_a, store_b) -> dict:
     return {"base_scale": base_scale, "blend_weights": blend_weights, "blend_scale": scale_a}
 
 
+def reviewer_controls(store_a, rows_a: np.ndarray, expr_a: np.ndarray, maps_a: np.ndarray, store_b,
+                      rows_b: np.ndarray, maps_b: np.ndarray) -> tuple[dict, dict]:
+    """Leave-one-patient-out's reviewer controls (evaluation.reviewer_controls: trivial image, linear probe and,
+    with library sizes in both stores, depth_oracle and image_depth), fitted on A's training rows (`expr_a` [NA, G] on the
+    shared genes, `maps_a` their frozen feature maps) and predicting B's test rows (`maps_b`): one fold whose
+    training patients are A's and whose held-out patient is the test set; B's counts are never read. Returns
+    ({control: test predictions}, {control: ridge penalty})."""
+    na, nb = len(rows_a), len(rows_b)
+    plan = folds.FoldPlan(patients=["training store", "test"], spot_patient=np.repeat([0, 1], [na, nb]), folds=[1])
+    keys = [k for k in ("section", "array_x", "array_y", "library_size") if k in store_a.obs and k in store_b.obs]
+    obs = {k: np.concatenate([np.asarray(store_a.obs[k])[rows_a], np.asarray(store_b.obs[k])[rows_b]]) for k in keys}
+    colour = np.concatenate([features.colour_statistics(store_a, rows_a), features.colour_statistics(store_b, rows_b)])
+    maps = np.concatenate([np.asarray(maps_a), np.asarray(maps_b)])
+    # The test rows' expression is never read by the controls (they fit on the training rows): zeros stand in.
+    expression = np.concatenate([np.asarray(expr_a, np.float32), np.zeros((nb, expr_a.shape[1]), np.float32)])
+    preds, alphas, _ = evaluation.reviewer_controls(plan, expression, obs, colour, [maps], [0])
+    return ({name: p[0] for name, p in preds.items()},
+            {name: a["test"] for name, a in alphas.items() if "test" in a})
+
+
 def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     """Train on store A (all, or config.external.train_patients), evaluate on store B (config.external.store,
     default A itself with config.external.test_patients) on the shared genes."""
@@ -165,20 +187,41 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     reference = expr_a.astype(np.float64).mean(0)
     log_depth_a, log_depth = (None if d is None else d[r] for d, r in (
         (evaluation.log_library_size(store_a.obs), rows_a), (evaluation.log_library_size(store_b.obs), rows_b)))
-    block = lambda p: evaluation.predictor_metrics(truth, p, reference, log_depth, fdr)  # noqa: E731
-    results = {"model": block(pred)}
-    image_depth_r = None
-    control_blocks = {"mean_predictor": evaluation.mean_profile_metrics(truth, reference, log_depth, fdr)}
+    # Every control predicts the test rows, as leave-one-patient-out's controls predict a held-out patient's, and
+    # is scored by the same held_out_results: the metric block, and the model's paired interval against each.
+    control_preds, image_depth_r = {}, None
+    untrained = None
+    if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
+        untrained = smooth(on_base(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"],
+                                                                   heads["sd"], context=cb)))
+    # loo.random_encoder_draws untrained encoders (seeds random_encoder_seed, +1, ...), each with its own heads, blend
+    # weight and smoothing chosen on its own inner validation, as in leave-one-patient-out: one draw's verdict says
+    # nothing about another untrained encoder's.
+    draw_seeds = ([config.loo.random_encoder_seed + k for k in range(config.loo.random_encoder_draws)]
+                  if config_lib.random_encoder_control_on(config) else [])
+    random_weight, random_smoothing = {}, {}
+    for k, (name, seed) in enumerate(zip(evaluation.random_encoder_control_names(len(draw_seeds)), draw_seeds)):
+        rv = builders.random_encoder_variables(config, seed)
+        ra, rb, rca, rcb = inputs_of(rv)
+        rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, f"external_{name}",
+                                             context=rca, source=source_a, **counting_settings)
+        control_preds[name] = folds.smooth_predictions(store_b.obs, rows_b, folds.predict_with_base(
+            rheads["states"], rb, rheads["mean"], rheads["sd"], rheads["counting_base"], context=rcb,
+            weight=rheads["counting_weight"]), rheads["smoothing"])
+        label = "test" if k == 0 else f"test ({name})"
+        random_weight[label], random_smoothing[label] = rheads["counting_weight"], rheads["smoothing"]
+    scale = evaluation.sampling_scale(store_a.manifest)
+    with_sampling = scale is not None and scale == evaluation.sampling_scale(store_b.manifest)
+    reviewer, reviewer_alphas = reviewer_controls(store_a, rows_a, expr_a, fa[0], store_b, rows_b, fb[0])
+    control_preds.update({k: smooth(reviewer[k]) for k in ("trivial_image", "linear_probe") if k in reviewer})
     if log_depth is not None and log_depth_a is not None:
-        # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A.
-        control_blocks["depth_oracle"] = evaluation.predictor_metrics(
-            truth, controls.depth_oracle(log_depth_a, expr_a, log_depth), reference, log_depth, fdr, trained=False)
-        scale = evaluation.sampling_scale(store_a.manifest)
-        if scale is not None and scale == evaluation.sampling_scale(store_b.manifest):
+        # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A, and at
+        # the depth a ridge on A's frozen features reads from B's tiles.
+        control_preds["depth_oracle"] = controls.depth_oracle(log_depth_a, expr_a, log_depth)
+        control_preds["image_depth"] = smooth(reviewer["image_depth"])
+        if with_sampling:
             lib_a = np.asarray(store_a.obs["library_size"], np.float64)[rows_a]
-            control_blocks["depth_oracle_sampling"] = evaluation.predictor_metrics(
-                truth, controls.sampling_depth_oracle(expr_a, lib_a, log_depth, scale),
-                reference, log_depth, fdr, trained=False)
+            control_preds["depth_oracle_sampling"] = controls.sampling_depth_oracle(expr_a, lib_a, log_depth, scale)
             # The same counting model at the depth a ridge on A's frozen features reads from B's tiles: the
             # counting base itself (with output_base=counting the model is this plus the heads' output).
             base = heads["counting_base"] or counting_base.fit(
@@ -187,29 +230,18 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
             if pooled_b is None:
                 pooled_b = counting_base.pooled_rows(fb[0], np.arange(len(rows_b)))
             sampled = base_b if base_b is not None else counting_base.predict(base, pooled_b)
-            control_blocks["image_depth_sampling"] = block(smooth(sampled))
+            control_preds["image_depth_sampling"] = smooth(sampled)
             read = counting_base.image_log_depth(base, pooled_b)
             image_depth_r = float(np.corrcoef(read, log_depth)[0, 1])
-    if config.model.output_init != "zeros":  # with a zero output layer the untrained head IS the mean profile
-        control_blocks["untrained_head"] = block(
-            smooth(on_base(folds.ensemble_predict_features(heads["untrained_states"], fb, heads["mean"],
-                                                           heads["sd"], context=cb))))
-    control_preds, random_weight = {}, None
-    if config_lib.random_encoder_control_on(config):
-        rv = builders.random_encoder_variables(config, config.loo.random_encoder_seed)
-        ra, rb, rca, rcb = inputs_of(rv)
-        rheads = folds.train_one_fold_on_all(config, workdir, obs_a, ra, expr_a, rv, writer, "external_random_encoder",
-                                             context=rca, source=source_a, **counting_settings)
-        rpred = smooth(folds.predict_with_base(rheads["states"], rb, rheads["mean"], rheads["sd"],
-                                               rheads["counting_base"], context=rcb,
-                                               weight=rheads["counting_weight"]))
-        random_weight = rheads["counting_weight"]
-        control_blocks["random_encoder"] = block(rpred)
-        control_preds["random_encoder"] = rpred
     if builders.smoothing(config) is not None:
-        control_blocks["model_unsmoothed"] = block(unsmoothed)
-    results["controls"] = control_blocks
-    gene_r = metrics.pearson_per_gene(truth, pred)
+        control_preds["model_unsmoothed"] = unsmoothed
+    obs_rows_b = {k: np.asarray(store_b.obs[k])[rows_b] for k in ("section", "array_x", "array_y")}
+    held_out = evaluation.held_out_results(truth, pred, reference, log_depth, obs_rows_b, untrained, control_preds,
+                                           fdr, config.seed)
+    results = {"model": {k: v for k, v in held_out.items()
+                         if k not in evaluation.PER_GENE_ARRAYS and k not in ("controls", "model_minus_control")},
+               "controls": held_out["controls"], "model_minus_control": held_out["model_minus_control"]}
+    gene_r = held_out["per_gene_r"]
     depth_relation = (None if log_depth is None or log_depth_a is None else evaluation.depth_relation(
         truth, log_depth, store_b.obs["section"][rows_b], expr_a, log_depth_a, obs_a["section"], gene_r))
     # The test set's own references, as leave-one-patient-out gives each held-out patient: the split-half noise
@@ -218,6 +250,10 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     ceiling = (None if log_depth is None or scale_b is None else evaluation.noise_ceiling_of(
         truth, store_b.obs["library_size"][rows_b], config.seed, scale_b))
     neighbours = evaluation.neighbour_reference_of(truth, store_b.obs, rows_b, log_depth)
+    # Which genes the model predicts beyond sequencing depth (the spatial test of depth-adjusted r), beside the
+    # controls and the test set's references, as leave-one-patient-out lists them per held-out patient.
+    beyond = (None if log_depth is None else evaluation.genes_beyond_depth(
+        genes, [{"held_out": "test", **held_out}], {"test": ceiling or {}}, {"test": neighbours}, fdr))
 
     # Spatial maps of the named genes (those present), else the best-predicted genes.
     named = [g for g in e.map_genes.split(",") if g]
@@ -246,10 +282,12 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                               ylabel="Huber loss", logy=True)
             figures["curve"] = "figures/external_curve.png"
         # Per gene: r and depth-adjusted r of the model and of each trained control (NaN without library sizes).
-        cols = {"pearson_r": gene_r, "depth_adjusted_r": evaluation.depth_adjusted_r(truth, pred, log_depth)}
-        for k, p in control_preds.items():
-            cols[f"{k}_r"] = metrics.pearson_per_gene(truth, p)
-            cols[f"{k}_depth_adjusted_r"] = evaluation.depth_adjusted_r(truth, p, log_depth)
+        cols = {"pearson_r": gene_r, "depth_adjusted_r": held_out["per_gene_depth_adjusted_r"],
+                "q_spatial": held_out["per_gene_q_spatial"],
+                "q_depth_adjusted_spatial": held_out["per_gene_q_depth_adjusted_spatial"]}
+        for k in control_preds:
+            cols[f"{k}_r"] = held_out["per_gene_r_controls"][k]
+            cols[f"{k}_depth_adjusted_r"] = held_out["per_gene_depth_adjusted_r_controls"][k]
         if ceiling is not None:
             cols["noise_ceiling_r"] = ceiling["ceiling_r_per_gene"]
             cols["noise_ceiling_depth_adjusted_r"] = ceiling["depth_adjusted_ceiling_r_per_gene"]
@@ -260,8 +298,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
             cols["training_depth_r"] = depth_relation["training_depth_r_per_gene"]
         rows_csv = [{"gene": g, **{k: float(v[i]) for k, v in cols.items()}} for i, g in enumerate(genes)]
         atomic.write_csv(os.path.join(workdir, "per_gene.csv"), rows_csv)
+        # Every control's test predictions beside the model's, so any figure of results.json can be recomputed.
         atomic.write_npz(os.path.join(workdir, "predictions.npz"), genes=np.array(genes), rows_B=rows_b, pred=pred,
-                         truth=truth)
+                         truth=truth, **{f"control_{k}": v for k, v in control_preds.items()})
     cluster_result = clustering.pathology_clustering(workdir, store_b.obs, rows_b, pred, truth=truth,
                                                      cancer_labels=config.clustering.cancer_labels, seed=config.seed,
                                                      prefix="external_clustering")
@@ -285,15 +324,17 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                     "tile (image_depth_sampling), the weight chosen on inner validation of the "
                                     "training store",
                             "per_fold": {"test": heads["counting_blend"]},
-                            "random_encoder_weight": ({"test": random_weight} if random_weight is not None else {})}),
+                            "random_encoder_weight": random_weight}),
         # r between the log library size a ridge on A's features reads from B's tiles and B's measured one
         # (the image_depth_sampling control's depth; a diagnostic, nothing is chosen on it).
         "test_image_depth_r": image_depth_r,
+        "control_ridge_alpha": reviewer_alphas,
         # How each gene follows depth in the test and the training store (evaluation.depth_relation; reads the
         # test counts: a reference, not a predictor).
         "depth_relation": None if depth_relation is None else evaluation.without_per_gene(depth_relation),
         "noise_ceiling": None if ceiling is None else evaluation.without_per_gene(ceiling),
         "neighbour_reference": evaluation.without_per_gene(neighbours),
+        "genes_beyond_depth": beyond,
         "test": {"store": store_b.path, "patients": sorted(set(store_b.obs["patient"][rows_b].tolist())),
                  "n_spots": int(len(rows_b)), "synthetic": store_b.synthetic},
         "n_shared_genes": len(genes), "overlap": overlap, "warnings": warnings, **results,
@@ -304,7 +345,10 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         "context": (None if not builders.uses_context(config) else
                     {"train": folds.context_summary(config, store_a.obs),
                      "test": folds.context_summary(config, store_b.obs)}),
-        "smoothing": folds.smoothing_summary({"test": heads["smoothing"]}, store_b.obs, {"test": rows_b}),
+        "smoothing": folds.smoothing_summary({"test": heads["smoothing"]}, store_b.obs, {"test": rows_b},
+                                             random_smoothing),
+        **({"random_encoder_draws": evaluation.random_encoder_draws([{"held_out": "test", **held_out}], draw_seeds)}
+           if draw_seeds else {}),
         "autoencoder": {k: v for k, v in ae["summary"].items() if k != "curve"},
     }
     return ({"mode": "external", "dataset": {**inputs.dataset, "store": store_a_path}, "external": external},

@@ -29,7 +29,6 @@ import numpy as np
 
 from histospace_jax import (atomic, autoencoder, builders, clustering, config as config_lib, console, evaluation,
                             features, folds, metrics, plots, spatial_anndata)
-from histospace_jax import controls as controls_lib
 from histospace_jax import counting_base
 from histospace_jax.data import open_store
 from histospace_jax.data.store import require_same_tile_scale
@@ -364,13 +363,6 @@ def _write_h5ad(workdir: str, store, loo: dict, expression: np.ndarray, extra_co
                     "holds the same predictions")
 
 
-def _colour_features(store, chunk: int = 256) -> np.ndarray:
-    """The trivial-image control's colour statistics of every tile, reading the store a chunk at a time."""
-    n = store.n_spots
-    return np.concatenate([controls_lib.tile_colour_features(np.asarray(store.tiles[a:min(n, a + chunk)]))
-                           for a in range(0, n, chunk)])
-
-
 def _shown_tiles(store, rows: np.ndarray, max_sections: int = 4) -> np.ndarray:
     """Tiles of `rows` for the H&E under the spatial maps (only the sections the figure shows are read)."""
     sections = store.obs["section"][rows]
@@ -463,9 +455,10 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         random_smoothing.update({fold if k == 0 else f"{fold} ({name})": choice
                                  for fold, choice in random_run["smoothing"].items()})
     console.log("[loo] controls: trivial image statistics, linear probe on the frozen features, sequencing depth")
-    reviewer, alphas, depth_read = evaluation.reviewer_controls(plan, expression, store.obs, _colour_features(store),
-                                                    _first_view(feats), encoder_of_fold,
-                                                    sampling=evaluation.sampling_scale(store.manifest))
+    reviewer, alphas, depth_read = evaluation.reviewer_controls(plan, expression, store.obs,
+                                                                features.colour_statistics(store),
+                                                                _first_view(feats), encoder_of_fold,
+                                                                sampling=evaluation.sampling_scale(store.manifest))
     # The reviewer's controls take their fold's smoothing as the model chose it (the random-encoder control
     # chose its own on its own inner validation).
     for name in folds.SMOOTHED_CONTROLS:
