@@ -291,14 +291,17 @@ def _cache_bytes_present(cache_dir: str) -> int:
     return total
 
 
-def require_cache_space(config, workdir: str, store, encoders: dict[str, int], log=None) -> None:
+def require_cache_space(config, workdir: str, stores, encoders: dict[str, int], log=None) -> None:
     """Before any autoencoder trains: the feature caches a run will write under WORKDIR/cache, one per encoder
-    (`encoders`: what they are -> how many), every view of every spot, must fit on the workdir's disk. A run that
-    cannot fit them is refused now, naming the sizes and the settings that shrink them (WorkdirError, exit 73),
-    rather than at the first cache that does not fit, after hours of pretraining and encoding."""
+    (`encoders`: what they are -> how many) and store (`stores`: one, or a list: the external test caches its
+    training and its test store), every view of every spot, must fit on the workdir's disk. A run that cannot fit
+    them is refused now, naming the sizes and the settings that shrink them (WorkdirError, exit 73), rather than
+    at the first cache that does not fit, after hours of pretraining and encoding."""
+    stores = list(stores) if isinstance(stores, (list, tuple)) else [stores]
     cache_dir = os.path.join(workdir, "cache")
     n = sum(encoders.values())
-    each = feature_bytes(config, store)
+    each = sum(feature_bytes(config, s) for s in stores)
+    n_spots = sum(s.n_spots for s in stores)
     need, present = n * each, _cache_bytes_present(cache_dir)
     free = workdir_lib.free_bytes(cache_dir)
     what = f"{n} encoder{'s' if n != 1 else ''} (" + ", ".join(f"{k} {v}" for k, v in encoders.items() if v) + ")"
@@ -308,10 +311,13 @@ def require_cache_space(config, workdir: str, store, encoders: dict[str, int], l
         raise WorkdirError(
             errno.ENOSPC,
             f"{cache_dir}: this run caches the frozen features of {what}, {n_views(config)} views of "
-            f"{store.n_spots} spots at {_size(each)} each: {_size(need)} ({need:,} bytes) in all, but the disk has "
+            f"{n_spots} spots{' of ' + str(len(stores)) + ' stores' if len(stores) > 1 else ''} at "
+            f"{_size(each)} each: {_size(need)} ({need:,} bytes) in all, but the disk has "
             f"{_size(free)} free" + (f" and {_size(present)} of earlier caches" if present else "") + ". Shrink it: "
-            "--config.ae.store=IMAGE_STORE (one autoencoder for every fold, pretrained on a separate image set such "
-            "as ICIAR/BACH, as the paper did, instead of one per fold), --config.train.feature_cache_dtype=bfloat16 "
+            + ("--config.ae.store=IMAGE_STORE (one autoencoder for every fold, pretrained on a separate image set "
+               "such as ICIAR/BACH, as the paper did, instead of one per fold), "
+               if any("per fold" in k and v for k, v in encoders.items()) else "")
+            + "--config.train.feature_cache_dtype=bfloat16 "
             "(half the bytes; the heads still compute in float32), --config.loo.random_encoder_control=off (or "
             "fewer loo.random_encoder_draws), --config.train.augment=none (1 view instead of 8); or use a --workdir "
             "on a larger disk")

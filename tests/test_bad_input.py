@@ -97,11 +97,11 @@ def test_missing_or_broken_store_exits_65_naming_the_file(tmp_path):
     assert not os.path.exists(tmp_path / "wd" / "results.json")
 
 
-def _scaled_store(path, mpp):
+def _scaled_store(path, mpp, seed=0, patients=("P1", "P2")):
     from histospace_jax.data import write_store
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     n = 8
-    obs = {"section": np.repeat(["S1", "S2"], n // 2), "patient": np.repeat(["P1", "P2"], n // 2),
+    obs = {"section": np.repeat(["S1", "S2"], n // 2), "patient": np.repeat(list(patients), n // 2),
            "array_x": np.arange(n), "array_y": np.zeros(n, np.int64), "pixel_x": np.arange(n) * 16.0,
            "pixel_y": np.zeros(n)}
     write_store(str(path), rng.integers(0, 255, (n, 16, 16, 3), np.uint8), rng.random((n, 3), np.float32),
@@ -157,6 +157,28 @@ def test_a_run_whose_feature_caches_cannot_fit_on_the_disk_is_refused_before_any
     with open(tmp_path / "run" / "cache" / "features-abc" / "c0", "wb") as f:
         f.write(b"\0" * 2)
     features.require_cache_space(config, str(tmp_path / "run"), store, {"per fold": 2, "untrained": 1})
+
+
+def test_an_external_test_whose_feature_caches_cannot_fit_is_refused_before_pretraining(tmp_path, monkeypatch):
+    """The external test caches every spot of its training and its test store once per encoder (its autoencoder
+    and each untrained draw): the same up-front check as leave-one-patient-out's, over both stores."""
+    from histospace_jax import errors, train, workdir
+    a, b = _scaled_store(tmp_path / "a", 2.34375), _scaled_store(tmp_path / "b", 2.34375, 1, ("Q1", "Q2"))
+    config = config_lib.get_config()
+    config.mode, config.data.store, config.external.store = "external", a, b
+    config.loo.random_encoder_draws = 2
+    # 1 autoencoder + 2 untrained encoders, 8 dihedral views of 8 + 8 spots, 2 x 2 x 128 float32 maps.
+    need = 3 * 8 * (8 + 8) * 2 * 2 * 128 * 4
+    monkeypatch.setattr(workdir, "free_bytes", lambda path: need - 1)
+    with pytest.raises(errors.WorkdirError) as e:
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+    msg = str(e.value)
+    assert f"{tmp_path / 'run' / 'cache'}: this run caches the frozen features of 3 encoders" in msg
+    assert "(autoencoder 1, untrained (random-encoder control) 2)" in msg and "16 spots of 2 stores" in msg
+    assert f"({need:,} bytes) in all" in msg and "fewer loo.random_encoder_draws" in msg
+    assert "--config.ae.store=IMAGE_STORE" not in msg  # there is one autoencoder already
+    assert errors.exit_code(e.value) == 73
+    assert not os.path.exists(tmp_path / "run" / "checkpoints")
 
 
 def store_lib_open(path):

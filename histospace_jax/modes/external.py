@@ -152,6 +152,13 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
 
     if ae_store:
         require_same_tile_scale(store_a, open_store(ae_store), "config.ae.store")
+    # Every encoder caches every spot of both stores (one store when the test rows are A's own patients).
+    features.require_cache_space(
+        config, workdir, [store_a] if store_b.path == store_a.path else [store_a, store_b],
+        {"autoencoder": 1, "untrained (random-encoder control)": (config.loo.random_encoder_draws
+                                                                  if config_lib.random_encoder_control_on(config)
+                                                                  else 0)},
+        log=console.log)
     ae = autoencoder.pretrain(config, workdir, ae_store or store_a_path, writer)
 
     def feats_of(store, variables):
