@@ -443,20 +443,21 @@ def within_section_depth_r(expression: np.ndarray, log_depth: np.ndarray, sectio
 
 
 def depth_relation(truth_held: np.ndarray, log_depth_held, sections_held, truth_train: np.ndarray,
-                   log_depth_train, sections_train, model_r: np.ndarray) -> dict:
+                   log_depth_train, sections_train, model_r: np.ndarray, patients_train=None) -> dict:
     """How each gene follows sequencing depth in the held-out patient and in the training patients
     (within_section_depth_r), and the model's per-gene r on the genes whose relation reverses between them (|r| >=
     DEPTH_RELATION_MIN_R on both sides, opposite signs) against the rest. Log-normalised expression is a curved
     function of depth: on a shallow section most counts are 0 or 1, so nearly every gene rises with depth, while
     on a deep one a gene of tissue the counts avoid (stroma on a tumour-rich array) falls with it. Heads learn
     the training patients' relation; where it reverses they predict the gene backwards. It reads the held-out
-    counts: a reference, not a predictor."""
+    counts: a reference, not a predictor. With `patients_train` ([N_train] patient of each training row), also
+    `training_patients`: the same per training patient, closest regime first (training_patient_depth_relations)."""
     r_held = within_section_depth_r(truth_held, log_depth_held, sections_held)
     r_train = within_section_depth_r(truth_train, log_depth_train, sections_train)
-    both = np.isfinite(r_held) & np.isfinite(r_train)
-    reverses = (both & (np.abs(r_held) >= DEPTH_RELATION_MIN_R) & (np.abs(r_train) >= DEPTH_RELATION_MIN_R)
-                & (np.sign(r_held) != np.sign(r_train)))
+    both, reverses = _reversed(r_held, r_train)
     model_r = np.asarray(model_r, np.float64)
+    per_patient = ({} if patients_train is None else {"training_patients": training_patient_depth_relations(
+        r_held, truth_train, log_depth_train, sections_train, patients_train)})
     return {"held_out_median_library_size": float(np.median(np.exp(log_depth_held))),
             "training_median_library_size": float(np.median(np.exp(log_depth_train))),
             "share_genes_rising_with_depth": {"held_out": metrics.nanmean_or_nan(np.where(np.isfinite(r_held),
@@ -466,8 +467,40 @@ def depth_relation(truth_held: np.ndarray, log_depth_held, sections_held, truth_
             "n_genes_reversed": int(reverses.sum()), "n_genes_compared": int(both.sum()),
             "min_abs_r": DEPTH_RELATION_MIN_R,
             "model_per_gene_pearson_reversed": metrics.nanmean_or_nan(model_r[reverses]),
-            "model_per_gene_pearson_rest": metrics.nanmean_or_nan(model_r[both & ~reverses]),
+            "model_per_gene_pearson_rest": metrics.nanmean_or_nan(model_r[both & ~reverses]), **per_patient,
             "held_out_depth_r_per_gene": r_held, "training_depth_r_per_gene": r_train}
+
+
+def _reversed(r_held: np.ndarray, r_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(genes with both r defined, genes whose relation to depth reverses: |r| >= DEPTH_RELATION_MIN_R on both
+    sides, opposite signs)."""
+    both = np.isfinite(r_held) & np.isfinite(r_train)
+    return both, (both & (np.abs(r_held) >= DEPTH_RELATION_MIN_R) & (np.abs(r_train) >= DEPTH_RELATION_MIN_R)
+                  & (np.sign(r_held) != np.sign(r_train)))
+
+
+def training_patient_depth_relations(r_held: np.ndarray, truth_train: np.ndarray, log_depth_train, sections_train,
+                                     patients_train) -> dict:
+    """Per training patient: its median library size, share of genes rising with depth, the genes whose relation
+    reverses against the held-out patient's (`r_held`, within_section_depth_r) and `agreement_r`, the r over genes
+    between the held-out patient's and this patient's per-gene r with depth: which training patients count in the
+    held-out patient's regime (1 alike, negative opposite). Closest first. A pooled relation over many training
+    patients can hide that a few share the held-out patient's regime and the rest do not."""
+    patients_train = np.asarray(patients_train).astype(str)
+    d = np.asarray(log_depth_train, np.float64).reshape(-1)
+    sections_train = np.asarray(sections_train)
+    out = {}
+    for p in np.unique(patients_train):
+        m = patients_train == p
+        r_p = within_section_depth_r(np.asarray(truth_train)[m], d[m], sections_train[m])
+        both, reverses = _reversed(r_held, r_p)
+        agree = (float(np.corrcoef(r_held[both], r_p[both])[0, 1])
+                 if both.sum() > 2 and np.ptp(r_held[both]) > 0 and np.ptp(r_p[both]) > 0 else float("nan"))
+        out[str(p)] = {"median_library_size": float(np.median(np.exp(d[m]))),
+                       "share_genes_rising_with_depth": metrics.nanmean_or_nan(np.where(np.isfinite(r_p), r_p > 0,
+                                                                                        np.nan)),
+                       "n_genes_reversed": int(reverses.sum()), "agreement_r": agree}
+    return dict(sorted(out.items(), key=lambda kv: -np.nan_to_num(kv[1]["agreement_r"], nan=-2.0)))
 
 
 def depth_relations(plan, expression: np.ndarray, obs: dict, fold_metrics: list[dict]) -> dict:
@@ -481,7 +514,8 @@ def depth_relations(plan, expression: np.ndarray, obs: dict, fold_metrics: list[
     for f, fm in enumerate(fold_metrics):
         held, train = plan.held_out_rows(f), plan.training_rows(f)
         out[fm["held_out"]] = depth_relation(expression[held], log_depth[held], sections[held], expression[train],
-                                             log_depth[train], sections[train], fm["per_gene_r"])
+                                             log_depth[train], sections[train], fm["per_gene_r"],
+                                             np.asarray(obs["patient"])[train] if "patient" in obs else None)
     return out
 
 

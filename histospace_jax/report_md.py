@@ -384,7 +384,26 @@ def _depth_relation_lines(relations: dict) -> list[str]:
             "counts are 0 or 1 and nearly every gene rises with depth, while on a deep one the genes of tissue with "
             "few transcripts per spot (often stroma) fall with it. The heads learn the training patients' relation, "
             "so where it reverses they predict the gene backwards: nothing in training patients of one depth "
-            "regime shows the other's. A reference that reads the held-out counts, not a predictor.", ""]
+            "regime shows the other's. A reference that reads the held-out counts, not a predictor.",
+            *_training_patient_regime_lines(relations), ""]
+
+
+def _training_patient_regime_lines(relations: dict, shown: int = 8) -> list[str]:
+    """Per held-out patient with several training patients (results.json depth_relation.training_patients): which
+    of them count in its regime, closest first (the first `shown` - 3 and the last 3 when there are more)."""
+    lines = []
+    for name, d in relations.items():
+        patients = list((d.get("training_patients") or {}).items())
+        if len(patients) < 2:
+            continue
+        cells = [f"{p} {_f(b['agreement_r'], 2)} ({_f(b['median_library_size'], 0)} UMIs, {b['n_genes_reversed']} "
+                 "reversed)" for p, b in patients]
+        if len(cells) > shown:
+            cells = cells[:shown - 3] + [f"... {len(cells) - shown} more ..."] + cells[-3:]
+        lines.append(f"- Held out {name}, its training patients by how alike their genes follow depth (r over genes "
+                     "between the two patients' per-gene r with depth; median UMIs per spot, genes reversed): "
+                     + ", ".join(cells))
+    return lines
 
 
 def _fold_details(results: dict) -> list[str]:

@@ -423,6 +423,55 @@ def test_depth_relation_flags_genes_whose_relation_to_depth_reverses_between_sha
     assert not np.allclose(pooled, expected, atol=0.02)
 
 
+def test_depth_relation_per_training_patient_puts_the_one_in_the_held_out_regime_first():
+    """Two deep training patients whose depth follows the tissue and one shallow one like the held-out section:
+    per training patient, the genes' r with depth (np.corrcoef on section-centred values), the reversals counted
+    from them by hand, and their agreement with the held-out patient's; the shallow patient comes first, and the
+    report names the patients in that order."""
+    from histospace_jax import report_md
+
+    rng = np.random.default_rng(1)
+    n_genes = 40
+    shares_lo, shares_slope = 1e-3 * rng.uniform(0.3, 1.3, n_genes), 1e-3 * rng.uniform(-0.8, 0.8, n_genes)
+
+    def section(n, median_depth, tissue, technical):
+        stroma = rng.uniform(size=n)
+        depth = median_depth * np.exp(-tissue * (stroma - 0.5) + technical * rng.normal(size=n))
+        shares = np.clip(shares_lo[None] + shares_slope[None] * (stroma[:, None] - 0.5), 1e-5, None)
+        counts = rng.poisson(depth[:, None] * shares)
+        return np.log1p(1e4 * counts / depth[:, None]), np.log(depth)
+
+    h, hd = section(300, 600, 0.3, 0.8)
+    parts = {"deep1": section(200, 9000, 2.0, 0.3), "deep2": section(200, 12000, 2.0, 0.3),
+             "shallow": section(200, 700, 0.3, 0.8)}
+    train = np.vstack([x for x, _ in parts.values()])
+    depth = np.concatenate([d for _, d in parts.values()])
+    patients = np.repeat(list(parts), 200)
+    out = evaluation.depth_relation(h, hd, np.array(["h"] * 300), train, depth, patients, np.zeros(n_genes),
+                                    patients_train=patients)
+    per = out["training_patients"]
+    assert list(per)[0] == "shallow" and set(per) == set(parts)
+
+    def r_depth(x, d):
+        return np.array([np.corrcoef(x[:, g] - x[:, g].mean(), d - d.mean())[0, 1] for g in range(x.shape[1])])
+
+    r_h = r_depth(h, hd)
+    for p, (x, d) in parts.items():
+        r_p = r_depth(x, d)
+        rev = int(np.sum((np.abs(r_h) >= 0.1) & (np.abs(r_p) >= 0.1) & (np.sign(r_h) != np.sign(r_p))))
+        assert per[p]["n_genes_reversed"] == rev
+        assert per[p]["agreement_r"] == pytest.approx(np.corrcoef(r_h, r_p)[0, 1], abs=1e-9)
+        assert per[p]["median_library_size"] == pytest.approx(np.median(np.exp(d)))
+    assert per["shallow"]["agreement_r"] > max(per["deep1"]["agreement_r"], per["deep2"]["agreement_r"])
+    line = report_md._training_patient_regime_lines({"H": out})[0]
+    assert line.startswith("- Held out H, its training patients by how alike") and line.index("shallow") < min(
+        line.index("deep1"), line.index("deep2"))
+    # One training patient: nothing to rank.
+    single = evaluation.depth_relation(h, hd, np.array(["h"] * 300), train[:200], depth[:200], patients[:200],
+                                       np.zeros(n_genes), patients_train=patients[:200])
+    assert report_md._training_patient_regime_lines({"H": single}) == []
+
+
 def test_depth_relations_is_empty_without_library_sizes():
     class Plan:
         folds = [0]

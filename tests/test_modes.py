@@ -353,6 +353,11 @@ def test_loo_mode_on_a_store(depth_stores, tmp_path):
         assert rel["n_genes_reversed"] == int(np.sum((np.abs(held_r) >= 0.1) & (np.abs(tr_r) >= 0.1)
                                                      & (np.sign(held_r) != np.sign(tr_r))))
         assert rel["held_out_median_library_size"] == pytest.approx(np.median(np.exp(ld)))
+        other = "F" if fold == "E" else "E"  # the fold's one training patient is the whole training relation
+        assert list(rel["training_patients"]) == [other]
+        assert rel["training_patients"][other]["median_library_size"] == pytest.approx(
+            rel["training_median_library_size"])
+        assert rel["training_patients"][other]["n_genes_reversed"] == rel["n_genes_reversed"]
         assert np.all((col("q_depth_adjusted_spatial") > 0) & (col("q_depth_adjusted_spatial") <= 1))
         assert np.isfinite(col("noise_ceiling_depth_adjusted_r")).any()
         fold_block = next(f for f in res["folds"] if f["held_out"] == fold)

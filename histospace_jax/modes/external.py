@@ -250,7 +250,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                "controls": held_out["controls"], "model_minus_control": held_out["model_minus_control"]}
     gene_r = held_out["per_gene_r"]
     depth_relation = (None if log_depth is None or log_depth_a is None else evaluation.depth_relation(
-        truth, log_depth, store_b.obs["section"][rows_b], expr_a, log_depth_a, obs_a["section"], gene_r))
+        truth, log_depth, store_b.obs["section"][rows_b], expr_a, log_depth_a, obs_a["section"], gene_r,
+        obs_a.get("patient")))
     # The test set's own references, as leave-one-patient-out gives each held-out patient: the split-half noise
     # ceiling of its counts and what its neighbouring spots' measurements share.
     scale_b = evaluation.sampling_scale(store_b.manifest)
