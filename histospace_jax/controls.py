@@ -46,7 +46,10 @@ import scipy.stats as sps
 from histospace_jax import metrics, stats
 from histospace_jax.ingest import stain
 
-DEFAULT_ALPHAS = np.logspace(-2, 4, 13)
+# Half-decades from 1e-2 to 1e8. The linear probe ridges unstandardised principal-component scores, whose top
+# eigenvalues (N x variance) reach 1e5-1e6 on real stores: its best penalty lay above 1e4, where an earlier grid
+# ended, so the probe was under-regularised and scored below what it could.
+DEFAULT_ALPHAS = np.logspace(-2, 8, 21)
 
 # ------------------------------------------------------------------------------------------- colour features
 

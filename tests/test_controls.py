@@ -171,6 +171,21 @@ def test_choose_ridge_alpha_prefers_small_penalty_for_clean_linear_signal_and_fa
     assert t_fb["n_groups"] == 5
 
 
+def test_choose_ridge_alpha_follows_the_scale_of_unstandardised_inputs_beyond_1e4():
+    """Unstandardised inputs scaled by c move the best penalty by c^2 (the ridge solution of (c x, y) at c^2 alpha
+    is that of (x, y) at alpha, scaled). The linear probe ridges unstandardised principal-component scores whose
+    best penalty lies above 1e4 on real stores; a grid that ended there clipped it."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(120, 30))
+    y = x @ (0.2 * rng.normal(size=(30, 4))) + rng.normal(size=(120, 4))
+    groups = np.arange(120) % 4
+    best, table = controls.choose_ridge_alpha(x, y, groups, standardise=False)
+    scaled, table_scaled = controls.choose_ridge_alpha(100 * x, y, groups, standardise=False)
+    assert 1 < best < 1e4 and scaled == pytest.approx(best * 1e4) and scaled > 1e4
+    # The same validation scores, shifted by 8 half-decades along the grid.
+    np.testing.assert_allclose(table_scaled["mean_r"][8:], table["mean_r"][:-8], rtol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ PCA, pooling
 
 

@@ -472,6 +472,40 @@ def test_depth_relation_per_training_patient_puts_the_one_in_the_held_out_regime
     assert report_md._training_patient_regime_lines({"H": single}) == []
 
 
+def test_held_out_results_against_numpy():
+    """One held-out set's results, as a leave-one-patient-out fold and the external test both take them: each
+    control's per-gene r and depth-adjusted r (truth and prediction residualised on a cubic in log depth), and the
+    model's gap to each control in mean per-gene r, against NumPy; the paired interval over the 4x4-spot blocks."""
+    rng = np.random.default_rng(5)
+    n, g = 64, 6
+    ax, ay = np.arange(n) % 8, np.arange(n) // 8
+    log_depth = rng.normal(7, 0.5, n)
+    signal = rng.normal(size=(n, g))
+    truth = signal + 0.5 * log_depth[:, None] + rng.normal(size=(n, g))
+    pred = signal + rng.normal(size=(n, g))
+    ctrl = {"weak": 0.3 * signal + rng.normal(size=(n, g)), "depth_line": 0.5 * log_depth[:, None] + rng.normal(
+        scale=0.1, size=(n, g))}
+    obs_rows = {"section": np.array(["s"] * n), "array_x": ax, "array_y": ay}
+    out = evaluation.held_out_results(truth, pred, truth.mean(0), log_depth, obs_rows, None, ctrl, 0.05, 0)
+
+    def r(a, b):
+        return np.array([np.corrcoef(a[:, j], b[:, j])[0, 1] for j in range(g)])
+
+    def resid(v):
+        return np.stack([v[:, j] - np.polyval(np.polyfit(log_depth, v[:, j], 3), log_depth) for j in range(g)], 1)
+
+    for name, p in ctrl.items():
+        np.testing.assert_allclose(out["per_gene_r_controls"][name], r(truth, p), atol=1e-10)
+        np.testing.assert_allclose(out["per_gene_depth_adjusted_r_controls"][name], r(resid(truth), resid(p)),
+                                   atol=1e-8)
+        gap = out["model_minus_control"][name]
+        assert gap["per_gene_pearson"] == pytest.approx(r(truth, pred).mean() - r(truth, p).mean(), abs=1e-10)
+        assert gap["ci_units"] == "4 grid blocks"
+    assert out["model_minus_control"]["weak"]["ci95"][0] > 0  # the model shares more of the signal
+    assert out["controls"]["mean_predictor"]["per_spot_pearson"] == out["baseline"]["per_spot_pearson"]
+    np.testing.assert_allclose(out["per_gene_depth_adjusted_r"], r(resid(truth), resid(pred)), atol=1e-8)
+
+
 def test_depth_relations_is_empty_without_library_sizes():
     class Plan:
         folds = [0]
