@@ -167,21 +167,19 @@ def loo_table(results: dict) -> str:
     if s.get("n_folds_failed"):
         title += (f"\n{s['n_folds_failed']} of {s['n_folds']} folds FAILED ({', '.join(s['failed_folds'])}): the "
                   "model's mean over folds is undefined")
-    table = title + "\n" + format_table(rows, header)
-    gaps = gap_rows(results)
-    if gaps:
-        table += "\n\nModel minus each control, per-gene r, with a paired bootstrap interval\n" + format_table(
-            gaps, GAP_HEADER)
-    draws = random_draw_lines(results)
-    if draws:
-        table += "\n\n" + "\n".join(draws)
-    beyond = beyond_depth_line(results)
-    if beyond:
-        table += "\n\n" + beyond
-    regimes = depth_relation_line(results.get("depth_relation"))
-    if regimes:
-        table += "\n\n" + regimes
-    return table
+    return title + "\n" + format_table(rows, header) + held_out_extras(
+        gap_rows(results), random_draw_lines(results), beyond_depth_line(results),
+        depth_relation_line(results.get("depth_relation")))
+
+
+def held_out_extras(gaps: list[list], draws: list[str], beyond: str, regimes: str) -> str:
+    """What follows a metric table (leave-one-patient-out's or the external test's), each part where present: the
+    model minus each control, the random-encoder draws, the genes beyond depth and the depth regimes."""
+    parts = (["Model minus each control, per-gene r, with a paired bootstrap interval\n" + format_table(gaps, GAP_HEADER)]
+             if gaps else [])
+    parts += ["\n".join(draws)] if draws else []
+    parts += [p for p in (beyond, regimes) if p]
+    return "".join("\n\n" + p for p in parts)
 
 
 def beyond_depth_line(results: dict) -> str:
@@ -222,19 +220,11 @@ def external_table(results: dict) -> str:
         title += "  [SYNTHETIC DATA]"
     if e["model"].get("failed"):
         title += f"\nThe model FAILED on the test set: {e['model']['failure']}"
-    table = title + "\n" + format_table(rows, METRIC_HEADER[1:])
-    gaps = held_out_gap_rows("test", e.get("model_minus_control", {}))
-    if gaps:
-        table += "\n\nModel minus each control, per-gene r, with a paired bootstrap interval\n" + format_table(
-            gaps, GAP_HEADER)
-    draws = random_draw_lines({"random_encoder_draws": e.get("random_encoder_draws")})
-    if draws:
-        table += "\n\n" + "\n".join(draws)
-    beyond = beyond_depth_line({"genes_beyond_depth": e.get("genes_beyond_depth")})
-    if beyond:
-        table += "\n\n" + beyond
-    regimes = depth_relation_line({"test set": e["depth_relation"]} if e.get("depth_relation") else None)
-    return table + ("\n\n" + regimes if regimes else "")
+    return title + "\n" + format_table(rows, METRIC_HEADER[1:]) + held_out_extras(
+        held_out_gap_rows("test", e.get("model_minus_control", {})),
+        random_draw_lines({"random_encoder_draws": e.get("random_encoder_draws")}),
+        beyond_depth_line({"genes_beyond_depth": e.get("genes_beyond_depth")}),
+        depth_relation_line({"test set": e["depth_relation"]} if e.get("depth_relation") else None))
 
 
 def ae_study_table(results: dict) -> str:

@@ -291,13 +291,12 @@ def _cache_bytes_present(cache_dir: str) -> int:
     return total
 
 
-def require_cache_space(config, workdir: str, stores, encoders: dict[str, int], log=None) -> None:
+def require_cache_space(config, workdir: str, stores: list, encoders: dict[str, int], log=None) -> None:
     """Before any autoencoder trains: the feature caches a run will write under WORKDIR/cache, one per encoder
-    (`encoders`: what they are -> how many) and store (`stores`: one, or a list: the external test caches its
-    training and its test store), every view of every spot, must fit on the workdir's disk. A run that cannot fit
+    (`encoders`: what they are -> how many) and store (`stores`: leave-one-patient-out caches its one store, the
+    external test its training and its test store), every view of every spot, must fit on the workdir's disk. A run that cannot fit
     them is refused now, naming the sizes and the settings that shrink them (WorkdirError, exit 73), rather than
     at the first cache that does not fit, after hours of pretraining and encoding."""
-    stores = list(stores) if isinstance(stores, (list, tuple)) else [stores]
     cache_dir = os.path.join(workdir, "cache")
     n = sum(encoders.values())
     each = sum(feature_bytes(config, s) for s in stores)

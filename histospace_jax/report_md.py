@@ -424,8 +424,7 @@ def _fold_details(results: dict) -> list[str]:
     gaps = console.gap_rows(results)
     gap_lines = (["## Model against each control", "", GAP_NOTE, "", _md_table(console.GAP_HEADER, gaps), ""]
                  if gaps else [])
-    draws = console.random_draw_lines(results)
-    gap_lines += ([f"- {draws[0]}:"] + [f"  - {line.strip()}" for line in draws[1:]] + [""]) if draws else []
+    gap_lines += _draw_bullets(console.random_draw_lines(results))
     lines = ["## Per held-out patient", "",
              _md_table(["held out", "per-gene r, 95% bootstrap interval", "per-section r",
                         "genes significant: spatial block permutation (independent-spots t-test)",
@@ -533,9 +532,12 @@ def _external_uncertainty_lines(e: dict) -> list[str]:
     gaps = console.held_out_gap_rows("test set", e.get("model_minus_control", {}))
     if gaps:
         lines += ["### Model against each control", "", GAP_NOTE, "", _md_table(console.GAP_HEADER, gaps), ""]
-    draws = console.random_draw_lines({"random_encoder_draws": e.get("random_encoder_draws")})
-    lines += ([f"- {draws[0]}:"] + [f"  - {line.strip()}" for line in draws[1:]] + [""]) if draws else []
-    return lines
+    return lines + _draw_bullets(console.random_draw_lines({"random_encoder_draws": e.get("random_encoder_draws")}))
+
+
+def _draw_bullets(draws: list[str]) -> list[str]:
+    """console.random_draw_lines as a markdown bullet with one sub-bullet per held-out set."""
+    return ([f"- {draws[0]}:"] + [f"  - {line.strip()}" for line in draws[1:]] + [""]) if draws else []
 
 
 def _ext_block(e: dict) -> dict:

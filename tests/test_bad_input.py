@@ -152,11 +152,11 @@ def test_a_run_whose_feature_caches_cannot_fit_on_the_disk_is_refused_before_any
     # One shared encoder (ae.store) and no control need a third of it; earlier caches count as room.
     store = store_lib_open(spots)
     config.train.augment = "dihedral"
-    features.require_cache_space(config, str(tmp_path / "run"), store, {"shared": 1})
+    features.require_cache_space(config, str(tmp_path / "run"), [store], {"shared": 1})
     os.makedirs(tmp_path / "run" / "cache" / "features-abc")
     with open(tmp_path / "run" / "cache" / "features-abc" / "c0", "wb") as f:
         f.write(b"\0" * 2)
-    features.require_cache_space(config, str(tmp_path / "run"), store, {"per fold": 2, "untrained": 1})
+    features.require_cache_space(config, str(tmp_path / "run"), [store], {"per fold": 2, "untrained": 1})
 
 
 def test_an_external_test_whose_feature_caches_cannot_fit_is_refused_before_pretraining(tmp_path, monkeypatch):

@@ -224,7 +224,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
     if log_depth is not None and log_depth_a is not None:
         # How much of the test set's per-gene r sequencing depth alone gives, from lines fitted on store A, and at
         # the depth a ridge on A's frozen features reads from B's tiles.
-        control_preds["depth_oracle"] = controls.depth_oracle(log_depth_a, expr_a, log_depth)
+        control_preds["depth_oracle"] = reviewer["depth_oracle"]
         control_preds["image_depth"] = smooth(reviewer["image_depth"])
         if with_sampling:
             lib_a = np.asarray(store_a.obs["library_size"], np.float64)[rows_a]

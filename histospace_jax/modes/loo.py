@@ -423,7 +423,7 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                             "patients" if section_patients is None else "sections")
     shared = one_shared_encoder(config, inputs)
     features.require_cache_space(
-        config, workdir, store,
+        config, workdir, [store],
         {"one shared autoencoder" if shared else "autoencoders, one per fold": 1 if shared else len(plan.folds),
          "untrained (random-encoder control)": (config.loo.random_encoder_draws
                                                 if config_lib.random_encoder_control_on(config) else 0)},
