@@ -267,6 +267,17 @@ def colour_statistics(store, rows: np.ndarray | None = None, chunk: int = 256) -
     return out
 
 
+def shown_tiles(store, rows: np.ndarray, max_sections: int = 4) -> np.ndarray:
+    """Tiles of `rows` for the H&E under the spatial maps (plots.plot_spatial_maps): those of the first
+    `max_sections` sections, the ones the figure shows, read from the store; white for the rest."""
+    sections = store.obs["section"][rows]
+    shown = np.isin(sections, list(dict.fromkeys(sections.tolist()))[:max_sections])
+    tiles = np.full((len(rows),) + tuple(store.tiles.shape[1:]), 255, np.uint8)
+    if shown.any():
+        tiles[shown] = np.asarray(store.tiles[np.sort(rows[shown])])[np.argsort(np.argsort(rows[shown]))]
+    return tiles
+
+
 def stain_jitter(config) -> float:
     return float(config.train.get("stain_jitter", 0.0))
 

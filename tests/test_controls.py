@@ -101,6 +101,30 @@ def test_colour_statistics_of_a_store_follow_the_rows_asked_for_in_their_order()
     np.testing.assert_array_equal(features.colour_statistics(store), controls.tile_colour_features(tiles))
 
 
+def test_shown_tiles_reads_the_shown_sections_in_row_order_and_leaves_the_rest_white():
+    """features.shown_tiles: the H&E under the spatial maps of leave-one-patient-out and the external test. The
+    tiles of the first `max_sections` sections of `rows` (in their order of appearance) come from the store in the
+    order of `rows`; the other sections' stay white and are never read."""
+    from histospace_jax import features
+
+    class Tiles:
+        def __init__(self, a):
+            self.a, self.shape, self.read = a, a.shape, []
+
+        def __getitem__(self, rows):
+            assert np.all(np.diff(rows) > 0), "rows read out of order"
+            self.read += list(rows)
+            return self.a[rows]
+
+    tiles = np.random.default_rng(4).integers(0, 255, size=(8, 4, 4, 3), dtype=np.uint8)
+    sections = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])
+    store = type("Store", (), {"tiles": Tiles(tiles), "obs": {"section": sections}})()
+    rows = np.array([5, 0, 2, 7, 4])  # sections c, a, b, d, c: the first two shown are c and a
+    got = features.shown_tiles(store, rows, max_sections=2)
+    np.testing.assert_array_equal(got[[0, 1, 4]], tiles[[5, 0, 4]])
+    assert np.all(got[[2, 3]] == 255) and sorted(store.tiles.read) == [0, 4, 5]
+
+
 def test_ridge_matches_normal_equations_primal_and_dual():
     rng = np.random.default_rng(0)
     for n, p in [(9, 3), (5, 12)]:  # P <= N uses the primal system, P > N the dual

@@ -280,7 +280,8 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         plots.plot_spatial_maps(os.path.join(workdir, fname), store_b.obs, rows_b, present, truth[:, gi], pred[:, gi],
                           title=f"Trained on {os.path.basename(store_a.path)} "
                                 f"{e.train_patients or 'all patients'}; tested on "
-                                f"{os.path.basename(store_b.path)} {e.test_patients or 'all patients'}")
+                                f"{os.path.basename(store_b.path)} {e.test_patients or 'all patients'}",
+                          tiles=features.shown_tiles(store_b, rows_b))
         figures["spatial_maps"] = fname
         if curve:
             atomic.write_csv(os.path.join(workdir, "curves", "external.csv"), curve)

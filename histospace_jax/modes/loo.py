@@ -363,16 +363,6 @@ def _write_h5ad(workdir: str, store, loo: dict, expression: np.ndarray, extra_co
                     "holds the same predictions")
 
 
-def _shown_tiles(store, rows: np.ndarray, max_sections: int = 4) -> np.ndarray:
-    """Tiles of `rows` for the H&E under the spatial maps (only the sections the figure shows are read)."""
-    sections = store.obs["section"][rows]
-    shown = np.isin(sections, list(dict.fromkeys(sections.tolist()))[:max_sections])
-    tiles = np.full((len(rows),) + tuple(store.tiles.shape[1:]), 255, np.uint8)
-    if shown.any():
-        tiles[shown] = np.asarray(store.tiles[np.sort(rows[shown])])[np.argsort(np.argsort(rows[shown]))]
-    return tiles
-
-
 def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, encoder_variables: dict) -> dict:
     """Pathology clustering of the held-out predictions, spatial maps of named genes, model size."""
     plan = loo["plan"]
@@ -391,7 +381,7 @@ def _extras(config, workdir: str, store, loo: dict, expression: np.ndarray, enco
         gi = [store.genes.index(g) for g in named]
         plots.plot_spatial_maps(os.path.join(workdir, "figures", "loo_spatial_maps.png"), store.obs, rows, named,
                                 truth[:, gi], pred[:, gi], title=f"{console.protocol_title({'unit': config.loo.hold_out})}: held-out predictions",
-                                tiles=_shown_tiles(store, rows))
+                                tiles=features.shown_tiles(store, rows))
         figures["spatial_maps"] = "figures/loo_spatial_maps.png"
     t = config.data.tile_size
     model = builders.histospace(config, len(store.genes))
