@@ -192,7 +192,9 @@ def beyond_depth_line(results: dict) -> str:
     parts = []
     for fold, b in beyond.items():
         best = ", ".join(f"{g['gene']} {g['depth_adjusted_r']:.2f}" for g in b["genes"][:3])
-        parts.append(f"{fold} {b['n_significant']}" + (f" ({best}, ...)" if best else ""))
+        n_above = b.get("n_above_noise_ceiling")
+        above = f", {n_above} of them above their noise ceiling" if n_above else ""
+        parts.append(f"{fold} {b['n_significant']}" + (f" ({best}, ...{above})" if best else ""))
     fdr = next(iter(beyond.values()))["fdr"]
     return (f"Genes predicted beyond sequencing depth (depth-adjusted r, spatial block permutation, {fdr:g} FDR): "
             + "; ".join(parts) + ". report.md lists them beside the controls.")

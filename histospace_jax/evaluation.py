@@ -525,7 +525,12 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
     passes the spatial block-permutation test at `fdr`, best first, at most `k`, each with its depth-adjusted r,
     q-value, the controls' depth-adjusted r, the depth-adjusted noise ceiling and neighbour reference. With
     1,000+ genes the best depth-adjusted r of a model that knows nothing is ~0.2 on 300 spots, so a
-    top list without the test would name genes by chance; where none passes, the list is empty and says so."""
+    top list without the test would name genes by chance; where none passes, the list is empty and says so.
+
+    A passing gene whose r exceeds its depth-adjusted noise ceiling agrees with the measurement more than the
+    held-out counts agree with themselves (a binomial split of them), which no real predictor can do in
+    expectation: `above_noise_ceiling` marks it and `n_above_noise_ceiling` counts such genes among all passing
+    ones, so a reader does not take them for signal (None where the patient has no ceiling)."""
     out = {}
     for f in fold_metrics:
         name = f["held_out"]
@@ -534,8 +539,14 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
         passing = np.flatnonzero(np.isfinite(q) & (q <= fdr) & np.isfinite(adj))
         order = passing[np.argsort(-adj[passing], kind="stable")][:k]
         nc, nb = ceilings.get(name, {}), neighbours.get(name, {})
+        ceiling = nc.get("depth_adjusted_ceiling_r_per_gene")
+        above = None
+        if ceiling is not None:
+            ceiling = np.asarray(ceiling, np.float64)
+            above = np.isfinite(ceiling) & (adj > np.where(np.isfinite(ceiling), ceiling, np.inf))
         out[name] = {
             "n_significant": int(len(passing)), "fdr": fdr,
+            "n_above_noise_ceiling": None if above is None else int(above[passing].sum()),
             "controls_n_significant": {c: b["n_genes_significant_depth_adjusted_spatial"]
                                        for c, b in f["controls"].items()
                                        if b.get("n_genes_significant_depth_adjusted_spatial") is not None},
@@ -543,7 +554,9 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
                        "controls_depth_adjusted_r": {c: _value_at(v, i) for c, v in
                                                      f["per_gene_depth_adjusted_r_controls"].items()},
                        "noise_ceiling_depth_adjusted_r": _value_at(nc.get("depth_adjusted_ceiling_r_per_gene"), i),
-                       "neighbour_reference_depth_adjusted_r": _value_at(nb.get("depth_adjusted_r_per_gene"), i)}
+                       "neighbour_reference_depth_adjusted_r": _value_at(nb.get("depth_adjusted_r_per_gene"), i),
+                       "above_noise_ceiling": None if above is None or not np.isfinite(ceiling[i])
+                       else bool(above[i])}
                       for i in order]}
     return out
 

@@ -203,7 +203,9 @@ def _beyond_depth_section(beyond: dict | None) -> list[str]:
              "Depth-adjusted r per gene, kept only where the block permutation of the depth residuals (4x4-spot "
              "blocks, Benjamini-Hochberg) passes; ranked by r. Beside it: the controls' depth-adjusted r for the "
              "same gene, the mean measured expression of its neighbouring spots (a reference that reads the "
-             "held-out counts) and the noise ceiling. All genes: `per_gene.csv`.", ""]
+             "held-out counts) and the noise ceiling. A gene whose r is above its noise ceiling (marked) agrees "
+             "with the measurement more than the section's own counts agree with themselves: read it as chance, "
+             "not signal. All genes: `per_gene.csv`.", ""]
     for name, b in beyond.items():
         by_control = ", ".join(f"{c} {n}" for c, n in b.get("controls_n_significant", {}).items())
         controls_line = ([f"The same test on each control's predictions passes: {by_control}.", ""] if by_control
@@ -218,11 +220,17 @@ def _beyond_depth_section(beyond: dict | None) -> list[str]:
                   ["neighbours' measurements", "noise ceiling"])
         rows = [[g["gene"], _f(g["depth_adjusted_r"], 3), _f(g["q"], 3)] +
                 [_f(g["controls_depth_adjusted_r"][c], 3) for c in shown] +
-                [_f(g["neighbour_reference_depth_adjusted_r"], 3), _f(g["noise_ceiling_depth_adjusted_r"], 3)]
+                [_f(g["neighbour_reference_depth_adjusted_r"], 3),
+                 _f(g["noise_ceiling_depth_adjusted_r"], 3)
+                 + (" (**r above it**)" if g.get("above_noise_ceiling") else "")]
                 for g in b["genes"]]
+        n_above = b.get("n_above_noise_ceiling")
+        above_line = ([f"{n_above} of the {b['n_significant']} score above their noise ceiling, beyond what the "
+                       "section's counts support: at most "
+                       f"{b['n_significant'] - n_above} gene(s) here can be signal.", ""] if n_above else [])
         lines += [f"Held out {name}: {b['n_significant']} gene(s) pass at {b['fdr']:g} FDR"
                   + (f"; the best {len(rows)}:" if b["n_significant"] > len(rows) else ":"), "",
-                  _md_table(header, rows), "", *controls_line]
+                  _md_table(header, rows), "", *above_line, *controls_line]
     return lines
 
 

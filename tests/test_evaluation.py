@@ -339,10 +339,12 @@ def test_genes_beyond_depth_lists_the_passing_genes_with_their_references():
     preds = {0: good, 1: blind}
     probe = {0: blind, 1: blind}
     out = evaluation.fold_results(plan, preds, None, expr, obs, {"linear_probe": probe})
-    ceilings = {"A": {"depth_adjusted_ceiling_r_per_gene": np.linspace(0.1, 0.9, g)}}
+    ceiling = np.linspace(0.1, 0.9, g)
+    ceiling[2] = np.nan  # a gene without a ceiling (too few spots in a half) is neither above nor within it
+    ceilings = {"A": {"depth_adjusted_ceiling_r_per_gene": ceiling}}
     beyond = evaluation.genes_beyond_depth([f"G{i}" for i in range(g)], out, ceilings, {}, fdr=0.05)
     a, b = beyond["A"], beyond["B"]
-    assert b["n_significant"] == 0 and b["genes"] == []
+    assert b["n_significant"] == 0 and b["genes"] == [] and b["n_above_noise_ceiling"] is None
     # The same test on the control, which knows depth alone: nothing passes.
     assert a["controls_n_significant"] == b["controls_n_significant"] == {"linear_probe": 0}
     out_good_probe = evaluation.fold_results(plan, preds, None, expr, obs, {"linear_probe": {0: good, 1: good}})
@@ -357,8 +359,22 @@ def test_genes_beyond_depth_lists_the_passing_genes_with_their_references():
         assert np.isclose(x["depth_adjusted_r"], expected, atol=1e-6) and x["q"] <= 0.05
         assert np.isclose(x["controls_depth_adjusted_r"]["linear_probe"],
                           np.corrcoef(res(truth[:, i]), res(blind[:, i]))[0, 1], atol=1e-6)
-        assert np.isclose(x["noise_ceiling_depth_adjusted_r"], np.linspace(0.1, 0.9, g)[i])
+        if i == 2:
+            assert np.isnan(x["noise_ceiling_depth_adjusted_r"]) and x["above_noise_ceiling"] is None
+        else:
+            assert np.isclose(x["noise_ceiling_depth_adjusted_r"], np.linspace(0.1, 0.9, g)[i])
+            assert x["above_noise_ceiling"] == (expected > ceiling[i])
         assert np.isnan(x["neighbour_reference_depth_adjusted_r"])
+    # G0 and G1 (r 0.83 and 0.72 against ceilings 0.10 and 0.17) are above theirs, G3 (0.25 against 0.32) is not.
+    assert [x["above_noise_ceiling"] for x in a["genes"]] == [True, True, None, False]
+    assert a["n_above_noise_ceiling"] == 2
+    # report.md marks the two, and says how many of the passing genes can be signal; the console counts them.
+    from histospace_jax import report_md
+    text = "\n".join(report_md._beyond_depth_section(beyond))
+    assert text.count("(**r above it**)") == 2 and "2 of the 4 score above their noise ceiling" in text
+    assert "at most 2 gene(s) here can be signal" in text and "Held out B: **no gene** passes" in text
+    line = console.beyond_depth_line({"genes_beyond_depth": beyond})
+    assert "A 4 (G0 0.83, G1 0.72, G2 0.36, ..., 2 of them above their noise ceiling); B 0" in line
     assert all(k not in evaluation.PER_GENE_ARRAYS for k in ("per_gene_pearson", "per_gene_pearson_ci95"))
 
 

@@ -74,7 +74,10 @@ METRIC_NOTES = {
                                                   "library size",
     "genes_beyond_depth": "per held-out patient, the genes that pass that test, best first (at most 10), with the "
                           "controls' depth-adjusted r, the neighbour reference and the noise ceiling for each; "
-                          "every gene's figures are in per_gene.csv",
+                          "above_noise_ceiling marks a gene whose r exceeds its depth-adjusted noise ceiling (more "
+                          "than the held-out counts agree with themselves: chance, not signal), "
+                          "n_above_noise_ceiling counts them among all passing genes; every gene's figures are in "
+                          "per_gene.csv",
     "failed": "a fold whose predictions are constant for more than 5% of genes, or with no defined per-gene r; "
               "the summary over folds is then undefined (NaN), never a mean over the surviving folds",
     "summary": "unweighted mean over folds (NaN when any fold failed or has no value)",
