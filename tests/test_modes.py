@@ -717,6 +717,20 @@ def test_external_blends_as_the_training_stores_inner_validation_chose(depth_sto
     assert "  - test: weight 0.3 (inner-validation MSE w 0.3: " in open(w / "report.md").read()
 
 
+def test_external_within_one_store_pretrains_on_the_training_patients_tiles_only(stores, tmp_path):
+    """Train and test patients of one store (external.train_patients / test_patients): the autoencoder learns
+    from the training patients' 24 tiles, not from all 48 (the test patient's included), and results.json says
+    which tiles it saw."""
+    root, a, _ = stores
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("external.py"), f"--workdir={w}", f"--config.data.store={a}",
+        "--config.external.train_patients=E", "--config.external.test_patients=F", *TINY,
+        "--config.loo.random_encoder_control=off")
+    ae = json.load(open(w / "results.json"))["external"]["autoencoder"]
+    assert ae["n_train_tiles"] + ae["n_val_tiles"] == 24
+    assert ae["tiles_seen"] == f"the 24 tiles of the training patients ['E'] of {a}"
+
+
 def test_external_refuses_a_test_store_of_another_counts_scale_before_training(depth_stores, tmp_path):
     """A counting model fitted on A (the blend, or the counting base) cannot predict a store whose expression is
     log1p counts per another scale: the run stops with exit 65 before any pretraining, naming B and the setting

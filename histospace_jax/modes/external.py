@@ -159,7 +159,27 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
                                                                   if config_lib.random_encoder_control_on(config)
                                                                   else 0)},
         log=console.log)
-    ae = autoencoder.pretrain(config, workdir, ae_store or store_a_path, writer)
+    if ae_store or config.ae.checkpoint:
+        seen = f"the separate image store {ae_store}" if ae_store else ""
+        if ae_store and os.path.realpath(ae_store) == os.path.realpath(store_b.path):
+            console.log("WARNING: ae.store is the test store itself: the autoencoder learns from every tile of it, "
+                        "the test patients' included (results.json records it)")
+            seen = f"every tile of {ae_store}, the test patients' included (ae.store is the test store)"
+        elif ae_store and os.path.realpath(ae_store) == os.path.realpath(store_a.path):
+            seen = f"every tile of the training store {ae_store}"
+        ae = autoencoder.pretrain(config, workdir, ae_store or store_a_path, writer, seen=seen)
+    elif config.ae.transductive:
+        console.log(f"WARNING: ae.transductive=True: pretraining the autoencoder on every tile of {store_a_path}, "
+                    "the test patients' included where they are in it (unsupervised; results.json records it)")
+        ae = autoencoder.pretrain(config, workdir, store_a_path, writer,
+                                  seen=f"every tile of {store_a_path} (transductive)")
+    else:
+        # Only the training rows' tiles, as leave-one-patient-out's folds do: with train and test patients in one
+        # store (external.train_patients / test_patients), every tile of it would include the test patients'.
+        ae = autoencoder.pretrain(config, workdir, store_a_path, writer, rows=rows_a,
+                                  seen=f"the {len(rows_a)} tiles of the training patients "
+                                       f"{sorted(str(p) for p in set(np.asarray(store_a.obs['patient'])[rows_a]))} "
+                                       f"of {store_a_path}")
 
     def feats_of(store, variables):
         return features.for_config(config, workdir, store, variables)

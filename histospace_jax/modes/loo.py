@@ -105,8 +105,12 @@ def fold_encoders(config, workdir: str, store, inputs, plan) -> tuple[list[dict]
     if config.ae.checkpoint or inputs.ae_store:
         if inputs.ae_store:
             require_same_tile_scale(store, open_store(inputs.ae_store), "config.ae.store")
-        ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer,
-                                  seen=f"the separate image store {inputs.ae_store}" if inputs.ae_store else "")
+        seen = f"the separate image store {inputs.ae_store}" if inputs.ae_store else ""
+        if inputs.ae_store and os.path.realpath(inputs.ae_store) == os.path.realpath(inputs.store):
+            console.log("WARNING: ae.store is the regression store itself: the autoencoder learns from every tile "
+                        "of it, held-out patients' included (as ae.transductive=True; results.json records it)")
+            seen = f"every tile of {inputs.store}, held-out patients included (ae.store is the regression store)"
+        ae = autoencoder.pretrain(config, workdir, inputs.ae_store or inputs.store, inputs.writer, seen=seen)
         return [ae["variables"]], [0] * len(plan.folds), {"shared": ae["summary"]}
     if one_shared_encoder(config, inputs):  # of its reasons, only ae.transductive is left
         console.log("WARNING: ae.transductive=True: pretraining the autoencoder on every tile of this store, held-out "
