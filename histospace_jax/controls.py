@@ -488,7 +488,7 @@ PERMUTATION_NULLS = ("monte_carlo", "normal")
 
 
 def block_permutation_pvalues(y_true, y_pred, blocks, n_perm: int = 200, seed: int = 0,
-                              min_class_blocks: int = 5, null: str = "monte_carlo") -> np.ndarray:
+                              min_class_blocks: int = 5, null: str = "monte_carlo", strata=None) -> np.ndarray:
     """One-sided p-values (H0: r <= 0) of each gene's per-gene r under a spatial block permutation null.
 
     Method. Spots are grouped in spatial blocks (`grid_blocks`). Each permutation moves the prediction block by
@@ -501,9 +501,18 @@ def block_permutation_pvalues(y_true, y_pred, blocks, n_perm: int = 200, seed: i
     class differ, a block's predictions straddle two neighbouring target blocks. The same spot permutation is
     used for every gene, so between-gene correlation is preserved as well.
 
+    Strata (`strata`, one label per spot, e.g. the section; every block must lie in one stratum): blocks move
+    only within their own stratum, size classes being formed in each. Sections differ in their per-gene mean
+    (batch effects in the counts, stain in the prediction), and a block moved onto another section carries its
+    section's offset with it: with truth and prediction independent but both offset per section, a null that
+    mixes sections makes the offsets' chance agreement look like signal (three 16 x 16 sections: a third of
+    unrelated genes at p < 0.05). Within sections the offsets stay where they are under every permutation, so
+    they add nothing to the null's spread that the observed r does not also carry. A stratum of one block keeps
+    it in place.
+
     Validity. Under H0 the prediction's block layout is exchangeable with any other layout of blocks of equal
-    size, so with equal-sized blocks p = (1 + #{r_perm >= r_obs}) / (n_perm + 1) is a valid Monte-Carlo
-    permutation p-value (never below 1/(n_perm+1)); with mixed sizes it is approximate. It corrects for
+    size (within a stratum), so with equal-sized blocks p = (1 + #{r_perm >= r_obs}) / (n_perm + 1) is a valid
+    Monte-Carlo permutation p-value (never below 1/(n_perm+1)); with mixed sizes it is approximate. It corrects for
     autocorrelation at scales up to the block size; blocks must be larger than the range over which expression
     is correlated, otherwise the remaining between-block correlation makes p-values too small again.
 
@@ -532,7 +541,19 @@ def block_permutation_pvalues(y_true, y_pred, blocks, n_perm: int = 200, seed: i
     block_id = block_id.reshape(-1)
     spots_of = np.split(np.argsort(block_id, kind="stable"), np.cumsum(np.bincount(block_id))[:-1])
     sizes = np.array([len(s) for s in spots_of])
-    classes = _size_classes(sizes, max(2, int(min_class_blocks)))
+    if strata is None:
+        classes = _size_classes(sizes, max(2, int(min_class_blocks)))
+    else:
+        stratum_of_spot = np.unique(np.asarray(strata).reshape(-1), return_inverse=True)[1].reshape(-1)
+        if stratum_of_spot.shape[0] != y_true.shape[0]:
+            raise ValueError(f"strata has {stratum_of_spot.shape[0]} labels for {y_true.shape[0]} spots")
+        stratum_of_block = np.array([stratum_of_spot[s[0]] for s in spots_of])
+        if any(np.any(stratum_of_spot[s] != k) for s, k in zip(spots_of, stratum_of_block)):
+            raise ValueError("a block spans two strata: blocks must lie within one stratum (grid_blocks per section)")
+        classes = []
+        for k in np.unique(stratum_of_block):
+            members = np.flatnonzero(stratum_of_block == k)
+            classes += [members[c] for c in _size_classes(sizes[members], max(2, int(min_class_blocks)))]
     targets = [np.concatenate([spots_of[b] for b in cls]) for cls in classes]
     rng = np.random.default_rng(seed)
     exceed = np.zeros(y_true.shape[1], np.int64)
@@ -642,7 +663,8 @@ def _resampling_inputs(y_true, preds, units, level: float):
 def bootstrap_mean_gene_r(y_true, y_pred, units, n_boot: int = 200, seed: int = 0, level: float = 0.95) -> dict:
     """Percentile-bootstrap confidence interval of the mean over genes of per-gene r, resampling units.
 
-    Units (sections; spatial blocks when there is a single section) are drawn with replacement, the drawn units'
+    Units (the caller's: sections when there are many, else spatial blocks; evaluation.bootstrap_units) are drawn
+    with replacement, the drawn units'
     spots are pooled (a unit drawn twice counts twice), per-gene r is recomputed on the pooled spots and averaged
     over the genes with a defined r. Spots within a unit are correlated, units roughly independent, so the
     interval reflects the real sampling variability; with few units (< ~10) it is itself unreliable and too

@@ -140,12 +140,19 @@ def inner_validation_score(expression: np.ndarray, train_rows: np.ndarray, val_r
             "per_gene_pearson": metrics.nanmean_or_nan(metrics.pearson_per_gene(truth, pred))}
 
 
+# Sections are the most independent units to resample, but a percentile bootstrap over a handful of them is no
+# 95% interval: over 3 sections it excludes 0 about whenever the three agree in sign, which a gap of zero does a
+# quarter of the time. Below this many sections the units are the grid blocks of all of them (dozens), whose
+# resamples also vary how much of each section is drawn.
+MIN_SECTION_UNITS = 10
+
+
 def bootstrap_units(obs_rows: dict) -> tuple[np.ndarray, np.ndarray, str]:
     """(units, 4x4-spot grid blocks, what the units are) of held-out spots: the sections when there are at least
-    3 (independent enough to resample), else the grid blocks."""
+    MIN_SECTION_UNITS, else the grid blocks of every section."""
     sections = np.asarray(obs_rows["section"])
     blocks = controls.grid_blocks(obs_rows["array_x"], obs_rows["array_y"], sections)
-    if len(np.unique(sections)) >= 3:
+    if len(np.unique(sections)) >= MIN_SECTION_UNITS:
         return sections, blocks, "sections"
     return blocks, blocks, "grid blocks"
 
@@ -158,14 +165,19 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
     units, blocks, unit_kind = bootstrap_units(obs_rows)
     # The normal reading of the permutation null: Monte-Carlo p-values of 200 permutations floor at 1/201, too
     # coarse for Benjamini-Hochberg to pass the few genes that carry signal among 1,000+ (controls docstring).
-    p = controls.block_permutation_pvalues(truth, pred, blocks, n_perm=200, seed=seed, null="normal")
+    # Blocks move within their own section: sections differ in their per-gene mean (batch, stain), and a null
+    # that carried blocks across sections would count those offsets' chance agreement as signal.
+    sections = np.asarray(obs_rows["section"])
+    p = controls.block_permutation_pvalues(truth, pred, blocks, n_perm=200, seed=seed, null="normal",
+                                           strata=sections)
     q = stats.benjamini_hochberg(p)
-    q_adj = depth_adjusted_spatial_q(truth, pred, blocks, log_depth, seed)
+    q_adj = depth_adjusted_spatial_q(truth, pred, blocks, log_depth, seed, sections)
     ci = controls.bootstrap_mean_gene_r(truth, pred, units, n_boot=200, seed=seed)
     numbers = {"per_section_pearson": metrics.per_section_pearson(truth, pred, np.asarray(obs_rows["section"])),
                "n_genes_significant_spatial": _n_below(q, fdr),
                "n_genes_significant_depth_adjusted_spatial": _n_below(q_adj, fdr) if log_depth is not None else None,
-               "spatial_test": "one-sided block permutation (4x4-spot blocks of the grid, 200 permutations; p from "
+               "spatial_test": "one-sided block permutation (4x4-spot blocks of the grid, moved within their section; "
+                               "200 permutations; p from "
                                "a normal with each gene's permutation mean and SD), Benjamini-Hochberg; "
                                "depth-adjusted: the same on the residuals of truth and prediction on a cubic in "
                                "log library size",
@@ -175,15 +187,16 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
 
 
 def depth_adjusted_spatial_q(truth: np.ndarray, pred: np.ndarray, blocks: np.ndarray,
-                             log_depth: np.ndarray | None, seed: int) -> np.ndarray:
+                             log_depth: np.ndarray | None, seed: int, sections: np.ndarray) -> np.ndarray:
     """Per gene, the Benjamini-Hochberg q-value of its depth-adjusted r: the block permutation test on the
     residuals of truth and prediction on a cubic in log depth (which genes a predictor knows beyond sequencing depth, with
-    spatial autocorrelation respected); NaN without depth."""
+    spatial autocorrelation respected; blocks move within their `sections`, as the model's test's do); NaN without
+    depth."""
     if log_depth is None:
         return np.full(truth.shape[1], np.nan)
     p = controls.block_permutation_pvalues(metrics.depth_residuals(truth, log_depth),
                                            metrics.depth_residuals(pred, log_depth), blocks, n_perm=200, seed=seed,
-                                           null="normal")
+                                           null="normal", strata=sections)
     return stats.benjamini_hochberg(p)
 
 
@@ -245,7 +258,8 @@ def held_out_results(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray,
         if log_depth is not None:
             # The same test as the model's, so "the model knows N genes beyond depth" has its controls' N beside it.
             controls_[name]["n_genes_significant_depth_adjusted_spatial"] = _n_below(
-                depth_adjusted_spatial_q(truth, ctrl, obs_blocks, log_depth, seed), fdr)
+                depth_adjusted_spatial_q(truth, ctrl, obs_blocks, log_depth, seed, np.asarray(obs_rows["section"])),
+                fdr)
     gaps = model_minus_controls(truth, pred, extra_controls, obs_rows, seed)
     return {**model, "model_minus_control": gaps,
             "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
@@ -375,7 +389,7 @@ def noise_ceiling_of(truth: np.ndarray, library_size, seed: int, scale: float) -
     counts the expression and library sizes imply."""
     lib = np.asarray(library_size, np.float64)
     counts = controls.counts_from_expression(truth, lib, scale)
-    return controls.noise_ceiling(counts, lib.astype(np.int64), seed=seed, scale=scale)
+    return controls.noise_ceiling(counts, lib, seed=seed, scale=scale)  # it rounds the library sizes itself
 
 
 def without_per_gene(block: dict) -> dict:
@@ -435,11 +449,16 @@ def within_section_depth_r(expression: np.ndarray, log_depth: np.ndarray, sectio
     x = np.array(expression, np.float64)
     d = np.array(log_depth, np.float64).reshape(-1)
     sections = np.asarray(sections).astype(str)
+    scale = np.abs(x).max(axis=0, initial=0.0)
     for s in np.unique(sections):
         m = sections == s
         x[m] -= x[m].mean(axis=0)
         d[m] -= d[m].mean()
-    return metrics.pearson_per_gene(x, np.broadcast_to(d[:, None], x.shape))
+    # A gene constant within every section centres to round-off (the mean of equal floats is not always exact),
+    # not to zero: its r with depth would be a random sign, not the NaN it is.
+    constant = np.abs(x).max(axis=0, initial=0.0) <= 1e-12 * np.maximum(scale, 1.0)
+    r = metrics.pearson_per_gene(x, np.broadcast_to(d[:, None], x.shape))
+    return np.where(constant, np.nan, r)
 
 
 def depth_relation(truth_held: np.ndarray, log_depth_held, sections_held, truth_train: np.ndarray,

@@ -115,7 +115,8 @@ DEPTH_ADJUST_DEGREE = 3
 
 def _depth_design(log_depth, n: int) -> np.ndarray:
     """[1, z, z^2, z^3] with z the standardised log depth (the same column space as powers of log depth, better
-    conditioned); [1, z] when the depths take fewer distinct values than the cubic has coefficients."""
+    conditioned); with fewer distinct depths than the cubic has coefficients, the highest degree they determine
+    (k distinct depths: degree k - 1, which removes depth entirely)."""
     d = np.asarray(log_depth, np.float64).reshape(-1)
     if d.shape[0] != n:
         raise ValueError(f"log_depth has {d.shape[0]} values for {n} spots")
@@ -123,7 +124,7 @@ def _depth_design(log_depth, n: int) -> np.ndarray:
         raise ValueError("log_depth has non-finite values")
     spread = d.std()
     z = (d - d.mean()) / spread if spread > 0 else d - d.mean()
-    degree = DEPTH_ADJUST_DEGREE if len(np.unique(d)) > DEPTH_ADJUST_DEGREE else 1
+    degree = max(0, min(DEPTH_ADJUST_DEGREE, len(np.unique(d)) - 1))
     return np.column_stack([z ** k for k in range(degree + 1)])
 
 

@@ -519,9 +519,9 @@ def ae_study_markdown(results: dict) -> str:
 
 
 GAP_NOTE = ("The model's mean per-gene r minus the control's, with a 95% paired percentile-bootstrap interval: "
-            "both scored on the same resampled sections (or 4x4-spot blocks) in each of 200 draws. "
-            "\"model above\" or \"model BELOW\" only when the interval excludes 0; with few units the "
-            "interval is too narrow.")
+            "both scored on the same resampled units in each of 200 draws: sections where the held-out set has "
+            "at least 10, else the 4x4-spot blocks of its grid. \"model above\" or \"model BELOW\" only when "
+            "the interval excludes 0; with few units the interval is too narrow.")
 
 
 def _external_uncertainty_lines(e: dict) -> list[str]:

@@ -372,6 +372,37 @@ def test_block_permutation_marks_constant_genes_undefined_and_handles_uneven_blo
     np.testing.assert_array_equal(p, controls.block_permutation_pvalues(y, pred, blocks, n_perm=50, seed=1))
 
 
+def test_block_permutation_within_sections_ignores_section_offsets_that_agree_by_chance():
+    """Three 16 x 16 sections; truth and prediction independent, each with its own per-gene offset per section
+    (batch effects, stain). Moving blocks across sections counts the offsets' chance agreement as signal; moving
+    them only within their section (strata) gives ~uniform p-values and passes no gene."""
+    rng = np.random.default_rng(14)
+    side, n_sections, g = 16, 3, 400
+    xs, ys = np.meshgrid(np.arange(side), np.arange(side), indexing="ij")
+    section = np.repeat(np.arange(n_sections), side * side)
+    blocks = controls.grid_blocks(np.tile(xs.ravel(), n_sections), np.tile(ys.ravel(), n_sections), section)
+    y = rng.normal(size=(n_sections, g))[section] + rng.normal(size=(len(section), g))
+    pred = rng.normal(size=(n_sections, g))[section] + rng.normal(size=(len(section), g))
+    mixed = controls.block_permutation_pvalues(y, pred, blocks, n_perm=200, null="normal")
+    within = controls.block_permutation_pvalues(y, pred, blocks, n_perm=200, null="normal", strata=section)
+    assert np.mean(mixed < 0.05) > 0.2 and controls.n_significant_fdr(mixed, 0.05) > 50
+    assert 0.02 < np.mean(within < 0.05) < 0.09 and controls.n_significant_fdr(within, 0.05) <= 2
+    # A real signal still passes within sections.
+    knows = pred.copy()
+    knows[:, :5] = y[:, :5] + 0.5 * rng.normal(size=(len(section), 5))
+    p = controls.block_permutation_pvalues(y, knows, blocks, n_perm=200, null="normal", strata=section)
+    assert np.all(p[:5] < 1e-6)
+    # One stratum is the plain test, draw for draw; a block that spans two strata is refused.
+    one = np.zeros(side * side)
+    np.testing.assert_array_equal(
+        controls.block_permutation_pvalues(y[:256], pred[:256], blocks[:256], n_perm=50, seed=3, strata=one),
+        controls.block_permutation_pvalues(y[:256], pred[:256], blocks[:256], n_perm=50, seed=3))
+    with pytest.raises(ValueError, match="a block spans two strata"):
+        controls.block_permutation_pvalues(y[:256], pred[:256], np.zeros(256), n_perm=5, strata=np.arange(256) % 2)
+    with pytest.raises(ValueError, match="strata has 255 labels for 256 spots"):
+        controls.block_permutation_pvalues(y[:256], pred[:256], blocks[:256], n_perm=5, strata=one[:255])
+
+
 # ------------------------------------------------------------------------------------------------- bootstrap
 
 

@@ -547,3 +547,22 @@ def test_depth_relation_line_names_each_patients_regime_and_leaves_out_r_without
     assert ("B 661 UMIs/spot against 9,576 in training, 88 genes reversed (model r -0.012 on them, 0.290 on the "
             "rest); C 661 UMIs/spot against 9,576 in training, 0 genes reversed.") in line
     assert console.depth_relation_line({}) == console.depth_relation_line(None) == ""
+
+
+def test_depth_helpers_at_their_edges():
+    """Three edge cases, each against a hand value: a gene constant within each of two sections (0.1 in 7 spots,
+    0.7 in 13; the mean of 0.1 x 7 is not exactly 0.1) has no r with depth, not a random sign; with three
+    distinct depths any function of depth is a quadratic in it, so the adjustment removes it entirely; and the
+    split-half ceiling reads library sizes that are not whole numbers (rounded, as the counts were)."""
+    rng = np.random.default_rng(21)
+    sections = np.array(["A"] * 7 + ["B"] * 13)
+    expr = np.column_stack([np.where(sections == "A", 0.1, 0.7), rng.normal(size=20)])
+    r = evaluation.within_section_depth_r(expr, rng.normal(size=20), sections)
+    assert np.isnan(r[0]) and np.isfinite(r[1])
+    depth = np.repeat(np.log([500.0, 2000.0, 9000.0]), 10)
+    of_depth = np.column_stack([np.exp(depth) ** 0.3, np.sin(3 * depth)])
+    np.testing.assert_allclose(metrics.depth_residuals(of_depth, depth), 0.0, atol=1e-9)
+    lib = np.array([10.6, 20.7, 30.9])
+    truth = np.log1p(np.array([[5, 6], [10, 11], [15, 16]]) / lib[:, None] * 1e4)
+    ceiling = evaluation.noise_ceiling_of(truth, lib, 0, 1e4)
+    assert ceiling["n_spots_used"] == 3
