@@ -279,6 +279,22 @@ def test_external_mode_on_two_stores(depth_stores, tmp_path):
             "test set ") in r.stdout
 
 
+def test_loo_scored_on_inner_validation_says_its_encoders_saw_the_scored_tiles(tmp_path):
+    """loo.evaluate_on=inner_validation scores each fold on its training patients' inner-validation spots, whose
+    tiles the fold's autoencoder learnt from: results.json says so beside the tiles it saw, and says what was
+    evaluated."""
+    a = _store(tmp_path / "a", ["E"] * 96 + ["F"] * 96, ["G1", "G2", "G3", "G4"], "her2st", 3)
+    w = tmp_path / "w"
+    run(tmp_path, "histospace_jax.main", config("loo.py"), f"--workdir={w}", f"--config.data.store={a}", *TINY,
+        "--config.loo.evaluate_on=inner_validation", "--config.loo.random_encoder_control=off")
+    res = json.load(open(w / "results.json"))
+    assert "inner" in json.dumps(res["evaluated_on"])
+    for fold in ("E", "F"):
+        seen = res["autoencoder"][fold]["tiles_seen"]
+        assert seen.startswith(f"the 96 tiles of the training patients of the fold holding out {fold}; the "
+                               "inner-validation spots that loo.evaluate_on=inner_validation scores are among them")
+
+
 def test_loo_mode_on_a_store(depth_stores, tmp_path):
     root, a, _ = depth_stores
     w = tmp_path / "w"

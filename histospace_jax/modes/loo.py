@@ -430,6 +430,9 @@ def run(config, workdir: str, inputs) -> tuple[dict, dict]:
         # Each fold's encoder stays the one of its patient split (it saw the training patients' tiles, as in
         # a held-out run); everything else learns from and is scored on the inner split only.
         plan = folds.inner_validation_plan(config, store.obs, plan)
+        for summary in ae_summaries.values():
+            summary["tiles_seen"] += ("; the inner-validation spots that loo.evaluate_on=inner_validation scores "
+                                      "are among them (unsupervised), which a held-out patient's tiles never are")
         console.log("[loo] loo.evaluate_on=inner_validation: every fold is scored on its inner-validation spots "
                     "(training patients only); no held-out patient is read")
     feats = encoder_features(config, workdir, store, encoders)
