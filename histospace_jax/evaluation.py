@@ -173,7 +173,7 @@ def model_extras(truth: np.ndarray, pred: np.ndarray, obs_rows: dict, fdr: float
     q = stats.benjamini_hochberg(p)
     q_adj = depth_adjusted_spatial_q(truth, pred, blocks, log_depth, seed, sections)
     ci = controls.bootstrap_mean_gene_r(truth, pred, units, n_boot=200, seed=seed)
-    numbers = {"per_section_pearson": metrics.per_section_pearson(truth, pred, np.asarray(obs_rows["section"])),
+    numbers = {"per_section_pearson": metrics.per_section_pearson(truth, pred, sections),
                "n_genes_significant_spatial": _n_below(q, fdr),
                "n_genes_significant_depth_adjusted_spatial": _n_below(q_adj, fdr) if log_depth is not None else None,
                "spatial_test": "one-sided block permutation (4x4-spot blocks of the grid, moved within their section; "
@@ -244,7 +244,7 @@ def held_out_results(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray,
     block = lambda p, trained=True: predictor_metrics(truth, p, reference, log_depth, fdr, trained)  # noqa: E731
     model = block(pred)
     numbers, gene_q = model_extras(truth, pred, obs_rows, fdr, seed, log_depth)
-    obs_blocks = bootstrap_units(obs_rows)[1]
+    obs_blocks, sections = bootstrap_units(obs_rows)[1], np.asarray(obs_rows["section"])
     model.update(numbers)
     baseline = mean_profile_metrics(truth, reference, log_depth, fdr)
     controls_ = {"mean_predictor": baseline}
@@ -258,8 +258,7 @@ def held_out_results(truth: np.ndarray, pred: np.ndarray, reference: np.ndarray,
         if log_depth is not None:
             # The same test as the model's, so "the model knows N genes beyond depth" has its controls' N beside it.
             controls_[name]["n_genes_significant_depth_adjusted_spatial"] = _n_below(
-                depth_adjusted_spatial_q(truth, ctrl, obs_blocks, log_depth, seed, np.asarray(obs_rows["section"])),
-                fdr)
+                depth_adjusted_spatial_q(truth, ctrl, obs_blocks, log_depth, seed, sections), fdr)
     gaps = model_minus_controls(truth, pred, extra_controls, obs_rows, seed)
     return {**model, "model_minus_control": gaps,
             "baseline": {"per_spot_pearson": baseline["per_spot_pearson"], "mse": baseline["mse"]},
@@ -446,19 +445,17 @@ def within_section_depth_r(expression: np.ndarray, log_depth: np.ndarray, sectio
     """[N, G], [N], [N] -> [G]: each gene's r with the spots' log library size, both centred within each section
     first (sections differ in depth for technical reasons, and so does a gene's mean), NaN for a gene constant
     within every section."""
-    x = np.array(expression, np.float64)
+    original = np.asarray(expression, np.float64)
+    x = original.copy()
     d = np.array(log_depth, np.float64).reshape(-1)
     sections = np.asarray(sections).astype(str)
-    scale = np.abs(x).max(axis=0, initial=0.0)
     for s in np.unique(sections):
         m = sections == s
         x[m] -= x[m].mean(axis=0)
         d[m] -= d[m].mean()
-    # A gene constant within every section centres to round-off (the mean of equal floats is not always exact),
-    # not to zero: its r with depth would be a random sign, not the NaN it is.
-    constant = np.abs(x).max(axis=0, initial=0.0) <= 1e-12 * np.maximum(scale, 1.0)
+    # A gene constant within every section centres to round-off (the mean of equal floats is not always exact).
     r = metrics.pearson_per_gene(x, np.broadcast_to(d[:, None], x.shape))
-    return np.where(constant, np.nan, r)
+    return np.where(metrics.round_off_columns(x, original), np.nan, r)
 
 
 def depth_relation(truth_held: np.ndarray, log_depth_held, sections_held, truth_train: np.ndarray,
@@ -560,9 +557,9 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
         nc, nb = ceilings.get(name, {}), neighbours.get(name, {})
         ceiling = nc.get("depth_adjusted_ceiling_r_per_gene")
         above = None
-        if ceiling is not None:
+        if ceiling is not None:  # a gene without a ceiling (NaN) is never above it
             ceiling = np.asarray(ceiling, np.float64)
-            above = np.isfinite(ceiling) & (adj > np.where(np.isfinite(ceiling), ceiling, np.inf))
+            above = adj > np.where(np.isfinite(ceiling), ceiling, np.inf)
         out[name] = {
             "n_significant": int(len(passing)), "fdr": fdr,
             "n_above_noise_ceiling": None if above is None else int(above[passing].sum()),
@@ -572,7 +569,7 @@ def genes_beyond_depth(genes, fold_metrics: list[dict], ceilings: dict, neighbou
             "genes": [{"gene": genes[i], "depth_adjusted_r": float(adj[i]), "q": float(q[i]),
                        "controls_depth_adjusted_r": {c: _value_at(v, i) for c, v in
                                                      f["per_gene_depth_adjusted_r_controls"].items()},
-                       "noise_ceiling_depth_adjusted_r": _value_at(nc.get("depth_adjusted_ceiling_r_per_gene"), i),
+                       "noise_ceiling_depth_adjusted_r": _value_at(ceiling, i),
                        "neighbour_reference_depth_adjusted_r": _value_at(nb.get("depth_adjusted_r_per_gene"), i),
                        "above_noise_ceiling": None if above is None or not np.isfinite(ceiling[i])
                        else bool(above[i])}

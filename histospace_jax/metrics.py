@@ -161,12 +161,14 @@ def depth_adjusted_pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray, log_
     rt = depth_residuals(y_true, log_depth)
     rp = depth_residuals(y_pred, log_depth)
     r = pearson_per_gene(rt, rp)
-    # Residuals of an exactly explained column are round-off, not constant, so pearson_per_gene's exact
-    # ptp == 0 test misses them; call them undefined when they are tiny relative to the column itself.
-    tiny = 1e-9
-    dead = (np.linalg.norm(rt, axis=0) <= tiny * np.maximum(np.linalg.norm(y_true, axis=0), 1e-300)) | \
-           (np.linalg.norm(rp, axis=0) <= tiny * np.maximum(np.linalg.norm(y_pred, axis=0), 1e-300))
-    return np.where(dead, np.nan, r)
+    return np.where(round_off_columns(rt, y_true) | round_off_columns(rp, y_pred), np.nan, r)
+
+
+def round_off_columns(residual: np.ndarray, original: np.ndarray, tiny: float = 1e-9) -> np.ndarray:
+    """[G] columns of `residual` [N, G] that are round-off of `original` [N, G] (norm below `tiny` x the
+    original's): what is left of an exactly explained column (fitted or centred away) is round-off, not
+    constant, so pearson_per_gene's exact ptp == 0 test misses it; its r is undefined, not a random sign."""
+    return np.linalg.norm(residual, axis=0) <= tiny * np.maximum(np.linalg.norm(original, axis=0), 1e-300)
 
 
 def r2_per_gene(y_true: np.ndarray, y_pred: np.ndarray, reference) -> np.ndarray:
